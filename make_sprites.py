@@ -1,0 +1,143 @@
+"""Build the standard Sprites set (Li & Mandt, 2018) from the open LPC sprite sheets.
+
+1296 characters (skin, pant, top, hair in 0..5) x 9 motions (3 actions x 3 directions) x 8 frames of
+64x64 RGB, split 1000/296 characters = 9000/2664 sequences, stored as uint8 in one pickle.
+
+    python make_sprites.py [--sheets DIR] [--out data/Sprite/data.pkl]
+"""
+import argparse
+import hashlib
+import os
+import pickle
+import sys
+import time
+
+import numpy as np
+from PIL import Image
+
+FORMAT_VERSION = 1
+SPLIT_SEED = 423
+N_TRAIN_CHARACTERS = 1000
+LAYERS = ("body", "bottomwear", "topwear", "hair")  # indexed by skin, pant, top, hair
+ACTIONS = ("walk", "spellcard", "slash")
+DIRECTIONS = ("front", "left", "right")
+# sheet rows per action for the directions (front, left, right); LPC rows run up/left/down/right
+ACTION_ROWS = {"walk": (10, 9, 11), "spellcard": (2, 1, 3), "slash": (14, 13, 15)}
+ACTION_COLUMNS = {"walk": (8, 1, 2, 3, 4, 5, 6, 7), "spellcard": (0, 1, 2, 3, 4, 5, 4, 6),
+                  "slash": (0, 1, 2, 3, 4, 5, 4, 0)}
+# (row, columns) of the 9 motions in label order D = 3 * action + direction
+MOTIONS = [(ACTION_ROWS[a][d], ACTION_COLUMNS[a]) for a in ACTIONS for d in range(len(DIRECTIONS))]
+SHEET_HELP = ("the sheets come from the public repository YingzhenLi/Sprites "
+              "(folders body, bottomwear, topwear, hair, shoes): clone it and pass --sheets DIR")
+
+
+def character_id(skin, pant, top, hair):
+    return skin * 216 + pant * 36 + top * 6 + hair
+
+
+def character_attributes(c):
+    return c // 216, c // 36 % 6, c // 6 % 6, c % 6
+
+
+def split_characters(seed=SPLIT_SEED):
+    """Character ids of the train and test split, in the order their sequences are stored."""
+    perm = np.random.RandomState(seed).permutation(6 ** 4)
+    return perm[:N_TRAIN_CHARACTERS], perm[N_TRAIN_CHARACTERS:]
+
+
+def sheet_paths(sheets):
+    paths = [os.path.join(sheets, layer, f"{i}.png") for layer in LAYERS for i in range(6)]
+    return paths + [os.path.join(sheets, "shoes", "1.png")]
+
+
+def find_sheets(sheets=None):
+    """First of --sheets, $SPRITES_SHEETS, ./data/sprites-lpc, ../shared/sprites-lpc holding every sheet."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    candidates = [sheets] if sheets else [os.environ.get("SPRITES_SHEETS"),
+                                          os.path.join(here, "data", "sprites-lpc"),
+                                          os.path.join(here, "..", "shared", "sprites-lpc")]
+    candidates = [c for c in candidates if c]
+    for c in candidates:
+        if all(os.path.isfile(p) for p in sheet_paths(c)):
+            return c
+    raise FileNotFoundError(f"no Sprites sheets found (looked in {', '.join(candidates)}); {SHEET_HELP}")
+
+
+def motion_strip(path):
+    """The 72 tiles a layer contributes (9 motions x 8 frames) as one RGBA image of 9*64 x 8*64."""
+    sheet = np.asarray(Image.open(path).convert("RGBA"))
+    if sheet.shape[:2] != (1344, 832):
+        raise ValueError(f"{path} is {sheet.shape[1]}x{sheet.shape[0]}, expected an LPC sheet of 832x1344")
+    strip = np.zeros((9 * 64, 8 * 64, 4), np.uint8)
+    for m, (row, columns) in enumerate(MOTIONS):
+        for t, k in enumerate(columns):
+            strip[64 * m:64 * m + 64, 64 * t:64 * t + 64] = sheet[64 * row:64 * row + 64, 64 * k:64 * k + 64]
+    return Image.fromarray(strip, "RGBA")
+
+
+def render_characters(sheets, characters):
+    """uint8 array (len(characters), 9, 8, 64, 64, 3) of every motion of each character.
+
+    Alpha compositing is per pixel, so compositing the re-arranged tiles equals compositing whole sheets.
+    """
+    strips = {p: motion_strip(p) for p in sheet_paths(sheets)}
+    shoes = strips[os.path.join(sheets, "shoes", "1.png")]
+    out = np.empty((len(characters), 9, 8, 64, 64, 3), np.uint8)
+    for i, c in enumerate(characters):
+        canvas = Image.new("RGBA", shoes.size, (0, 0, 0, 255))
+        for layer, a in zip(LAYERS, character_attributes(int(c))):
+            canvas = Image.alpha_composite(canvas, strips[os.path.join(sheets, layer, f"{a}.png")])
+        canvas = np.asarray(Image.alpha_composite(canvas, shoes))[..., :3]
+        out[i] = canvas.reshape(9, 64, 8, 64, 3).transpose(0, 2, 1, 3, 4)
+    return out
+
+
+def build(sheets, characters_train, characters_test):
+    """The data set dict of the paper repo's keys, plus meta."""
+    data = {}
+    for name, chars in (("train", characters_train), ("test", characters_test)):
+        X = render_characters(sheets, chars)
+        data[f"X_{name}"] = X.reshape(-1, 8, 64, 64, 3)
+        data[f"A_{name}"] = np.repeat(np.array([character_attributes(int(c)) for c in chars], np.int64), 9, axis=0)
+        data[f"D_{name}"] = np.tile(np.arange(9, dtype=np.int64), len(chars))
+    data["meta"] = {
+        "format_version": FORMAT_VERSION, "split_seed": SPLIT_SEED,
+        "sheets_sha256": {os.path.relpath(p, sheets): hashlib.sha256(open(p, "rb").read()).hexdigest()
+                          for p in sheet_paths(sheets)},
+    }
+    return data
+
+
+def write_atomic(obj, path):
+    """Pickle to a temporary file beside `path`, then rename: a crash never leaves half a file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            pickle.dump(obj, f, protocol=4)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sheets", default=None, help="folder of the LPC sheets (default: $SPRITES_SHEETS, "
+                   "./data/sprites-lpc, ../shared/sprites-lpc, first that has them)")
+    p.add_argument("--out", default="data/Sprite/data.pkl", help="output pickle (default data/Sprite/data.pkl)")
+    args = p.parse_args()
+    try:
+        sheets = find_sheets(args.sheets)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    t0 = time.time()
+    train, test = split_characters()
+    data = build(sheets, train, test)
+    write_atomic(data, args.out)
+    print(f"wrote {args.out}: {len(data['X_train'])} train and {len(data['X_test'])} test sequences, "
+          f"{os.path.getsize(args.out) / 1e9:.2f} GB, in {time.time() - t0:.1f} s (sheets from {sheets})")
+
+
+if __name__ == "__main__":
+    main()

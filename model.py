@@ -1,0 +1,249 @@
+"""C-DSVAE (Bai, Wang & Gomes, NeurIPS 2021): the network, its losses, and the Sprites judge network.
+
+Shapes: a video x is (B, T, 3, 64, 64) in [0, 1]; f is (B, f_dim); z is (B, T, z_dim).
+Nothing here knows about files, flags or devices.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def _conv_block(c_in, c_out, transpose=False):
+    conv = (nn.ConvTranspose2d if transpose else nn.Conv2d)(c_in, c_out, 4, 2, 1)
+    return nn.Sequential(conv, nn.BatchNorm2d(c_out), nn.LeakyReLU(0.2))
+
+
+class FrameEncoder(nn.Module):
+    """64x64 frame -> g_dim: four 4x4 stride-2 convs (nf, 2nf, 4nf, 8nf channels), then a 4x4 valid conv."""
+
+    def __init__(self, g_dim=128, nf=64):
+        super().__init__()
+        self.net = nn.Sequential(
+            _conv_block(3, nf), _conv_block(nf, 2 * nf), _conv_block(2 * nf, 4 * nf), _conv_block(4 * nf, 8 * nf),
+            nn.Conv2d(8 * nf, g_dim, 4, 1, 0), nn.BatchNorm2d(g_dim), nn.Tanh())
+
+    def forward(self, x):  # (B, T, 3, 64, 64) -> (B, T, g_dim)
+        B, T = x.shape[:2]
+        return self.net(x.reshape(B * T, *x.shape[2:])).view(B, T, -1)
+
+
+class FrameDecoder(nn.Module):
+    """[z_t; f] -> 64x64 frame: 4x4 transposed conv to 8nf x 4 x 4, three stride-2 transposed convs, sigmoid."""
+
+    def __init__(self, in_dim, nf=64):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.ConvTranspose2d(in_dim, 8 * nf, 4, 1, 0), nn.BatchNorm2d(8 * nf), nn.LeakyReLU(0.2),
+            _conv_block(8 * nf, 4 * nf, True), _conv_block(4 * nf, 2 * nf, True), _conv_block(2 * nf, nf, True),
+            nn.ConvTranspose2d(nf, 3, 4, 2, 1), nn.Sigmoid())
+
+    def forward(self, h):  # (B, T, in_dim) -> (B, T, 3, 64, 64)
+        B, T = h.shape[:2]
+        return self.net(h.reshape(B * T, -1, 1, 1)).view(B, T, 3, 64, 64)
+
+
+def init_weights(module):
+    """The paper repo's initialisation: conv / linear weights N(0, 0.01), biases 0; BatchNorm 1 and 0."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+            nn.init.normal_(m.weight, 0.0, 0.01)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def reparameterize(mean, logvar, random=True):
+    return mean + torch.randn_like(mean) * torch.exp(0.5 * logvar) if random else mean
+
+
+class CDSVAE(nn.Module):
+    """Static f from a BiLSTM over frame features; dynamic z_t from an RNN over the BiLSTM outputs;
+    learned prior p(z_t | z_<t) from two stacked LSTM cells; per-frame deconv decoder of [z_t; f].
+
+    z_input selects what the dynamic posterior reads: 'bilstm' (the paper) or 'frame_delta' (the BiLSTM
+    run over each frame's features minus the video's mean frame feature, which removes the part that is
+    constant over the video, i.e. most of the appearance).
+    """
+
+    def __init__(self, f_dim=256, z_dim=32, g_dim=128, rnn_size=256, nf=64, frames=8, z_input="bilstm"):
+        super().__init__()
+        if z_input not in ("bilstm", "frame_delta"):
+            raise ValueError(f"z_input must be 'bilstm' or 'frame_delta', got {z_input!r}")
+        self.f_dim, self.z_dim, self.g_dim, self.rnn_size, self.frames = f_dim, z_dim, g_dim, rnn_size, frames
+        self.z_input = z_input
+        self.encoder = FrameEncoder(g_dim, nf)
+        self.decoder = FrameDecoder(z_dim + f_dim, nf)
+        self.z_lstm = nn.LSTM(g_dim, rnn_size, batch_first=True, bidirectional=True)  # shared by q(f|x) and q(z|x)
+        self.f_mean, self.f_logvar = nn.Linear(2 * rnn_size, f_dim), nn.Linear(2 * rnn_size, f_dim)
+        self.z_rnn = nn.RNN(2 * rnn_size, rnn_size, batch_first=True)
+        self.z_mean, self.z_logvar = nn.Linear(rnn_size, z_dim), nn.Linear(rnn_size, z_dim)
+        self.z_prior_lstm_1, self.z_prior_lstm_2 = nn.LSTMCell(z_dim, rnn_size), nn.LSTMCell(rnn_size, rnn_size)
+        self.z_prior_mean, self.z_prior_logvar = nn.Linear(rnn_size, z_dim), nn.Linear(rnn_size, z_dim)
+        init_weights(self)
+
+    # ---- posteriors -------------------------------------------------------------------------------------
+    def encode(self, x, random=True):
+        """Posterior means, log-variances and samples of f (B, f_dim) and z (B, T, z_dim)."""
+        g = self.encoder(x)
+        lstm_out, _ = self.z_lstm(g)
+        # f from the forward state at the last frame and the backward state at the first frame
+        f_in = torch.cat([lstm_out[:, -1, :self.rnn_size], lstm_out[:, 0, self.rnn_size:]], dim=1)
+        f_mean, f_logvar = self.f_mean(f_in), self.f_logvar(f_in)
+        if self.z_input == "frame_delta":
+            lstm_out, _ = self.z_lstm(g - g.mean(dim=1, keepdim=True))
+        z_features, _ = self.z_rnn(lstm_out)
+        z_mean, z_logvar = self.z_mean(z_features), self.z_logvar(z_features)
+        return {"f_mean": f_mean, "f_logvar": f_logvar, "f": reparameterize(f_mean, f_logvar, random),
+                "z_mean": z_mean, "z_logvar": z_logvar, "z": reparameterize(z_mean, z_logvar, random)}
+
+    def decode(self, z, f):
+        """(B, T, z_dim), (B, f_dim) -> (B, T, 3, 64, 64)."""
+        return self.decoder(torch.cat([z, f[:, None].expand(-1, z.shape[1], -1)], dim=2))
+
+    # ---- prior ------------------------------------------------------------------------------------------
+    def _prior_step(self, z_prev, state):
+        h1, c1, h2, c2 = state
+        h1, c1 = self.z_prior_lstm_1(z_prev, (h1, c1))
+        h2, c2 = self.z_prior_lstm_2(h1, (h2, c2))
+        return self.z_prior_mean(h2), self.z_prior_logvar(h2), (h1, c1, h2, c2)
+
+    def _prior_state(self, B, like):
+        return tuple(like.new_zeros(B, self.rnn_size) for _ in range(4))
+
+    def prior(self, z_post):
+        """p(z_t | z_<t) with teacher forcing: step t is fed the posterior sample z_{t-1} (z_0 = 0)."""
+        B, T, _ = z_post.shape
+        state = self._prior_state(B, z_post)
+        z_prev = z_post.new_zeros(B, self.z_dim)
+        means, logvars = [], []
+        for t in range(T):
+            m, lv, state = self._prior_step(z_prev, state)
+            means.append(m)
+            logvars.append(lv)
+            z_prev = z_post[:, t]
+        return torch.stack(means, 1), torch.stack(logvars, 1)
+
+    def sample_z_prior(self, B, T=None, random=True, like=None):
+        """Generate z (B, T, z_dim) from the prior, each step fed its own sample."""
+        T = T or self.frames
+        like = like if like is not None else next(self.parameters())
+        state = self._prior_state(B, like)
+        z_prev, zs = like.new_zeros(B, self.z_dim), []
+        for _ in range(T):
+            m, lv, state = self._prior_step(z_prev, state)
+            z_prev = reparameterize(m, lv, random)
+            zs.append(z_prev)
+        return torch.stack(zs, 1)
+
+    # ---- generation -------------------------------------------------------------------------------------
+    def forward(self, x):
+        """Posterior, prior (teacher forced) and reconstruction of x."""
+        out = self.encode(x)
+        out["z_prior_mean"], out["z_prior_logvar"] = self.prior(out["z"])
+        out["recon"] = self.decode(out["z"], out["f"])
+        return out
+
+    @torch.no_grad()
+    def generate_fixed_motion(self, x):
+        """Keep each video's dynamics (posterior mean of z), draw f ~ N(0, I): the paper's protocol."""
+        post = self.encode(x, random=False)
+        return self.decode(post["z_mean"], torch.randn_like(post["f_mean"]))
+
+    @torch.no_grad()
+    def generate_fixed_content(self, x):
+        """Keep each video's content (posterior mean of f), draw z from the learned prior."""
+        post = self.encode(x, random=False)
+        return self.decode(self.sample_z_prior(x.shape[0], x.shape[1], like=post["f_mean"]), post["f_mean"])
+
+    @torch.no_grad()
+    def swap(self, x1, x2):
+        """f of x1 with z of x2, and f of x2 with z of x1 (posterior means)."""
+        p1, p2 = self.encode(x1, random=False), self.encode(x2, random=False)
+        return self.decode(p2["z_mean"], p1["f_mean"]), self.decode(p1["z_mean"], p2["f_mean"])
+
+
+# ---- losses ---------------------------------------------------------------------------------------------
+def kl_gaussians(mean_q, logvar_q, mean_p, logvar_p):
+    """KL(N(mean_q, e^logvar_q) || N(mean_p, e^logvar_p)), elementwise."""
+    return 0.5 * (logvar_p - logvar_q + (logvar_q.exp() + (mean_q - mean_p) ** 2) / logvar_p.exp() - 1)
+
+
+def log_density_gaussian(x, mean, logvar):
+    """log N(x; mean, e^logvar), elementwise (the true density: the paper repo passes logvar as log std)."""
+    return -0.5 * (math.log(2 * math.pi) + logvar + (x - mean) ** 2 / logvar.exp())
+
+
+def nt_xent(a, b, temperature=0.5):
+    """NT-Xent (SimCLR): a[i] and b[i] are positives; the other 2B-2 views of the batch are negatives.
+    Cosine similarity / temperature; mean over the 2B anchors."""
+    B = a.shape[0]
+    v = F.normalize(torch.cat([a.flatten(1), b.flatten(1)]), dim=1)
+    sim = v @ v.t() / temperature
+    sim = sim.masked_fill(torch.eye(2 * B, dtype=torch.bool, device=sim.device), float("-inf"))
+    target = torch.cat([torch.arange(B, 2 * B), torch.arange(B)]).to(sim.device)
+    return F.cross_entropy(sim, target)
+
+
+def mutual_information(f, f_mean, f_logvar, z, z_mean, z_logvar, dataset_size):
+    """Minibatch-weighted-sampling estimate of I(f; z_t), averaged over samples and frames:
+    mean relu(log q(f, z_t) - log q(f) - log q(z_t)), log q(.) ~ logsumexp_j log q(.|x_j) - log(B N)."""
+    B, T, _ = z.shape
+    log_bn = math.log(B * dataset_size)
+    # [i, j]: log q(f_i | x_j), summed over dimensions
+    log_qf = log_density_gaussian(f[:, None], f_mean[None], f_logvar[None]).sum(-1)             # (B, B)
+    # [i, j, t]: log q(z_{i,t} | x_j)
+    log_qz = log_density_gaussian(z[:, None], z_mean[None], z_logvar[None]).sum(-1)             # (B, B, T)
+    log_q_f = torch.logsumexp(log_qf, dim=1) - log_bn                                          # (B,)
+    log_q_z = torch.logsumexp(log_qz, dim=1) - log_bn                                          # (B, T)
+    log_q_fz = torch.logsumexp(log_qf[..., None] + log_qz, dim=1) - log_bn                     # (B, T)
+    return F.relu(log_q_fz - log_q_f[:, None] - log_q_z).mean()
+
+
+def cdsvae_loss(model, batch, dataset_size, weight_f=1.0, weight_z=1.0, weight_c_aug=10.0,
+                weight_m_aug=10.0, weight_mi=1.0, temperature=0.5):
+    """Total loss and every term (per video: sums over frames and pixels divided by the batch size)."""
+    x = batch["x"]
+    B = x.shape[0]
+    out = model(x)
+    recon = F.mse_loss(out["recon"].float(), x, reduction="sum") / B
+    kld_f = kl_gaussians(out["f_mean"], out["f_logvar"], torch.zeros_like(out["f_mean"]),
+                         torch.zeros_like(out["f_logvar"])).sum() / B
+    kld_z = kl_gaussians(out["z_mean"], out["z_logvar"], out["z_prior_mean"], out["z_prior_logvar"]).sum() / B
+    mi = mutual_information(out["f"].float(), out["f_mean"].float(), out["f_logvar"].float(), out["z"].float(),
+                            out["z_mean"].float(), out["z_logvar"].float(), dataset_size)
+    terms = {"recon": recon, "kld_f": kld_f, "kld_z": kld_z, "mi_fz": mi}
+    total = recon + weight_f * kld_f + weight_z * kld_z + weight_mi * mi
+    if weight_c_aug or weight_m_aug:  # the augmented views need only the encoder and posteriors
+        c_post, m_post = model.encode(batch["c_aug"]), model.encode(batch["m_aug"])
+        terms["con_f"] = nt_xent(out["f_mean"].float(), c_post["f_mean"].float(), temperature)
+        terms["con_z"] = nt_xent(out["z_mean"].float(), m_post["z_mean"].float(), temperature)
+        total = total + weight_c_aug * terms["con_f"] + weight_m_aug * terms["con_z"]
+    terms["loss"] = total
+    return total, terms
+
+
+# ---- the judge --------------------------------------------------------------------------------------------
+JUDGE_HEADS = {"action": 9, "skin": 6, "pant": 6, "top": 6, "hair": 6}
+
+
+class SpriteJudge(nn.Module):
+    """Classifier of a Sprites video: frame encoder, BiLSTM, and one MLP head per factor.
+    Heads: action (the D label, 9 classes) and skin, pant, top, hair (the columns of A, 6 classes each)."""
+
+    def __init__(self, g_dim=128, rnn_size=256, hidden=256, nf=64):
+        super().__init__()
+        self.encoder = FrameEncoder(g_dim, nf)
+        self.lstm = nn.LSTM(g_dim, rnn_size, batch_first=True, bidirectional=True)
+        self.rnn_size = rnn_size
+        self.heads = nn.ModuleDict({k: nn.Sequential(nn.Linear(2 * rnn_size, hidden), nn.ReLU(), nn.Linear(hidden, n))
+                                    for k, n in JUDGE_HEADS.items()})
+
+    def forward(self, x):
+        """(B, T, 3, 64, 64) in [0, 1] -> {head: logits (B, classes)}."""
+        out, _ = self.lstm(self.encoder(x))
+        h = torch.cat([out[:, -1, :self.rnn_size], out[:, 0, self.rnn_size:]], dim=1)
+        return {k: head(h) for k, head in self.heads.items()}
