@@ -2,7 +2,8 @@
 
 A batch is a dict of float tensors in [0, 1] of shape (B, 8, 3, 64, 64): `x`, its content-augmented view
 `c_aug` (frames shuffled: same character, motion destroyed) and its motion-augmented view `m_aug` (one colour
-/ blur change for the whole sequence: same motion, new appearance); plus `A` (B, 4) and `D` (B,) labels.
+/ blur change for the whole sequence: same motion, new appearance); plus `A` (B, 4) and `D` (B,) labels and
+`c_aug_order` (B, 8), the frame order of `c_aug`.
 """
 import importlib
 import math
@@ -110,11 +111,15 @@ def to_float(x_uint8):
     return torch.empty(x_uint8.shape[:2] + (3, 64, 64)).copy_(x_uint8.permute(0, 1, 4, 2, 3)).mul_(1 / 255)
 
 
-def content_augment(x, generator=None):
+def content_order(B, T, generator=None):
+    """(B, T): a random frame order of its own for each sequence."""
+    return torch.argsort(torch.rand(B, T, generator=generator), dim=1)
+
+
+def content_augment(x, generator=None, order=None):
     """Each sequence's frames in a random order of its own: keeps the character, destroys the motion."""
-    B, T = x.shape[:2]
-    order = torch.argsort(torch.rand(B, T, generator=generator), dim=1)
-    return x[torch.arange(B)[:, None], order]
+    order = content_order(*x.shape[:2], generator) if order is None else order
+    return x[torch.arange(x.shape[0])[:, None], order]
 
 
 _GREY = torch.tensor([0.299, 0.587, 0.114])
@@ -226,6 +231,8 @@ class SpriteBatches:
             x = to_float(x_uint8)
             batch = {"x": x, "A": self.A[i], "D": self.D[i], "index": i}
             if self.augment:
-                batch["c_aug"] = to_float(content_augment(x_uint8, g))
+                # the order travels with the view: a model can shuffle x's frame features instead of re-encoding
+                batch["c_aug_order"] = content_order(*x.shape[:2], g)
+                batch["c_aug"] = to_float(content_augment(x_uint8, order=batch["c_aug_order"]))
                 batch["m_aug"] = motion_augment(x, g)
             yield batch

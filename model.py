@@ -88,7 +88,10 @@ class CDSVAE(nn.Module):
     # ---- posteriors -------------------------------------------------------------------------------------
     def encode(self, x, random=True):
         """Posterior means, log-variances and samples of f (B, f_dim) and z (B, T, z_dim)."""
-        g = self.encoder(x)
+        return self.encode_features(self.encoder(x), random)
+
+    def encode_features(self, g, random=True):
+        """The posteriors from frame features g (B, T, g_dim)."""
         lstm_out, _ = self.z_lstm(g)
         # f from the forward state at the last frame and the backward state at the first frame
         f_in = torch.cat([lstm_out[:, -1, :self.rnn_size], lstm_out[:, 0, self.rnn_size:]], dim=1)
@@ -140,11 +143,22 @@ class CDSVAE(nn.Module):
         return torch.stack(zs, 1)
 
     # ---- generation -------------------------------------------------------------------------------------
-    def forward(self, x):
-        """Posterior, prior (teacher forced) and reconstruction of x."""
-        out = self.encode(x)
+    def forward(self, x, c_aug=None, m_aug=None, c_aug_order=None):
+        """Posterior, prior (teacher forced) and reconstruction of x; posteriors of the augmented views.
+
+        c_aug_order (B, T): when c_aug is x with frames in that order, its frame features are x's shuffled
+        (BatchNorm's batch statistics are over the same frames), which saves an encoder pass.
+        The augmented views need only the encoder and posteriors: they are not decoded."""
+        g = self.encoder(x)
+        out = self.encode_features(g)
         out["z_prior_mean"], out["z_prior_logvar"] = self.prior(out["z"])
         out["recon"] = self.decode(out["z"], out["f"])
+        if c_aug_order is not None:
+            out["c_post"] = self.encode_features(g[torch.arange(len(g), device=g.device)[:, None], c_aug_order])
+        elif c_aug is not None:
+            out["c_post"] = self.encode(c_aug)
+        if m_aug is not None:
+            out["m_post"] = self.encode(m_aug)
         return out
 
     @torch.no_grad()
@@ -203,25 +217,26 @@ def mutual_information(f, f_mean, f_logvar, z, z_mean, z_logvar, dataset_size):
     return F.relu(log_q_fz - log_q_f[:, None] - log_q_z).mean()
 
 
-def cdsvae_loss(model, batch, dataset_size, weight_f=1.0, weight_z=1.0, weight_c_aug=10.0,
-                weight_m_aug=10.0, weight_mi=1.0, temperature=0.5):
-    """Total loss and every term (per video: sums over frames and pixels divided by the batch size)."""
-    x = batch["x"]
+def cdsvae_loss(out, x, dataset_size, weight_f=1.0, weight_z=1.0, weight_c_aug=10.0, weight_m_aug=10.0,
+                weight_mi=1.0, weight_rec=1.0, temperature=0.5):
+    """Total loss and every term from the outputs of CDSVAE.forward (per video: sums over frames and
+    pixels divided by the batch size). Terms are computed in fp32 whatever the autocast."""
     B = x.shape[0]
-    out = model(x)
-    recon = F.mse_loss(out["recon"].float(), x, reduction="sum") / B
+    out = {k: v.float() if torch.is_tensor(v) else {kk: vv.float() for kk, vv in v.items()} for k, v in out.items()}
+    recon = F.mse_loss(out["recon"], x, reduction="sum") / B
     kld_f = kl_gaussians(out["f_mean"], out["f_logvar"], torch.zeros_like(out["f_mean"]),
                          torch.zeros_like(out["f_logvar"])).sum() / B
     kld_z = kl_gaussians(out["z_mean"], out["z_logvar"], out["z_prior_mean"], out["z_prior_logvar"]).sum() / B
-    mi = mutual_information(out["f"].float(), out["f_mean"].float(), out["f_logvar"].float(), out["z"].float(),
-                            out["z_mean"].float(), out["z_logvar"].float(), dataset_size)
+    mi = mutual_information(out["f"], out["f_mean"], out["f_logvar"], out["z"], out["z_mean"], out["z_logvar"],
+                            dataset_size)
     terms = {"recon": recon, "kld_f": kld_f, "kld_z": kld_z, "mi_fz": mi}
-    total = recon + weight_f * kld_f + weight_z * kld_z + weight_mi * mi
-    if weight_c_aug or weight_m_aug:  # the augmented views need only the encoder and posteriors
-        c_post, m_post = model.encode(batch["c_aug"]), model.encode(batch["m_aug"])
-        terms["con_f"] = nt_xent(out["f_mean"].float(), c_post["f_mean"].float(), temperature)
-        terms["con_z"] = nt_xent(out["z_mean"].float(), m_post["z_mean"].float(), temperature)
-        total = total + weight_c_aug * terms["con_f"] + weight_m_aug * terms["con_z"]
+    total = weight_rec * recon + weight_f * kld_f + weight_z * kld_z + weight_mi * mi
+    if "c_post" in out:
+        terms["con_f"] = nt_xent(out["f_mean"], out["c_post"]["f_mean"], temperature)
+        total = total + weight_c_aug * terms["con_f"]
+    if "m_post" in out:
+        terms["con_z"] = nt_xent(out["z_mean"], out["m_post"]["z_mean"], temperature)
+        total = total + weight_m_aug * terms["con_z"]
     terms["loss"] = total
     return total, terms
 

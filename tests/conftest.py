@@ -1,0 +1,22 @@
+import os
+import pickle
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import make_sprites  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """A data.pkl in our format from 6 real train and 2 real test characters (54 / 18 videos)."""
+    train, test = make_sprites.split_characters()
+    data = make_sprites.build(make_sprites.find_sheets(), train[:6], test[:2])
+    path = tmp_path_factory.mktemp("data") / "data.pkl"
+    with open(path, "wb") as f:
+        pickle.dump(data, f)
+    return str(path)

@@ -1,0 +1,111 @@
+"""The training script as a user runs it: resume equivalence, DDP, smoke training, refusals."""
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train_cdsvae
+from utils import load_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--f_dim", "8", "--z_dim", "4", "--g_dim", "16", "--rnn_size", "16", "--nf", "8", "--batch_size", "16",
+        "--threads", "1", "--device", "cpu", "--evl_interval", "0"]
+
+
+def run(args, **kw):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "train_cdsvae.py"), *args], capture_output=True,
+                          text=True, cwd=ROOT, timeout=600, **kw)
+
+
+def params(model):
+    return torch.cat([p.detach().flatten() for p in model.state_dict().values() if p.is_floating_point()])
+
+
+def test_one_epoch_resume_one_epoch_equals_two_epochs(tiny_data, tmp_path):
+    common = TINY + ["--data_root", tiny_data]
+    two = train_cdsvae.main(common + ["--nEpoch", "2", "--log_dir", str(tmp_path / "a")])
+    train_cdsvae.main(common + ["--nEpoch", "1", "--log_dir", str(tmp_path / "b")])
+    resumed = train_cdsvae.main(common + ["--nEpoch", "2", "--log_dir", str(tmp_path / "b"), "--resume"])
+    torch.testing.assert_close(params(resumed), params(two), rtol=0, atol=0)
+
+
+def test_stop_mid_epoch_and_resume_equals_uninterrupted(tiny_data, tmp_path):
+    common = TINY + ["--data_root", tiny_data, "--nEpoch", "2"]
+    whole = train_cdsvae.main(common + ["--log_dir", str(tmp_path / "a")])
+    train_cdsvae.main(common + ["--log_dir", str(tmp_path / "b"), "--max_steps", "4"])  # 3 steps per epoch
+    resumed = train_cdsvae.main(common + ["--log_dir", str(tmp_path / "b"), "--resume"])
+    torch.testing.assert_close(params(resumed), params(whole), rtol=0, atol=0)
+
+
+def test_smoke_training_lowers_the_loss_and_writes_everything(tiny_data, tmp_path):
+    r = run(TINY + ["--data_root", tiny_data, "--nEpoch", "6", "--lr", "2e-3", "--amp", "--log_dir", str(tmp_path)])
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert len(rows) == 6
+    assert {"recon", "kld_f", "kld_z", "mi_fz", "con_f", "con_z", "loss"} <= set(rows[0])
+    assert rows[-1]["loss"] < 0.7 * rows[0]["loss"]
+    assert (tmp_path / "loss_curves.png").stat().st_size > 0 and (tmp_path / "log.txt").exists()
+    weights = torch.load(tmp_path / "model.pt", weights_only=True)["model"]
+    assert "encoder.net.0.0.weight" in weights
+    assert load_model(str(tmp_path / "model.pt")).f_dim == 8
+
+
+def test_two_process_ddp_keeps_ranks_identical(tiny_data, tmp_path):
+    script = tmp_path / "ddp_check.py"
+    script.write_text(f"""
+import sys, torch, torch.distributed as dist
+sys.path.insert(0, {ROOT!r})
+import train_cdsvae
+model = train_cdsvae.main(sys.argv[1:])
+flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+gathered = [torch.zeros_like(flat) for _ in range(dist.get_world_size())]
+dist.all_gather(gathered, flat)
+if dist.get_rank() == 0:
+    print("RANKS_IDENTICAL", all(torch.equal(g, gathered[0]) for g in gathered))
+dist.destroy_process_group()
+""")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+                        str(script), *TINY, "--data_root", tiny_data, "--nEpoch", "1", "--max_steps", "3",
+                        "--log_dir", str(tmp_path / "run")], capture_output=True, text=True, cwd=ROOT, timeout=600,
+                       env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "RANKS_IDENTICAL True" in r.stdout
+    assert os.listdir(tmp_path / "run").count("model.pt") == 1
+    assert "x2" in open(tmp_path / "run" / "log.txt").read()
+
+
+def test_missing_data_file_is_one_clear_line(tmp_path):
+    r = run(TINY + ["--data_root", str(tmp_path / "nope.pkl"), "--log_dir", str(tmp_path)])
+    assert r.returncode != 0
+    assert r.stderr.strip().count("\n") == 0 and "make_sprites.py" in r.stderr
+
+
+def test_resume_with_other_sizes_names_them(tiny_data, tmp_path):
+    assert run(TINY + ["--data_root", tiny_data, "--nEpoch", "1", "--log_dir", str(tmp_path)]).returncode == 0
+    args = TINY + ["--data_root", tiny_data, "--nEpoch", "2", "--log_dir", str(tmp_path), "--resume"]
+    args[args.index("--f_dim") + 1] = "12"
+    r = run(args)
+    assert r.returncode != 0 and r.stderr.strip().count("\n") == 0
+    assert "other sizes" in r.stderr and "f_mean.weight" in r.stderr
+
+
+def test_existing_run_is_not_overwritten_and_nan_loss_keeps_the_checkpoint(tiny_data, tmp_path):
+    assert run(TINY + ["--data_root", tiny_data, "--nEpoch", "1", "--log_dir", str(tmp_path)]).returncode == 0
+    digest = hashlib.sha256((tmp_path / "model.pt").read_bytes()).hexdigest()
+    r = run(TINY + ["--data_root", tiny_data, "--nEpoch", "2", "--log_dir", str(tmp_path)])
+    assert r.returncode != 0 and "--resume" in r.stderr
+    r = run(TINY + ["--data_root", tiny_data, "--nEpoch", "2", "--log_dir", str(tmp_path), "--resume",
+                    "--weight_rec", "nan"])
+    assert r.returncode == 1 and "non-finite loss" in r.stdout + r.stderr
+    assert hashlib.sha256((tmp_path / "model.pt").read_bytes()).hexdigest() == digest
+
+
+@pytest.mark.parametrize("bad", [["--batch_size", "0"], ["--device", "tpu"]])
+def test_bad_flags_are_refused(bad, tmp_path):
+    r = run(bad + ["--log_dir", str(tmp_path)])
+    assert r.returncode == 2 and "error" in r.stderr

@@ -1,0 +1,256 @@
+"""Train C-DSVAE on Sprites.
+
+    python train_cdsvae.py --data_root data/Sprite/data.pkl --log_dir runs/paper          # one process
+    torchrun --nproc_per_node=2 train_cdsvae.py ...                                       # DDP
+    python train_cdsvae.py --log_dir runs/paper --resume                                  # continue a run
+
+Writes to --log_dir: log.txt, metrics.jsonl (one JSON line of every loss term per epoch), loss_curves.png;
+to --model_dir (default: --log_dir): model.pt, the latest checkpoint (atomic; resumable).
+"""
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from dataloader import DataError, SpriteBatches, load_sprites, validation_split
+from model import CDSVAE, cdsvae_loss
+from utils import MODEL_ARGS, CheckpointError, check_sizes, git_revision, pick_device, read_checkpoint, save_atomic
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="Train C-DSVAE on Sprites")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
+    p.add_argument("--batch_size", type=int, default=128, help="videos per step, over all processes (default 128)")
+    p.add_argument("--nEpoch", type=int, default=100, help="epochs to train in all (default 100)")
+    p.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
+    p.add_argument("--evl_interval", type=int, default=10,
+                   help="score with the judge every this many epochs, when the judge file exists (default 10)")
+    p.add_argument("--f_dim", type=int, default=256, help="size of the static latent f (default 256)")
+    p.add_argument("--z_dim", type=int, default=32, help="size of each dynamic latent z_t (default 32)")
+    p.add_argument("--g_dim", type=int, default=128, help="size of the per-frame encoder feature (default 128)")
+    p.add_argument("--rnn_size", type=int, default=256, help="hidden size of the LSTMs / RNN (default 256)")
+    p.add_argument("--nf", type=int, default=64,
+                   help="conv width: the encoder has nf, 2nf, 4nf, 8nf channels (default 64, the paper's)")
+    p.add_argument("--z_input", choices=("bilstm", "frame_delta"), default="bilstm",
+                   help="what q(z|x) reads: the BiLSTM outputs (paper) or frame features minus the video's mean")
+    p.add_argument("--weight_rec", type=float, default=1.0, help="weight of the summed reconstruction (default 1)")
+    p.add_argument("--weight_f", type=float, default=1.0, help="weight of KL(q(f|x) || N(0, I)) (default 1)")
+    p.add_argument("--weight_z", type=float, default=1.0, help="weight of KL(q(z|x) || p(z)) (default 1)")
+    p.add_argument("--weight_mi", type=float, default=1.0, help="weight of the MI(f; z) penalty (default 1)")
+    p.add_argument("--weight_c_aug", type=float, default=10.0, help="weight of the content InfoNCE (default 10)")
+    p.add_argument("--weight_m_aug", type=float, default=10.0, help="weight of the motion InfoNCE (default 10)")
+    p.add_argument("--temperature", type=float, default=0.5, help="NT-Xent temperature (default 0.5)")
+    p.add_argument("--sche", choices=("const", "cosine", "step"), default="const",
+                   help="learning-rate schedule: constant, cosine to 0 over nEpoch, or x0.5 every nEpoch/4 epochs")
+    p.add_argument("--data_root", default="data/Sprite/data.pkl", help="the data pickle (make_sprites.py)")
+    p.add_argument("--log_dir", default="runs/cdsvae", help="folder of logs and curves (default runs/cdsvae)")
+    p.add_argument("--model_dir", default=None, help="folder of the checkpoint model.pt (default: --log_dir)")
+    p.add_argument("--judge", default="judges/sprite_judge.pt", help="judge weights for periodic scoring")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default auto: cuda if any")
+    p.add_argument("--amp", action="store_true", help="mixed precision: bf16 autocast on CPU, bf16/fp16 on CUDA")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads per process (default 0: torch's choice)")
+    p.add_argument("--resume", action="store_true", help="continue from model_dir/model.pt")
+    p.add_argument("--subset", type=int, default=0, help="train on the first N train videos only (smoke runs)")
+    p.add_argument("--val_chars", type=int, default=0, help="hold out this many train characters for validation")
+    p.add_argument("--sync_bn", action="store_true", help="SyncBatchNorm across processes under torchrun")
+    p.add_argument("--max_steps", type=int, default=0, help="stop after this many steps in all (0: no limit)")
+    args = p.parse_args(argv)
+    args.model_dir = args.model_dir or args.log_dir
+    for name in ("batch_size", "nEpoch", "f_dim", "z_dim", "g_dim", "rnn_size", "nf"):
+        if getattr(args, name) <= 0:
+            p.error(f"--{name} must be positive, got {getattr(args, name)}")
+    return args
+
+
+def lr_lambda(sche, n_epoch, steps_per_epoch):
+    total = max(1, n_epoch * steps_per_epoch)
+    if sche == "cosine":
+        return lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+    if sche == "step":
+        return lambda step: 0.5 ** (step // max(1, total // 4))
+    return lambda step: 1.0
+
+
+def plot_curves(rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    keys = [k for k in ("recon", "kld_f", "kld_z", "mi_fz", "con_f", "con_z") if k in rows[-1]]
+    fig, axes = plt.subplots(1, len(keys), figsize=(3 * len(keys), 2.6))
+    for ax, k in zip(axes, keys):
+        ax.plot([r["epoch"] for r in rows], [r[k] for r in rows])
+        ax.set_title(k)
+        ax.set_xlabel("epoch")
+        if k == "recon":
+            ax.set_yscale("log")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+class Stop:
+    """SIGINT / SIGTERM: finish the step, write a checkpoint, exit."""
+    requested = False
+
+    @classmethod
+    def install(cls):
+        def handler(signum, frame):
+            cls.requested = True
+        signal.signal(signal.SIGINT, handler)
+        signal.signal(signal.SIGTERM, handler)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    device = pick_device(args.device)
+    rank, world = 0, 1
+    if distributed:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.batch_size % world:
+        sys.exit(f"error: --batch_size {args.batch_size} must be divisible by the {world} processes")
+    main_proc = rank == 0
+
+    def log(msg):
+        if main_proc:
+            tqdm.write(msg)
+            with open(os.path.join(args.log_dir, "log.txt"), "a") as f:
+                f.write(msg + "\n")
+
+    try:
+        data = load_sprites(args.data_root)
+    except DataError as e:
+        sys.exit(f"error: {e}")
+    X, A, D = data["train"]
+    if args.subset:
+        X, A, D = X[:args.subset], A[:args.subset], D[:args.subset]
+    (X, A, D), val = validation_split(X, A, D, args.val_chars, seed=args.seed)
+    local_batch = args.batch_size // world
+    if len(X) < args.batch_size:
+        sys.exit(f"error: {len(X)} training videos are fewer than --batch_size {args.batch_size}")
+    loader = SpriteBatches(X, A, D, local_batch, shuffle=True, augment=True, seed=args.seed, drop_last=True,
+                           rank=rank, world_size=world)
+
+    torch.manual_seed(args.seed + rank)
+    model_args = {k: getattr(args, k) for k in MODEL_ARGS if hasattr(args, k)}
+    model_args["frames"] = X.shape[1]
+    model = CDSVAE(**model_args).to(device)
+    if device.type == "cpu":
+        model = model.to(memory_format=torch.channels_last)  # oneDNN's bf16 convs are ~2x faster channels-last
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.999))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.sche, args.nEpoch, len(loader)))
+    amp_dtype = torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp and amp_dtype == torch.float16)
+
+    ckpt_path = os.path.join(args.model_dir, "model.pt")
+    start_epoch, step, skip_batches, history = 0, 0, 0, []
+    if main_proc:
+        os.makedirs(args.log_dir, exist_ok=True)
+        os.makedirs(args.model_dir, exist_ok=True)
+    if args.resume:
+        try:
+            ckpt = read_checkpoint(ckpt_path)
+            check_sizes(model, ckpt["model"], ckpt_path)
+        except CheckpointError as e:
+            sys.exit(f"error: cannot resume: {e}")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        start_epoch, step, skip_batches = ckpt["epoch"], ckpt["step"], ckpt["batches_done"]
+        torch.set_rng_state(ckpt["rng_cpu"][rank] if rank < len(ckpt["rng_cpu"]) else ckpt["rng_cpu"][0])
+        history = list(ckpt.get("history", []))
+        log(f"resumed {ckpt_path} at epoch {start_epoch}, batch {skip_batches}, step {step}")
+    elif os.path.exists(ckpt_path):
+        sys.exit(f"error: {ckpt_path} exists; pass --resume to continue it or choose another --model_dir")
+
+    if distributed:
+        if args.sync_bn:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    raw_model = model.module if distributed else model
+
+    judge = None
+    if args.evl_interval and os.path.isfile(args.judge) and main_proc:
+        from test_sprite import load_judge
+        judge = load_judge(args.judge, device)
+
+    def save(epoch, batches_done):
+        rng = [torch.get_rng_state()]
+        if distributed:
+            gathered = [None] * world
+            dist.all_gather_object(gathered, rng[0])
+            rng = gathered
+        if not main_proc:
+            return
+        save_atomic({"model": raw_model.state_dict(), "model_args": model_args, "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "epoch": epoch, "batches_done": batches_done, "step": step,
+                     "args": vars(args), "rng_cpu": rng, "history": history, "git": git_revision()}, ckpt_path)
+
+    Stop.install()
+    log(f"training on {device} x{world}: {len(X)} videos, {len(loader)} steps/epoch, args {json.dumps(vars(args))}")
+    for epoch in range(start_epoch, args.nEpoch):
+        loader.set_epoch(epoch)
+        model.train()
+        sums, n_batches, t0 = {}, 0, time.time()
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.nEpoch}", disable=not main_proc, leave=False)
+        for b, batch in enumerate(bar):
+            if b < skip_batches:  # resuming mid-epoch: the loader is deterministic, so skip what was done
+                continue
+            x = batch["x"].to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=args.amp):
+                out = model(x, m_aug=batch["m_aug"].to(device), c_aug_order=batch["c_aug_order"].to(device))
+            loss, terms = cdsvae_loss(out, x, len(X), args.weight_f, args.weight_z, args.weight_c_aug,
+                                      args.weight_m_aug, args.weight_mi, args.weight_rec, args.temperature)
+            if not torch.isfinite(loss):
+                log(f"error: non-finite loss at epoch {epoch + 1}, step {step} ({ {k: v.item() for k, v in terms.items()} }); "
+                    f"the last good checkpoint {ckpt_path} is kept; try a lower --lr or --amp off")
+                sys.exit(1)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            step += 1
+            n_batches += 1
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + v.item()
+            bar.set_postfix({k: f"{sums[k] / n_batches:.3g}" for k in ("loss", "recon", "kld_z", "con_f", "con_z")
+                             if k in sums})
+            if Stop.requested or (args.max_steps and step >= args.max_steps):
+                save(epoch, b + 1)
+                log(f"stopped at epoch {epoch + 1}, batch {b + 1}, step {step}; checkpoint {ckpt_path}")
+                return raw_model
+        skip_batches = 0
+        row = {"epoch": epoch + 1, "step": step, "lr": scheduler.get_last_lr()[0], "seconds": round(time.time() - t0, 1),
+               **{k: v / max(1, n_batches) for k, v in sums.items()}}
+        if judge is not None and (epoch + 1) % args.evl_interval == 0:
+            from test_sprite import evaluate
+            row["eval"] = evaluate(raw_model, judge, data["test"], device, seeds=[0], amp=args.amp)["mean"]
+            raw_model.train()
+        history.append(row)
+        if main_proc:
+            with open(os.path.join(args.log_dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(row) + "\n")
+            plot_curves(history, os.path.join(args.log_dir, "loss_curves.png"))
+            log(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+        save(epoch + 1, 0)
+    return raw_model
+
+
+if __name__ == "__main__":
+    main()
+    if dist.is_initialized():
+        dist.destroy_process_group()
