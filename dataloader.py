@@ -106,9 +106,35 @@ def validation_split(X, A, D, n_characters, seed=0):
     return (X[~val], A[~val], D[~val]), (X[val], A[val], D[val])
 
 
+# Batches are made a few sequences at a time, so that every intermediate stays in cache and the big outputs
+# are written once; 4 sequences of float frames are 1.5 MB.
+_CHUNK = 4
+
+
+def _empty(shape):
+    """A fresh float tensor in memory from numpy, which asks for transparent huge pages on large arrays: first
+    touching a 50 MB batch then costs a few hundred page faults instead of ~12000 (torch.empty does that only
+    when torch runs with THP_MEM_ALLOC_ENABLE=1)."""
+    return torch.from_numpy(np.empty(tuple(shape), np.float32))
+
+
+def _to_float_into(out, x_uint8, scratch=None):
+    """out (n, T, 3, H, W) <- x_uint8 (n, T, H, W, 3) / 255: de-interleaving bytes first, then converting
+    contiguous memory, is faster than converting across the transpose."""
+    if scratch is None:
+        scratch = torch.empty(out.shape, dtype=torch.uint8)
+    scratch = scratch[:len(out)].copy_(x_uint8.permute(0, 1, 4, 2, 3))
+    out.copy_(scratch).mul_(1 / 255)
+
+
 def to_float(x_uint8):
     """(B, 8, 64, 64, 3) uint8 -> (B, 8, 3, 64, 64) float in [0, 1]."""
-    return torch.empty(x_uint8.shape[:2] + (3, 64, 64)).copy_(x_uint8.permute(0, 1, 4, 2, 3)).mul_(1 / 255)
+    B, T, H, W = x_uint8.shape[:4]
+    out = _empty((B, T, 3, H, W))
+    scratch = torch.empty((min(B, _CHUNK), T, 3, H, W), dtype=torch.uint8)
+    for s in range(0, B, _CHUNK):
+        _to_float_into(out[s:s + _CHUNK], x_uint8[s:s + _CHUNK], scratch)
+    return out
 
 
 def content_order(B, T, generator=None):
@@ -125,16 +151,15 @@ def content_augment(x, generator=None, order=None):
 _GREY = torch.tensor([0.299, 0.587, 0.114])
 
 
-def _colour_maps(channel_mean, generator, strength=0.8, hue=0.2, p_jitter=0.8, p_grey=0.2):
-    """Per-sequence affine colour maps x -> M x + v for sequences of channel means `channel_mean` (B, 3).
+def _colour_maps_linear(B, generator, strength=0.8, hue=0.2, p_jitter=0.8, p_grey=0.2):
+    """Per-sequence affine colour maps x -> M x + v with v = P m + q for a sequence of channel means m.
 
     Brightness, contrast, saturation (factors in 1 +- strength) and hue (rotation by up to +-hue turns
     in YIQ space) in a random order per sequence, with probability p_jitter; then greyscale with
     probability p_grey. Each step is affine in RGB (contrast blends towards the mean grey of its input,
-    which an affine map carries exactly), so the whole change is one M (B, 3, 3) and v (B, 3).
+    which an affine map carries exactly, and which is linear in m), so the whole change is one M (B, 3, 3)
+    and v (B, 3); the random draws do not depend on m.
     """
-    B = channel_mean.shape[0]
-
     def uniform(lo, hi):
         return lo + (hi - lo) * torch.rand(B, generator=generator)
 
@@ -149,46 +174,109 @@ def _colour_maps(channel_mean, generator, strength=0.8, hue=0.2, p_jitter=0.8, p
     hue_map = torch.linalg.inv(yiq) @ rot @ yiq
     jitter = (torch.rand(B, generator=generator) < p_jitter)[:, None, None]
     order = torch.argsort(torch.rand(B, 4, generator=generator), dim=1)
-    M, v = eye.clone(), torch.zeros(B, 3)
+    M, P, q = eye.clone(), torch.zeros(B, 3, 3), torch.zeros(B, 3)
     for k in range(4):
         step = order[:, k][:, None, None]
-        mean_grey = ((M @ channel_mean[..., None])[..., 0] + v) @ _GREY  # mean grey level of this step's input
+        # mean grey level of this step's input M m + P m + q: r . m + s
+        r, s = _GREY @ (M + P), q @ _GREY
         S = torch.where(step == 0, bright * eye, torch.where(step == 1, contrast * eye, torch.where(
             step == 2, sat * eye + (1 - sat) * grey, hue_map)))
         S = torch.where(jitter, S, eye)
-        shift = torch.where((step[:, 0, 0] == 1) & jitter[:, 0, 0], (1 - contrast[:, 0, 0]) * mean_grey, 0.0)
-        M, v = S @ M, (S @ v[..., None])[..., 0] + shift[:, None]
+        alpha = torch.where((step[:, 0, 0] == 1) & jitter[:, 0, 0], 1 - contrast[:, 0, 0], 0.0)
+        M, P, q = S @ M, S @ P + alpha[:, None, None] * r[:, None, :], (S @ q[..., None])[..., 0] + (alpha * s)[:, None]
     greyscale = (torch.rand(B, generator=generator) < p_grey)[:, None, None]
     G = torch.where(greyscale, grey, eye)
-    return G @ M, (G @ v[..., None])[..., 0]
+    return G @ M, G @ P, (G @ q[..., None])[..., 0]
 
 
-def _shift(x, dim, step):
-    """x shifted by one pixel along `dim` (step +1: x[i+1], -1: x[i-1]) with reflect padding."""
-    n = x.shape[dim]
-    idx = list(range(1, n)) + [n - 2] if step > 0 else [1] + list(range(n - 1))
-    return x.index_select(dim, torch.tensor(idx))
+def _colour_maps(channel_mean, generator, **kwargs):
+    """(M, v): the affine colour maps x -> M x + v for sequences of channel means `channel_mean` (B, 3)."""
+    M, P, q = _colour_maps_linear(channel_mean.shape[0], generator, **kwargs)
+    return M, (P @ channel_mean[..., None])[..., 0] + q
+
+
+def _motion_params(B, T, generator):
+    """Every random draw of a motion augmentation of B sequences of T frames, as used by `_motion_chunk`:
+    colour maps M (B * T, 3, 3) (one per frame), P (B, 3, 3), q (B, 3) and the blur's side weight c per
+    sequence (0: no blur).
+
+    The 3x3 Gaussian of sigma is the kernel [c, 1, c] x [c, 1, c] with c = exp(-1 / (2 sigma^2)), divided by
+    (1 + 2c)^2; blur and colour map are linear, so that divisor is folded into the colour map."""
+    M, P, q = _colour_maps_linear(B, generator)
+    sigma = 0.1 + 1.9 * torch.rand(B, generator=generator)
+    blur = torch.rand(B, generator=generator) < 0.5
+    c = torch.where(blur, torch.exp(-1 / (2 * sigma ** 2)), 0.0)
+    scale = (1 + 2 * c) ** -2
+    M, P, q = M * scale[:, None, None], P * scale[:, None, None], q * scale[:, None]
+    return M.repeat_interleave(T, 0), P, q, c.tolist()
+
+
+def _blur_unnormalised_(y, c, h):
+    """y (..., H, W) <- y filtered by the separable 3x3 kernel [c, 1, c] x [c, 1, c] with reflect padding, in
+    place (4 passes, in cache for one sequence); h: scratch of y's shape. Divided by (1 + 2c)^2, with
+    c = exp(-1 / (2 sigma^2)), this is the 3x3 Gaussian of sigma."""
+    src, dst = y, h
+    for dim in (-1, -2):
+        n = y.shape[dim]
+        mid = dst.narrow(dim, 1, n - 2)
+        torch.add(src.narrow(dim, 1, n - 2), src.narrow(dim, 0, n - 2), alpha=c, out=mid).add_(
+            src.narrow(dim, 2, n - 2), alpha=c)
+        # reflect padding: both neighbours of an edge pixel are the pixel next to it
+        torch.add(src.select(dim, 0), src.select(dim, 1), alpha=2 * c, out=dst.select(dim, 0))
+        torch.add(src.select(dim, n - 1), src.select(dim, n - 2), alpha=2 * c, out=dst.select(dim, n - 1))
+        src, dst = dst, src
+
+
+def _motion_chunk(x, out, M, P, q, c, h):
+    """out = clamp(blur_c(M x + v), 0, 1) for a few sequences x (n, T, 3, H, W), v = P mean(x) + q, with
+    the parameters of these sequences from `_motion_params`; h: scratch of one sequence's shape."""
+    n, T = x.shape[:2]
+    v = torch.baddbmm(q[..., None], P, x.mean(dim=(1, 3, 4))[..., None])
+    torch.baddbmm(v.repeat_interleave(T, 0), M, x.view(n * T, 3, -1), out=out.view(n * T, 3, -1))
+    for j, cj in enumerate(c):
+        if cj:
+            _blur_unnormalised_(out[j], cj, h)
+    out.clamp_(0, 1)
 
 
 def motion_augment(x, generator=None):
     """One random appearance change per sequence, applied alike to all its frames: colour jitter
     (brightness, contrast, saturation +-0.8, hue +-0.2; p 0.8), greyscale (p 0.2), 3x3 Gaussian blur
     (sigma in [0.1, 2]; p 0.5). Keeps the motion, changes the look."""
-    B = x.shape[0]
-    M, v = _colour_maps(x.mean(dim=(1, 3, 4)), generator)
-    out = torch.bmm(M, x.transpose(1, 2).reshape(B, 3, -1)).view(B, 3, *x.shape[1:2], *x.shape[3:])
-    out = out.transpose(1, 2).add_(v[:, None, :, None, None])
-    # separable 3x3 Gaussian with reflect padding, on the sequences drawn for it
-    sigma = 0.1 + 1.9 * torch.rand(B, generator=generator)
-    blur = torch.rand(B, generator=generator) < 0.5
-    if blur.any():
-        side = torch.exp(-1 / (2 * sigma[blur] ** 2))
-        w_side = (side / (1 + 2 * side))[:, None, None, None, None]
-        y = out[blur]
-        for dim in (-1, -2):
-            y = (_shift(y, dim, 1) + _shift(y, dim, -1)).mul_(w_side).add_(y * (1 - 2 * w_side))
-        out[blur] = y
-    return out.clamp_(0, 1)
+    x = x.contiguous()
+    T = x.shape[1]
+    M, P, q, c = _motion_params(x.shape[0], T, generator)
+    out, h = _empty(x.shape), torch.empty(x.shape[1:])
+    for s in range(0, x.shape[0], _CHUNK):
+        e = s + _CHUNK
+        _motion_chunk(x[s:e], out[s:e], M[s * T:e * T], P[s:e], q[s:e], c[s:e], h)
+    return out
+
+
+def _make_batch(X, i, generator=None):
+    """x of the sequences X[i] and, with a generator, c_aug (with its frame order) and m_aug: the same as
+    x = to_float(X[i]), content_augment(x, order=content_order(B, T, generator)), motion_augment(x, generator),
+    made a few sequences at a time straight from the uint8 store."""
+    B, T, H, W = len(i), *X.shape[1:4]
+    x = _empty((B, T, 3, H, W))
+    u8 = torch.empty((min(_CHUNK, B),) + tuple(X.shape[1:]), dtype=torch.uint8)
+    u8t = torch.empty((min(_CHUNK, B), T, 3, H, W), dtype=torch.uint8)
+    if generator is None:
+        for s in range(0, B, _CHUNK):
+            e = min(s + _CHUNK, B)
+            _to_float_into(x[s:e], torch.index_select(X, 0, i[s:e], out=u8[:e - s]), u8t)
+        return {"x": x}
+    order = content_order(B, T, generator)
+    M, P, q, c = _motion_params(B, T, generator)
+    c_aug, m_aug, h = _empty(x.shape), _empty(x.shape), torch.empty(x.shape[1:])
+    frames = (order + T * torch.arange(B)[:, None]).view(-1)
+    x_frames, c_frames = x.view(B * T, -1), c_aug.view(B * T, -1)
+    for s in range(0, B, _CHUNK):
+        e = min(s + _CHUNK, B)
+        _to_float_into(x[s:e], torch.index_select(X, 0, i[s:e], out=u8[:e - s]), u8t)
+        torch.index_select(x_frames, 0, frames[s * T:e * T], out=c_frames[s * T:e * T])
+        _motion_chunk(x[s:e], m_aug[s:e], M[s * T:e * T], P[s:e], q[s:e], c[s:e], h)
+    return {"x": x, "c_aug_order": order, "c_aug": c_aug, "m_aug": m_aug}
 
 
 class SpriteBatches:
@@ -227,12 +315,8 @@ class SpriteBatches:
         g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch * 7919 + self.rank + 1)
         for b in range(len(self)):
             i = idx[b * self.batch_size:(b + 1) * self.batch_size]
-            x_uint8 = self.X.index_select(0, i)
-            x = to_float(x_uint8)
-            batch = {"x": x, "A": self.A[i], "D": self.D[i], "index": i}
-            if self.augment:
-                # the order travels with the view: a model can shuffle x's frame features instead of re-encoding
-                batch["c_aug_order"] = content_order(*x.shape[:2], g)
-                batch["c_aug"] = to_float(content_augment(x_uint8, order=batch["c_aug_order"]))
-                batch["m_aug"] = motion_augment(x, g)
+            # with augment, the c_aug order travels with the view: a model can shuffle x's frame features
+            # instead of re-encoding c_aug
+            batch = _make_batch(self.X, i, g if self.augment else None)
+            batch.update({"A": self.A[i], "D": self.D[i], "index": i})
             yield batch
