@@ -1,0 +1,244 @@
+"""The judge's label map, the metric functions of test_sprite.py against hand-computed values, and both
+protocols plus the swaps end to end on a tiny checkpoint, a tiny judge and a tiny real-looking data set."""
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import make_sprites
+import test_sprite as ts
+from dataloader import load_sprites, to_float
+from model import CDSVAE, JUDGE_HEADS, SpriteJudge
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "judges"))
+import train_judge  # noqa: E402
+
+TINY_MODEL = dict(f_dim=8, z_dim=4, g_dim=16, rnn_size=16, nf=8)
+TINY_JUDGE = dict(g_dim=16, rnn_size=16, hidden=16, nf=8)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def files(tiny_data, tmp_path_factory):
+    """A tiny train_cdsvae.py checkpoint and a tiny judge file in the format of train_judge.py."""
+    d = tmp_path_factory.mktemp("eval")
+    torch.manual_seed(0)
+    m = CDSVAE(**TINY_MODEL)
+    model_path = str(d / "model.pt")
+    torch.save({"model": m.state_dict(), "model_args": dict(TINY_MODEL, frames=8, z_input="bilstm")}, model_path)
+    j = SpriteJudge(**TINY_JUDGE)
+    judge_path = str(d / "judge.pt")
+    torch.save({"model": {k: v.half() if v.is_floating_point() else v for k, v in j.state_dict().items()},
+                "judge_args": TINY_JUDGE, "heads": dict(JUDGE_HEADS), "test_accuracy": None}, judge_path)
+    return {"model": model_path, "judge": judge_path, "data": tiny_data, "dir": d}
+
+
+# ---- the label map ----------------------------------------------------------------------------------------
+def test_judge_heads_match_the_data_labels(tiny_data):
+    assert list(JUDGE_HEADS) == ["action", "skin", "pant", "top", "hair"]
+    # action = D = 3 * action + direction over the 9 motions; skin, pant, top, hair = A's columns, 6 values each,
+    # the layers body, bottomwear, topwear, hair in that order
+    assert JUDGE_HEADS["action"] == len(make_sprites.MOTIONS) == len(make_sprites.ACTIONS) * len(make_sprites.DIRECTIONS)
+    assert make_sprites.LAYERS == ("body", "bottomwear", "topwear", "hair")
+    assert all(JUDGE_HEADS[a] == 6 for a in ts.ATTRIBUTES)
+    assert make_sprites.character_attributes(make_sprites.character_id(1, 2, 3, 4)) == (1, 2, 3, 4)
+    _, A, D = load_sprites(tiny_data)["test"]
+    assert sorted(D.unique().tolist()) == list(range(JUDGE_HEADS["action"]))
+    assert int(A.max()) < 6 and int(A.min()) >= 0
+    for targets in (ts.judge_targets(A, D), train_judge.targets(A, D)):
+        assert list(targets) == list(JUDGE_HEADS)
+        assert torch.equal(targets["action"], D)
+        for i, a in enumerate(ts.ATTRIBUTES):
+            assert torch.equal(targets[a], A[:, i])
+    # logits of the judge have the sizes of the heads
+    out = SpriteJudge(**TINY_JUDGE).eval()(torch.rand(2, 8, 3, 64, 64))
+    assert {k: v.shape for k, v in out.items()} == {k: (2, n) for k, n in JUDGE_HEADS.items()}
+
+
+# ---- metrics ----------------------------------------------------------------------------------------------
+def test_inception_score_and_entropies_by_hand():
+    K = 9
+    uniform = torch.full((36, K), 1 / K)
+    assert ts.inception_score(uniform) == pytest.approx(1.0)
+    assert ts.conditional_entropy(uniform) == pytest.approx(math.log(K))
+    assert ts.marginal_entropy(uniform) == pytest.approx(math.log(K))
+    onehot = torch.eye(K).repeat(4, 1)  # balanced, confident
+    assert ts.inception_score(onehot) == pytest.approx(K)
+    assert ts.conditional_entropy(onehot) == pytest.approx(0.0)
+    assert ts.marginal_entropy(onehot) == pytest.approx(math.log(K))
+    constant = torch.eye(K)[[3] * 10]  # always the same confident answer
+    assert ts.inception_score(constant) == pytest.approx(1.0)
+    assert ts.marginal_entropy(constant) == pytest.approx(0.0)
+    # two predictions over 2 classes: (0.5, 0.5) and (1, 0) -> p(y) = (0.75, 0.25)
+    p = torch.tensor([[0.5, 0.5], [1.0, 0.0]])
+    h_cond = (math.log(2) + 0) / 2
+    h_marg = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
+    assert ts.conditional_entropy(p) == pytest.approx(h_cond)
+    assert ts.marginal_entropy(p) == pytest.approx(h_marg)
+    kl = (0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25) + 1.0 * math.log(1 / 0.75)) / 2
+    assert ts.inception_score(p) == pytest.approx(math.exp(kl))
+    assert math.log(ts.inception_score(p)) == pytest.approx(h_marg - h_cond)  # log IS = H(y) - H(y|x)
+    assert ts.entropy(torch.tensor([0.25] * 4)).item() == pytest.approx(math.log(4))
+
+
+def test_kl_of_marginals_accuracy_mean_std_derangement():
+    a = torch.tensor([[1.0, 0.0], [0.0, 1.0]])          # marginal (0.5, 0.5)
+    b = torch.tensor([[0.9, 0.1], [0.7, 0.3]])          # marginal (0.8, 0.2)
+    assert ts.kl_marginals(a, b) == pytest.approx(0.5 * math.log(0.5 / 0.8) + 0.5 * math.log(0.5 / 0.2))
+    assert ts.kl_marginals(b, b) == pytest.approx(0.0)
+    assert ts.accuracy(b, torch.tensor([0, 1])) == 0.5
+    m, s = ts.mean_std([1.0, 2.0, 3.0])
+    assert (m, s) == (pytest.approx(2.0), pytest.approx(1.0))
+    assert ts.mean_std([4.0]) == (4.0, None)
+    for n in (2, 3, 100):
+        perm = ts.derangement(n, torch.Generator().manual_seed(n))
+        assert sorted(perm.tolist()) == list(range(n)) and not (perm == torch.arange(n)).any()
+    assert torch.equal(ts.derangement(50, torch.Generator().manual_seed(1)),
+                       ts.derangement(50, torch.Generator().manual_seed(1)))
+    with pytest.raises(ValueError):
+        ts.derangement(1, torch.Generator())
+
+
+# ---- the protocols ----------------------------------------------------------------------------------------
+def test_latents_are_the_models_generators(files):
+    """What evaluate decodes is what generate_fixed_motion, generate_fixed_content and swap make."""
+    model = ts.load_model(files["model"])
+    judge = ts.load_judge(files["judge"])
+    X = load_sprites(files["data"])["test"][0][:5]
+    x = to_float(X)
+    post = ts.encode_split(model, judge, X, torch.device("cpu"), batch_size=2)
+    latents, perm = ts.run_latents(model, post, seed=3)
+    assert set(latents) == {"A", "B", "swap"}
+    assert not (perm == torch.arange(5)).any()
+    with torch.inference_mode():
+        torch.manual_seed(3)
+        ref_a = model.generate_fixed_motion(x)
+        torch.manual_seed(3)
+        ref_b = model.generate_fixed_content(x)
+        ref_swap = model.swap(x, x[perm])[0]
+        for key, ref in (("A", ref_a), ("B", ref_b), ("swap", ref_swap)):
+            torch.testing.assert_close(model.decode(*latents[key]), ref, atol=1e-5, rtol=1e-4)
+    other, perm1 = ts.run_latents(model, post, seed=4)  # another run: new f, new prior z, new pairing
+    assert not torch.equal(other["A"][1], latents["A"][1]) and not torch.equal(other["B"][0], latents["B"][0])
+    assert not torch.equal(perm, perm1) and torch.equal(ts.run_latents(model, post, seed=3)[1], perm)
+    assert set(ts.run_latents(model, post, 0, "action")[0]) == {"A", "swap"}
+    assert set(ts.run_latents(model, post, 0, "static")[0]) == {"B", "swap"}
+
+
+def test_cli_end_to_end_every_video_scored(files, capsys):
+    out = str(files["dir"] / "res.json")
+    N = len(load_sprites(files["data"])["test"][0])
+    batch = 7
+    assert N % batch  # a last, partial batch
+    result = ts.main(["--model_dir", files["model"], "--judge", files["judge"], "--data_root", files["data"],
+                      "--niter", "2", "--batch_size", str(batch), "--device", "cpu", "--out", out,
+                      "--f_dim", "8", "--z_dim", "4"])
+    text = capsys.readouterr().out
+    for word in ("Protocol A", "Acc (%)", "IS", "H(y|x)", "H(y)", "C-DSVAE, paper", "protocol B", "swap",
+                 "KL(p_gen(y) || p_real(y))", "reconstruction MSE"):
+        assert word in text
+    assert result["n_test"] == N and len(result["runs"]) == 2
+    for run in result["runs"]:
+        assert run["A_n"] == run["B_n"] == run["swap_n"] == run["real_n"] == N
+        assert 1.0 - 1e-9 <= run["A_IS"] <= 9 + 1e-9
+        assert 0 <= run["A_H_y_given_x"] <= math.log(9) + 1e-9 and 0 <= run["A_H_y"] <= math.log(9) + 1e-9
+        assert run["A_KL_gen_vs_real_marginal"] >= -1e-12
+        for k, v in run.items():
+            if k.endswith("_acc"):
+                assert 0 <= v <= 1
+        assert run["B_attr_mean_acc"] == pytest.approx(np.mean([run[f"B_{a}_acc"] for a in ts.ATTRIBUTES]))
+        assert run["recon_mse_per_pixel"] > 0
+    assert [r["seed"] for r in result["runs"]] == [0, 1]
+    assert result["std"]["real_action_acc"] == 0  # the real videos do not depend on the seed
+    import json
+    saved = json.load(open(out))
+    assert saved["mean"]["A_IS"] == pytest.approx(np.mean([r["A_IS"] for r in result["runs"]]))
+    assert saved["std"]["A_IS"] == pytest.approx(np.std([r["A_IS"] for r in result["runs"]], ddof=1))
+    # one protocol at a time
+    only_b = ts.main(["--model_dir", files["model"], "--judge", files["judge"], "--data_root", files["data"],
+                      "--niter", "1", "--type_gt", "static", "--device", "cpu", "--out", out])
+    assert "B_skin_acc" in only_b["mean"] and "A_IS" not in only_b["mean"] and only_b["std"]["B_skin_acc"] is None
+    capsys.readouterr()
+
+
+def test_missing_or_wrong_files_are_one_line_errors(files, tmp_path):
+    base = ["--judge", files["judge"], "--data_root", files["data"], "--device", "cpu", "--out", str(tmp_path / "r.json")]
+    cases = [
+        (["--model_dir", str(tmp_path / "nope.pt")] + base, "no checkpoint at"),
+        (["--model_dir", files["model"], "--f_dim", "16"] + base, "f_dim=16 asked for but 8"),
+        (["--model_dir", files["model"]] + base + ["--judge", str(tmp_path / "nojudge.pt")], "no checkpoint at"),
+        (["--model_dir", files["model"]] + base + ["--judge", files["model"]], "is not a judge"),
+        (["--model_dir", files["model"]] + base + ["--data_root", str(tmp_path / "no.pkl")], "no data file at"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as e:
+            ts.main(argv)
+        assert str(e.value.code).startswith("error: ") and message in str(e.value.code), e.value.code
+        assert "\n" not in str(e.value.code)
+
+
+def test_script_exits_nonzero_on_a_missing_checkpoint(tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "test_sprite.py"), "--model_dir", str(tmp_path / "x.pt")],
+                       capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode != 0
+    assert r.stderr.strip().splitlines() == [f"error: no checkpoint at {tmp_path / 'x.pt'}"]
+
+
+def test_train_judge_writes_a_half_precision_judge(files, tmp_path):
+    """Two tiny epochs of judges/train_judge.py: the file loads with weights_only and through load_judge."""
+    out = str(tmp_path / "j.pt")
+    train_judge.main(["--data_root", files["data"], "--out", out, "--nEpoch", "1", "--batch_size", "16",
+                      "--nf", "8", "--g_dim", "16", "--rnn_size", "16", "--hidden", "16", "--val_chars", "2",
+                      "--threads", "1", "--amp", "--ckpt", str(tmp_path / "last.pt")])
+    ckpt = torch.load(out, weights_only=True)
+    assert ckpt["judge_args"] == TINY_JUDGE and ckpt["heads"] == JUDGE_HEADS
+    assert all(v.dtype == torch.float16 for v in ckpt["model"].values() if v.is_floating_point())
+    assert set(ckpt["test_accuracy"]) == set(JUDGE_HEADS)
+    judge = ts.load_judge(out)
+    assert isinstance(judge, SpriteJudge) and not judge.training
+    # the per-epoch checkpoint resumes: nothing left to train, the same judge is written again
+    train_judge.main(["--data_root", files["data"], "--out", out + "2", "--nEpoch", "1", "--batch_size", "16",
+                      "--nf", "8", "--g_dim", "16", "--rnn_size", "16", "--hidden", "16", "--val_chars", "2",
+                      "--threads", "1", "--ckpt", str(tmp_path / "last.pt"), "--resume"])
+    again = torch.load(out + "2", weights_only=True)["model"]
+    assert all(torch.equal(again[k], v) for k, v in ckpt["model"].items())
+
+
+def test_run_test_sprite_sh_passes_arguments_through(files, tmp_path):
+    out = tmp_path / "r.json"
+    env = dict(os.environ, MODEL=files["model"], DATA=files["data"], OUT=str(out), OMP_NUM_THREADS="1")
+    r = subprocess.run(["bash", os.path.join(ROOT, "run_test_sprite.sh"), "--judge", files["judge"], "--niter", "1",
+                        "--device", "cpu", "--threads", "1"], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "Protocol A" in r.stdout and out.is_file()
+
+
+SHIPPED = os.path.join(ROOT, "judges", "sprite_judge.pt")
+
+
+@pytest.mark.skipif(not os.path.isfile(SHIPPED), reason="no shipped judge")
+def test_shipped_judge_loads_and_met_the_bar(tiny_data):
+    assert os.path.getsize(SHIPPED) <= 25e6
+    ckpt = torch.load(SHIPPED, weights_only=True)
+    assert all(v.dtype == torch.float16 for v in ckpt["model"].values() if v.is_floating_point())
+    assert set(ckpt["test_accuracy"]) == set(JUDGE_HEADS)
+    assert min(ckpt["test_accuracy"].values()) >= 0.999  # as measured on the 2664 real test videos
+    judge = ts.load_judge(SHIPPED)
+    X, A, D = load_sprites(tiny_data)["test"]  # 18 real test videos
+    with torch.inference_mode():
+        out = judge(to_float(X))
+    assert {k: v.shape[1] for k, v in out.items()} == JUDGE_HEADS
+    for k, y in ts.judge_targets(A, D).items():
+        assert torch.equal(out[k].argmax(1), y), k
