@@ -238,8 +238,9 @@ def main(argv=None):
                **{k: v / max(1, n_batches) for k, v in sums.items()}}
         if judge is not None and (epoch + 1) % args.evl_interval == 0:
             from test_sprite import evaluate
-            row["eval"] = evaluate(raw_model, judge, data["test"], device, seeds=[0], amp=args.amp)["mean"]
-            raw_model.train()
+            scores = evaluate(raw_model, judge, data["test"], device, seeds=[0], amp=args.amp)["mean"]
+            row.update({f"eval_{k}": v for k, v in scores.items()
+                        if k.startswith(("A_", "B_", "swap_")) and not k.endswith("_n")})
         history.append(row)
         if main_proc:
             with open(os.path.join(args.log_dir, "metrics.jsonl"), "a") as f:

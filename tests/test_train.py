@@ -109,3 +109,16 @@ def test_existing_run_is_not_overwritten_and_nan_loss_keeps_the_checkpoint(tiny_
 def test_bad_flags_are_refused(bad, tmp_path):
     r = run(bad + ["--log_dir", str(tmp_path)])
     assert r.returncode == 2 and "error" in r.stderr
+
+
+def test_periodic_scoring_with_the_judge(tiny_data, tmp_path):
+    from model import SpriteJudge
+    judge_args = dict(g_dim=16, rnn_size=16, hidden=16, nf=8)
+    torch.save({"model": SpriteJudge(**judge_args).state_dict(), "judge_args": judge_args}, tmp_path / "judge.pt")
+    args = TINY + ["--data_root", tiny_data, "--nEpoch", "2", "--log_dir", str(tmp_path / "run"),
+                   "--judge", str(tmp_path / "judge.pt")]
+    args[args.index("--evl_interval") + 1] = "2"
+    assert run(args).returncode == 0
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert "eval_A_action_acc" not in rows[0]
+    assert 0 <= rows[1]["eval_A_action_acc"] <= 1 and 0 <= rows[1]["eval_swap_attr_mean_acc"] <= 1
