@@ -20,6 +20,9 @@ Sanity rows (always): the mean squared error per pixel of decode(z_mean, f_mean)
 Run i uses seed i (the f ~ N(0, I) of protocol A, the prior samples of protocol B, the swap pairing); every
 figure is reported as the mean +- sample standard deviation over --niter runs, on stdout as a table laid out
 like the paper's and, with every run, in a JSON file (--out).
+
+Time measured on the 2-core AMD EPYC CPU with --amp --threads 1, the other core busy with a training run: 374 s
+for --type_gt all --niter 5 on the 2664 test videos (a C-DSVAE of conv width 32, the shipped judge).
 """
 import argparse
 import json
@@ -29,6 +32,8 @@ import sys
 import time
 
 import torch
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from dataloader import DataError, load_sprites, to_float
 from model import JUDGE_HEADS, SpriteJudge
@@ -121,6 +126,25 @@ def load_judge(path, device="cpu"):
 
 
 # ---- evaluation -------------------------------------------------------------------------------------------
+def for_inference(module):
+    """`module` (in eval mode) made faster to run and the same up to rounding, in place: each BatchNorm2d that
+    follows a convolution in an nn.Sequential is folded into it (its running statistics and affine map are
+    one per-channel affine map), LeakyReLUs work in place, and 4-D weights are channels-last. About 25% less
+    time per video for the C-DSVAE decoder and the judge on this CPU (bf16, oneDNN)."""
+    module.eval()
+    for seq in [m for m in module.modules() if isinstance(m, nn.Sequential)]:
+        names = list(seq._modules)
+        for a, b in zip(names, names[1:]):
+            conv, bn = seq._modules[a], seq._modules[b]
+            if isinstance(conv, (nn.Conv2d, nn.ConvTranspose2d)) and isinstance(bn, nn.BatchNorm2d):
+                seq._modules[a] = fuse_conv_bn_eval(conv, bn, transpose=isinstance(conv, nn.ConvTranspose2d))
+                seq._modules[b] = nn.Identity()
+    for m in module.modules():
+        if isinstance(m, nn.LeakyReLU):
+            m.inplace = True
+    return module.to(memory_format=torch.channels_last)
+
+
 def _autocast(device, amp):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
 
@@ -312,9 +336,7 @@ def main(argv=None):
         test = load_sprites(args.data_root)["test"]
     except (CheckpointError, DataError) as e:
         sys.exit(f"error: {e}")
-    # channels-last convolutions: about 25% faster on this CPU (oneDNN), same numbers up to rounding
-    model.to(memory_format=torch.channels_last)
-    judge.to(memory_format=torch.channels_last)
+    model, judge = for_inference(model), for_inference(judge)
     X, A, D = test
     if len(X) < 2:
         sys.exit(f"error: {args.data_root}: the test split has {len(X)} video(s); swaps need at least 2")

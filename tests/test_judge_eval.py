@@ -1,5 +1,6 @@
 """The judge's label map, the metric functions of test_sprite.py against hand-computed values, and both
 protocols plus the swaps end to end on a tiny checkpoint, a tiny judge and a tiny real-looking data set."""
+import copy
 import math
 import os
 import subprocess
@@ -135,6 +136,28 @@ def test_latents_are_the_models_generators(files):
     assert not torch.equal(perm, perm1) and torch.equal(ts.run_latents(model, post, seed=3)[1], perm)
     assert set(ts.run_latents(model, post, 0, "action")[0]) == {"A", "swap"}
     assert set(ts.run_latents(model, post, 0, "static")[0]) == {"B", "swap"}
+
+
+def test_for_inference_changes_no_output():
+    """Folding BatchNorm into the convolutions (with running statistics of a trained model) keeps the outputs."""
+    torch.manual_seed(0)
+    model, judge = CDSVAE(**TINY_MODEL), SpriteJudge(**TINY_JUDGE)
+    for m in list(model.modules()) + list(judge.modules()):
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1), m.running_var.uniform_(0.5, 2)
+            m.weight.data.uniform_(0.5, 1.5), m.bias.data.uniform_(-0.5, 0.5)
+    model.eval(), judge.eval()
+    x, z, f = torch.rand(3, 8, 3, 64, 64), torch.randn(3, 8, 4), torch.randn(3, 8)
+    with torch.inference_mode():
+        ref = model.decode(z, f), model.encode(x, random=False)["f_mean"], judge(x)
+        fast_model, fast_judge = ts.for_inference(copy.deepcopy(model)), ts.for_inference(copy.deepcopy(judge))
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast_model.decoder.modules())
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast_judge.modules())
+        got = fast_model.decode(z, f), fast_model.encode(x, random=False)["f_mean"], fast_judge(x)
+    torch.testing.assert_close(got[0], ref[0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(got[1], ref[1], atol=1e-5, rtol=1e-4)
+    for k in JUDGE_HEADS:
+        torch.testing.assert_close(got[2][k], ref[2][k], atol=1e-5, rtol=1e-4)
 
 
 def test_cli_end_to_end_every_video_scored(files, capsys):
