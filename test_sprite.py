@@ -186,12 +186,15 @@ def run_latents(model, post, seed, type_gt="all"):
     (computed from the posteriors once, instead of encoding the videos again for each protocol)."""
     N, T = post["z"].shape[:2]
     out = {}
-    if type_gt in ("action", "all"):
-        torch.manual_seed(seed)
-        out["A"] = (post["z"], torch.randn_like(post["f"]))
-    if type_gt in ("static", "all"):
-        torch.manual_seed(seed)
-        out["B"] = (model.sample_z_prior(N, T, like=post["f"]), post["f"])
+    device = post["f"].device
+    # the caller's random state (a training run's, say) is left as it was
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        if type_gt in ("action", "all"):
+            torch.manual_seed(seed)
+            out["A"] = (post["z"], torch.randn_like(post["f"]))
+        if type_gt in ("static", "all"):
+            torch.manual_seed(seed)
+            out["B"] = (model.sample_z_prior(N, T, like=post["f"]), post["f"])
     perm = derangement(N, torch.Generator().manual_seed(seed))
     out["swap"] = (post["z"][perm.to(post["z"].device)], post["f"])
     return out, perm

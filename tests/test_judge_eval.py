@@ -120,7 +120,9 @@ def test_latents_are_the_models_generators(files):
     X = load_sprites(files["data"])["test"][0][:5]
     x = to_float(X)
     post = ts.encode_split(model, judge, X, torch.device("cpu"), batch_size=2)
+    state = torch.get_rng_state()
     latents, perm = ts.run_latents(model, post, seed=3)
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's random state is untouched
     assert set(latents) == {"A", "B", "swap"}
     assert not (perm == torch.arange(5)).any()
     with torch.inference_mode():
