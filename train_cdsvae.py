@@ -204,7 +204,7 @@ def main(argv=None):
     for epoch in range(start_epoch, args.nEpoch):
         loader.set_epoch(epoch)
         model.train()
-        sums, n_batches, t0 = {}, 0, time.time()
+        sums, n_batches, t0, stop = {}, 0, time.time(), False
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.nEpoch}", disable=not main_proc, leave=False)
         for b, batch in enumerate(bar):
             if b < skip_batches:  # resuming mid-epoch: the loader is deterministic, so skip what was done
@@ -229,7 +229,8 @@ def main(argv=None):
                 sums[k] = sums.get(k, 0.0) + v.item()
             bar.set_postfix({k: f"{sums[k] / n_batches:.3g}" for k in ("loss", "recon", "kld_z", "con_f", "con_z")
                              if k in sums})
-            if Stop.requested or (args.max_steps and step >= args.max_steps):
+            stop = Stop.requested or (args.max_steps and step >= args.max_steps)
+            if stop and b + 1 < len(loader):
                 save(epoch, b + 1)
                 log(f"stopped at epoch {epoch + 1}, batch {b + 1}, step {step}; checkpoint {ckpt_path}")
                 return raw_model
@@ -248,6 +249,9 @@ def main(argv=None):
             plot_curves(history, os.path.join(args.log_dir, "loss_curves.png"))
             log(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
         save(epoch + 1, 0)
+        if stop:  # the stop came at the last batch of the epoch: the epoch is complete and logged
+            log(f"stopped after epoch {epoch + 1}, step {step}; checkpoint {ckpt_path}")
+            return raw_model
     return raw_model
 
 

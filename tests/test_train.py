@@ -33,12 +33,25 @@ def test_one_epoch_resume_one_epoch_equals_two_epochs(tiny_data, tmp_path):
     torch.testing.assert_close(params(resumed), params(two), rtol=0, atol=0)
 
 
-def test_stop_mid_epoch_and_resume_equals_uninterrupted(tiny_data, tmp_path):
+@pytest.mark.parametrize("max_steps", [4, 3])  # 3 steps per epoch: in the middle of epoch 2, at the end of epoch 1
+def test_stop_and_resume_equals_uninterrupted(tiny_data, tmp_path, max_steps):
     common = TINY + ["--data_root", tiny_data, "--nEpoch", "2"]
     whole = train_cdsvae.main(common + ["--log_dir", str(tmp_path / "a")])
-    train_cdsvae.main(common + ["--log_dir", str(tmp_path / "b"), "--max_steps", "4"])  # 3 steps per epoch
+    train_cdsvae.main(common + ["--log_dir", str(tmp_path / "b"), "--max_steps", str(max_steps)])
     resumed = train_cdsvae.main(common + ["--log_dir", str(tmp_path / "b"), "--resume"])
     torch.testing.assert_close(params(resumed), params(whole), rtol=0, atol=0)
+    rows = [json.loads(line) for line in open(tmp_path / "b" / "metrics.jsonl")]
+    assert [r["epoch"] for r in rows] == [1, 2] and all("loss" in r for r in rows)
+
+
+def test_export_writes_a_half_precision_copy_that_loads(tiny_data, tmp_path):
+    model = train_cdsvae.main(TINY + ["--data_root", tiny_data, "--nEpoch", "1", "--log_dir", str(tmp_path)])
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "export_checkpoint.py"), str(tmp_path / "model.pt"),
+                        str(tmp_path / "ship.pt")], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    shipped = torch.load(tmp_path / "ship.pt", weights_only=True)
+    assert "optimizer" not in shipped and shipped["model"]["f_mean.weight"].dtype == torch.float16
+    torch.testing.assert_close(params(load_model(str(tmp_path / "ship.pt"))), params(model), rtol=1e-3, atol=1e-4)
 
 
 def test_smoke_training_lowers_the_loss_and_writes_everything(tiny_data, tmp_path):
