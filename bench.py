@@ -25,9 +25,11 @@ def conv_flops_per_video(model, frames):
     for part, module in (("enc", model.encoder), ("dec", model.decoder)):
         for m in module.modules():
             if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
-                def hook(mod, inp, out, part=part):
-                    k = mod.weight[0].numel() if isinstance(mod, torch.nn.Conv2d) else mod.weight[:, 0].numel()
-                    flops[part] += 2 * out[0].numel() * k  # per frame (batch of 1 frame)
+                def hook(mod, inp, out, part=part):  # a batch of one frame
+                    if isinstance(mod, torch.nn.Conv2d):  # each output element: in_ch x kh x kw multiply-adds
+                        flops[part] += 2 * out[0].numel() * mod.weight[0].numel()
+                    else:  # transposed: each input element is spread over out_ch x kh x kw outputs
+                        flops[part] += 2 * inp[0][0].numel() * mod.weight[0].numel()
                 hooks.append(m.register_forward_hook(hook))
     with torch.no_grad():
         model.eval()
