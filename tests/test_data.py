@@ -454,3 +454,19 @@ def test_refuses_wrong_shapes_and_contents(tmp_path):
 
 def test_refuses_missing_file(tmp_path):
     assert_one_line_error(tmp_path / "nothing" / "data.pkl", "no data file", "make_sprites.py")
+
+
+def test_a_sheet_of_the_wrong_size_is_one_line_and_writes_nothing(tmp_path):
+    from PIL import Image
+    real = make_sprites.find_sheets()
+    for path in make_sprites.sheet_paths(real):
+        link = tmp_path / "sheets" / os.path.relpath(path, real)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(path)
+    bad = tmp_path / "sheets" / "hair" / "3.png"
+    bad.unlink()
+    Image.new("RGBA", (100, 100)).save(bad)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "make_sprites.py"), "--sheets", str(tmp_path / "sheets"),
+                        "--out", str(tmp_path / "data.pkl")], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 1 and r.stderr.strip().count("\n") == 0 and "832x1344" in r.stderr
+    assert not (tmp_path / "data.pkl").exists()
