@@ -253,10 +253,11 @@ def motion_augment(x, generator=None):
     return out
 
 
-def _make_batch(X, i, generator=None):
+def _make_batch(X, i, generator=None, content_view=True):
     """x of the sequences X[i] and, with a generator, c_aug (with its frame order) and m_aug: the same as
     x = to_float(X[i]), content_augment(x, order=content_order(B, T, generator)), motion_augment(x, generator),
-    made a few sequences at a time straight from the uint8 store."""
+    made a few sequences at a time straight from the uint8 store. content_view=False leaves out the c_aug
+    tensor (its order is still drawn and returned), for a model that shuffles x's frame features instead."""
     B, T, H, W = len(i), *X.shape[1:4]
     x = _empty((B, T, 3, H, W))
     u8 = torch.empty((min(_CHUNK, B),) + tuple(X.shape[1:]), dtype=torch.uint8)
@@ -268,15 +269,19 @@ def _make_batch(X, i, generator=None):
         return {"x": x}
     order = content_order(B, T, generator)
     M, P, q, c = _motion_params(B, T, generator)
-    c_aug, m_aug, h = _empty(x.shape), _empty(x.shape), torch.empty(x.shape[1:])
-    frames = (order + T * torch.arange(B)[:, None]).view(-1)
-    x_frames, c_frames = x.view(B * T, -1), c_aug.view(B * T, -1)
+    m_aug, h = _empty(x.shape), torch.empty(x.shape[1:])
+    batch = {"x": x, "c_aug_order": order, "m_aug": m_aug}
+    if content_view:
+        batch["c_aug"] = _empty(x.shape)
+        frames = (order + T * torch.arange(B)[:, None]).view(-1)
+        x_frames, c_frames = x.view(B * T, -1), batch["c_aug"].view(B * T, -1)
     for s in range(0, B, _CHUNK):
         e = min(s + _CHUNK, B)
         _to_float_into(x[s:e], torch.index_select(X, 0, i[s:e], out=u8[:e - s]), u8t)
-        torch.index_select(x_frames, 0, frames[s * T:e * T], out=c_frames[s * T:e * T])
+        if content_view:
+            torch.index_select(x_frames, 0, frames[s * T:e * T], out=c_frames[s * T:e * T])
         _motion_chunk(x[s:e], m_aug[s:e], M[s * T:e * T], P[s:e], q[s:e], c[s:e], h)
-    return {"x": x, "c_aug_order": order, "c_aug": c_aug, "m_aug": m_aug}
+    return batch
 
 
 class SpriteBatches:
@@ -287,8 +292,8 @@ class SpriteBatches:
     """
 
     def __init__(self, X, A, D, batch_size, shuffle=False, augment=False, seed=0, drop_last=False,
-                 rank=0, world_size=1):
-        self.X, self.A, self.D = X, A, D
+                 rank=0, world_size=1, content_view=True):
+        self.X, self.A, self.D, self.content_view = X, A, D, content_view
         self.batch_size, self.shuffle, self.augment, self.seed = batch_size, shuffle, augment, seed
         self.drop_last, self.rank, self.world_size = drop_last, rank, world_size
         self.epoch = 0
@@ -316,7 +321,7 @@ class SpriteBatches:
         for b in range(len(self)):
             i = idx[b * self.batch_size:(b + 1) * self.batch_size]
             # with augment, the c_aug order travels with the view: a model can shuffle x's frame features
-            # instead of re-encoding c_aug
-            batch = _make_batch(self.X, i, g if self.augment else None)
+            # instead of re-encoding c_aug, and content_view=False then skips making c_aug at all
+            batch = _make_batch(self.X, i, g if self.augment else None, self.content_view)
             batch.update({"A": self.A[i], "D": self.D[i], "index": i})
             yield batch

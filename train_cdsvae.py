@@ -142,7 +142,7 @@ def main(argv=None):
     if len(X) < args.batch_size:
         sys.exit(f"error: {len(X)} training videos are fewer than --batch_size {args.batch_size}")
     loader = SpriteBatches(X, A, D, local_batch, shuffle=True, augment=True, seed=args.seed, drop_last=True,
-                           rank=rank, world_size=world)
+                           rank=rank, world_size=world, content_view=False)  # the model shuffles x's features
 
     torch.manual_seed(args.seed + rank)
     model_args = {k: getattr(args, k) for k in MODEL_ARGS if hasattr(args, k)}

@@ -470,3 +470,14 @@ def test_a_sheet_of_the_wrong_size_is_one_line_and_writes_nothing(tmp_path):
                         "--out", str(tmp_path / "data.pkl")], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 1 and r.stderr.strip().count("\n") == 0 and "832x1344" in r.stderr
     assert not (tmp_path / "data.pkl").exists()
+
+
+def test_leaving_out_the_content_view_changes_nothing_else():
+    X = torch.randint(0, 256, (10, 8, 64, 64, 3), dtype=torch.uint8)
+    A, D = torch.zeros(10, 4, dtype=torch.long), torch.zeros(10, dtype=torch.long)
+    full = list(SpriteBatches(X, A, D, 4, shuffle=True, augment=True, seed=3))
+    lean = list(SpriteBatches(X, A, D, 4, shuffle=True, augment=True, seed=3, content_view=False))
+    for f, l in zip(full, lean):
+        assert "c_aug" not in l
+        for k in ("x", "m_aug", "c_aug_order", "index"):
+            assert torch.equal(f[k], l[k]), k
