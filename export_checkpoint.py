@@ -6,7 +6,7 @@ where it came from (no optimizer state). utils.load_model reads both forms.
 import argparse
 import sys
 
-from utils import CheckpointError, read_checkpoint, save_atomic
+from utils import CheckpointError, read_model_checkpoint, save_atomic
 
 
 def main():
@@ -15,9 +15,7 @@ def main():
     p.add_argument("dst", help="where to write the half-precision copy")
     args = p.parse_args()
     try:
-        ckpt = read_checkpoint(args.src)
-        if "model" not in ckpt or "model_args" not in ckpt:
-            raise CheckpointError(f"{args.src} is not a checkpoint of train_cdsvae.py (no 'model' / 'model_args')")
+        ckpt = read_model_checkpoint(args.src)
     except CheckpointError as e:
         sys.exit(f"error: {e}")
     save_atomic({"model": {k: v.half() if v.is_floating_point() else v for k, v in ckpt["model"].items()},

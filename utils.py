@@ -53,6 +53,14 @@ def read_checkpoint(path, map_location="cpu"):
         raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
 
 
+def read_model_checkpoint(path):
+    """A checkpoint of train_cdsvae.py (or its exported copy): a dict with 'model' and 'model_args'."""
+    ckpt = read_checkpoint(path)
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
+        raise CheckpointError(f"{path} is not a checkpoint of train_cdsvae.py (no 'model' / 'model_args')")
+    return ckpt
+
+
 def check_sizes(model, state_dict, path):
     """Name every parameter whose shape differs between the checkpoint and the model asked for."""
     own = model.state_dict()
@@ -69,9 +77,7 @@ def load_model(path, device="cpu", **overrides):
 
     `overrides` (f_dim=..., z_dim=...) are sizes the caller asks for; a checkpoint of other sizes is refused
     with a message naming them."""
-    ckpt = read_checkpoint(path)
-    if "model" not in ckpt or "model_args" not in ckpt:
-        raise CheckpointError(f"{path} is not a checkpoint of train_cdsvae.py (no 'model' / 'model_args')")
+    ckpt = read_model_checkpoint(path)
     args = dict(ckpt["model_args"])
     mismatched = [f"{k}={v} asked for but {args.get(k)} in the checkpoint"
                   for k, v in overrides.items() if v is not None and args.get(k) != v]
