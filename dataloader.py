@@ -142,10 +142,12 @@ def content_order(B, T, generator=None):
     return torch.argsort(torch.rand(B, T, generator=generator), dim=1)
 
 
-def content_augment(x, generator=None, order=None):
-    """Each sequence's frames in a random order of its own: keeps the character, destroys the motion."""
+def content_augment(x, generator=None, order=None, mirror=False):
+    """Each sequence's frames in a random order of its own: keeps the character, destroys the motion.
+    mirror=True also flips every frame left-right, which turns a left-facing video into a right-facing one."""
     order = content_order(*x.shape[:2], generator) if order is None else order
-    return x[torch.arange(x.shape[0])[:, None], order]
+    view = x[torch.arange(x.shape[0], device=x.device)[:, None], order.to(x.device)]
+    return view.flip(-1) if mirror else view
 
 
 _GREY = torch.tensor([0.299, 0.587, 0.114])

@@ -13,7 +13,9 @@ Protocol A (the paper's Table 1; --type_gt action): keep each video's dynamics (
 Protocol B (--type_gt static): keep each video's content (posterior mean of f), draw z from the learned prior,
     decode (model.generate_fixed_content). The judge's accuracy on skin, pant, top, hair and their mean.
 Swaps (always): pair each video i with another video j = perm[i] (a seeded derangement: never itself), decode
-    f of i with z of j (model.swap); the judge's accuracy on i's four attributes and on j's action.
+    f of i with z of j (model.swap); the judge's accuracy on i's four attributes and on j's action. As a
+    diagnosis, the predicted action in its two parts, action type and facing direction: how often each is j's
+    (carried by z) and how often i's (leaked through f); for protocol A, how often each is the video's own.
 Sanity rows (always): the mean squared error per pixel of decode(z_mean, f_mean) against the video, and the
     judge's accuracy (and IS, entropies) on the real test videos.
 
@@ -36,6 +38,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from dataloader import DataError, load_sprites, to_float
+from make_sprites import ACTIONS, DIRECTIONS
 from model import JUDGE_HEADS, SpriteJudge
 from utils import CheckpointError, git_revision, load_model, pick_device, read_checkpoint
 
@@ -218,6 +221,19 @@ def _action_scores(prefix, probs, D, real_action_probs):
             f"{prefix}_KL_gen_vs_real_marginal": kl_marginals(probs, real_action_probs)}
 
 
+def motion_parts(prefix, probs, sources):
+    """Which video the judged motion came from, split into its parts (labels D = 3 * action + direction): for
+    each source name and its labels, the fraction of videos whose predicted action type and facing direction
+    equal that source's."""
+    pred = probs.argmax(1)
+    out = {}
+    for name, D in sources.items():
+        D = D.to(pred.device)
+        out[f"{prefix}_type_from_{name}"] = (pred // len(DIRECTIONS) == D // len(DIRECTIONS)).double().mean().item()
+        out[f"{prefix}_direction_from_{name}"] = (pred % len(DIRECTIONS) == D % len(DIRECTIONS)).double().mean().item()
+    return out
+
+
 def _attribute_scores(prefix, probs, A):
     accs = {f"{prefix}_{a}_acc": accuracy(probs[a], A[:, i]) for i, a in enumerate(ATTRIBUTES)}
     return {f"{prefix}_n": len(probs["skin"]), **accs, f"{prefix}_attr_mean_acc": sum(accs.values()) / len(accs)}
@@ -245,9 +261,11 @@ def evaluate(model, judge, test, device, seeds=(0,), amp=False, batch_size=256, 
         row = {"seed": seed}
         if "A" in gen:
             row.update(_action_scores("A", gen["A"]["action"], D, real["action"]))
+            row.update(motion_parts("A", gen["A"]["action"], {"z": D}))
         if "B" in gen:
             row.update(_attribute_scores("B", gen["B"], A))
         row.update(_attribute_scores("swap", gen["swap"], A), swap_action_acc=accuracy(gen["swap"]["action"], D[perm]))
+        row.update(motion_parts("swap", gen["swap"]["action"], {"z": D[perm], "f": D}))
         row.update(fixed)
         runs.append(row)
     stats = {k: mean_std([r[k] for r in runs]) for k in runs[0] if k != "seed"}
@@ -292,6 +310,12 @@ def format_table(result):
         lines.append(attr_row("protocol B: fix content f, z ~ prior", "B", "-"))
     lines.append(attr_row("swap: f of video i, z of video j", "swap", "swap_action_acc"))
     lines.append(f"{'  (attributes of i, action of j)':<{w}}")
+    lines.append(f"  the swap's motion, in parts ({'/'.join(ACTIONS)} x {'/'.join(DIRECTIONS)}): action type of j "
+                 f"{pm('swap_type_from_z', True)}%, of i {pm('swap_type_from_f', True)}%; direction of j "
+                 f"{pm('swap_direction_from_z', True)}%, of i {pm('swap_direction_from_f', True)}%")
+    if "A_type_from_z" in m:
+        lines.append(f"  protocol A's motion, in parts: action type {pm('A_type_from_z', True)}%, "
+                     f"direction {pm('A_direction_from_z', True)}%")
     lines.append(attr_row("real test videos (judge sanity)", "real", "real_action_acc"))
     lines += ["", f"reconstruction MSE per pixel, decode(z_mean, f_mean), pixels in [0, 1]: "
               f"{m['recon_mse_per_pixel']:.6f}"]

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from dataloader import DataError, SpriteBatches, load_sprites, validation_split
+from dataloader import DataError, SpriteBatches, content_augment, load_sprites, validation_split
 from model import CDSVAE, cdsvae_loss
 from utils import MODEL_ARGS, CheckpointError, check_sizes, git_revision, pick_device, read_checkpoint, save_atomic
 
@@ -40,6 +40,9 @@ def get_args(argv=None):
                    help="conv width: the encoder has nf, 2nf, 4nf, 8nf channels (default 64, the paper's)")
     p.add_argument("--z_input", choices=("bilstm", "frame_delta"), default="bilstm",
                    help="what q(z|x) reads: the BiLSTM outputs (paper) or frame features minus the video's mean")
+    p.add_argument("--c_aug_flip", action="store_true",
+                   help="content view also mirrored left-right, so f cannot keep the facing direction "
+                        "(one more encoder pass per step; default off, the paper's shuffled frames only)")
     p.add_argument("--weight_rec", type=float, default=1.0, help="weight of the summed reconstruction (default 1)")
     p.add_argument("--weight_f", type=float, default=1.0, help="weight of KL(q(f|x) || N(0, I)) (default 1)")
     p.add_argument("--weight_z", type=float, default=1.0, help="weight of KL(q(z|x) || p(z)) (default 1)")
@@ -211,7 +214,11 @@ def main(argv=None):
                 continue
             x = batch["x"].to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=args.amp):
-                out = model(x, m_aug=batch["m_aug"].to(device), c_aug_order=batch["c_aug_order"].to(device))
+                if args.c_aug_flip:
+                    out = model(x, m_aug=batch["m_aug"].to(device),
+                                c_aug=content_augment(x, order=batch["c_aug_order"], mirror=True))
+                else:
+                    out = model(x, m_aug=batch["m_aug"].to(device), c_aug_order=batch["c_aug_order"].to(device))
             loss, terms = cdsvae_loss(out, x, len(X), args.weight_f, args.weight_z, args.weight_c_aug,
                                       args.weight_m_aug, args.weight_mi, args.weight_rec, args.temperature)
             if not torch.isfinite(loss):

@@ -159,6 +159,28 @@ def test_content_augment_keeps_each_sequences_frames():
     assert (order != torch.arange(8)).any(1).all()
 
 
+def test_mirrored_content_view_turns_a_left_facing_video_into_the_right_facing_one(tiny_data):
+    """The LPC sheets draw right-facing rows as (nearly) mirrored left-facing ones: the mirrored content view keeps
+    the character and turns left into right (labels D = 3 * action + direction)."""
+    X, A, D = load_sprites(tiny_data)["train"]
+    x = to_float(X)
+    identity = torch.arange(8).expand(len(x), 8)
+    assert torch.equal(content_augment(x, order=identity, mirror=True), x.flip(-1))
+    order = content_order(len(x), 8, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(content_augment(x, order=order, mirror=True), content_augment(x, order=order).flip(-1),
+                               rtol=0, atol=0)
+    pairs = 0
+    for i in torch.nonzero(D % 3 == 1).flatten().tolist():  # left-facing
+        right = torch.nonzero((A == A[i]).all(1) & (D == D[i] + 1)).flatten()
+        # a few layers (some hair, some tops) are drawn asymmetrically: near, not equal (on the whole train
+        # split the mirrored mean absolute difference is at most 0.014, the unmirrored one at least 0.040)
+        mirrored = min((x[i].flip(-1) - x[j]).abs().mean().item() for j in right.tolist())
+        unmirrored = min((x[i] - x[j]).abs().mean().item() for j in right.tolist())
+        assert mirrored < 0.02 and mirrored < unmirrored / 2, (i, mirrored, unmirrored)
+        pairs += 1
+    assert pairs == 3 * 6
+
+
 def test_motion_augment_one_transform_per_sequence():
     X, A, D = synthetic(24, seed=1)
     X[:, 5] = X[:, 2]  # two identical frames in every sequence

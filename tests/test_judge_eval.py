@@ -112,6 +112,16 @@ def test_kl_of_marginals_accuracy_mean_std_derangement():
         ts.derangement(1, torch.Generator())
 
 
+def test_motion_parts_split_type_and_direction():
+    # labels D = 3 * action + direction; predictions: 4 (spellcard left), 2 (walk right), 8 (slash right)
+    probs = torch.nn.functional.one_hot(torch.tensor([4, 2, 8]), 9).double()
+    z_src, f_src = torch.tensor([5, 1, 2]), torch.tensor([1, 0, 2])
+    parts = ts.motion_parts("swap", probs, {"z": z_src, "f": f_src})
+    assert parts == {"swap_type_from_z": pytest.approx(2 / 3), "swap_direction_from_z": pytest.approx(1 / 3),
+                     "swap_type_from_f": pytest.approx(1 / 3), "swap_direction_from_f": pytest.approx(2 / 3)}
+    assert (ts.ACTIONS, ts.DIRECTIONS) == (("walk", "spellcard", "slash"), ("front", "left", "right"))
+
+
 # ---- the protocols ----------------------------------------------------------------------------------------
 def test_latents_are_the_models_generators(files):
     """What evaluate decodes is what generate_fixed_motion, generate_fixed_content and swap make."""
@@ -172,7 +182,7 @@ def test_cli_end_to_end_every_video_scored(files, capsys):
                       "--f_dim", "8", "--z_dim", "4"])
     text = capsys.readouterr().out
     for word in ("Protocol A", "Acc (%)", "IS", "H(y|x)", "H(y)", "C-DSVAE, paper", "protocol B", "swap",
-                 "KL(p_gen(y) || p_real(y))", "reconstruction MSE"):
+                 "KL(p_gen(y) || p_real(y))", "reconstruction MSE", "the swap's motion, in parts"):
         assert word in text
     assert result["n_test"] == N and len(result["runs"]) == 2
     for run in result["runs"]:
@@ -185,6 +195,9 @@ def test_cli_end_to_end_every_video_scored(files, capsys):
                 assert 0 <= v <= 1
         assert run["B_attr_mean_acc"] == pytest.approx(np.mean([run[f"B_{a}_acc"] for a in ts.ATTRIBUTES]))
         assert run["recon_mse_per_pixel"] > 0
+        for k in ("A_type_from_z", "A_direction_from_z", "swap_type_from_z", "swap_direction_from_f"):
+            assert 0 <= run[k] <= 1
+        assert run["A_type_from_z"] >= run["A_action_acc"] and run["A_direction_from_z"] >= run["A_action_acc"]
     assert [r["seed"] for r in result["runs"]] == [0, 1]
     assert result["std"]["real_action_acc"] == 0  # the real videos do not depend on the seed
     import json

@@ -44,6 +44,27 @@ def test_stop_and_resume_equals_uninterrupted(tiny_data, tmp_path, max_steps):
     assert [r["epoch"] for r in rows] == [1, 2] and all("loss" in r for r in rows)
 
 
+def test_mirrored_content_view_is_encoded_on_its_own(tiny_data, tmp_path, monkeypatch):
+    """--c_aug_flip hands the model the shuffled, mirrored frames of x (not the feature-shuffle shortcut)."""
+    import model as model_module
+    seen, forward = [], model_module.CDSVAE.forward
+
+    def spy(self, x, c_aug=None, m_aug=None, c_aug_order=None):
+        seen.append((x.detach().clone(), None if c_aug is None else c_aug.detach().clone(), c_aug_order))
+        return forward(self, x, c_aug, m_aug, c_aug_order)
+
+    monkeypatch.setattr(model_module.CDSVAE, "forward", spy)
+    trained = train_cdsvae.main(TINY + ["--data_root", tiny_data, "--nEpoch", "1", "--c_aug_flip",
+                                        "--log_dir", str(tmp_path)])
+    assert len(seen) == 3 and all(c is not None and order is None for _, c, order in seen)
+    for x, c, _ in seen:
+        for b in range(len(x)):
+            frames = sorted(f.numpy().tobytes() for f in x[b])
+            assert sorted(f.numpy().tobytes() for f in c[b].flip(-1)) == frames
+    assert torch.load(tmp_path / "model.pt", weights_only=True)["args"]["c_aug_flip"] is True
+    assert torch.isfinite(params(trained)).all()
+
+
 def test_export_writes_a_half_precision_copy_that_loads(tiny_data, tmp_path):
     model = train_cdsvae.main(TINY + ["--data_root", tiny_data, "--nEpoch", "1", "--log_dir", str(tmp_path)])
     r = subprocess.run([sys.executable, os.path.join(ROOT, "export_checkpoint.py"), str(tmp_path / "model.pt"),
