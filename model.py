@@ -143,12 +143,14 @@ class CDSVAE(nn.Module):
         return torch.stack(zs, 1)
 
     # ---- generation -------------------------------------------------------------------------------------
-    def forward(self, x, c_aug=None, m_aug=None, c_aug_order=None):
+    def forward(self, x, c_aug=None, m_aug=None, c_aug_order=None, cycle=False):
         """Posterior, prior (teacher forced) and reconstruction of x; posteriors of the augmented views.
 
         c_aug_order (B, T): when c_aug is x with frames in that order, its frame features are x's shuffled
         (BatchNorm's batch statistics are over the same frames), which saves an encoder pass.
-        The augmented views need only the encoder and posteriors: they are not decoded."""
+        The augmented views need only the encoder and posteriors: they are not decoded.
+        cycle: also decode each video's z with a new f (even rows: f ~ N(0, I), odd rows: the previous video's
+        f) and encode that video again ('cyc_post'), so that a loss can ask its z to be the original z."""
         g = self.encoder(x)
         out = self.encode_features(g)
         out["z_prior_mean"], out["z_prior_logvar"] = self.prior(out["z"])
@@ -159,6 +161,11 @@ class CDSVAE(nn.Module):
             out["c_post"] = self.encode(c_aug)
         if m_aug is not None:
             out["m_post"] = self.encode(m_aug)
+        if cycle:
+            f_other = out["f"].roll(1, dims=0)
+            prior_rows = (torch.arange(len(x), device=x.device) % 2 == 0)[:, None]
+            out["f_cyc"] = torch.where(prior_rows, torch.randn_like(f_other), f_other)
+            out["cyc_post"] = self.encode(self.decode(out["z"], out["f_cyc"]))
         return out
 
     @torch.no_grad()
@@ -218,9 +225,12 @@ def mutual_information(f, f_mean, f_logvar, z, z_mean, z_logvar, dataset_size):
 
 
 def cdsvae_loss(out, x, dataset_size, weight_f=1.0, weight_z=1.0, weight_c_aug=10.0, weight_m_aug=10.0,
-                weight_mi=1.0, weight_rec=1.0, temperature=0.5):
+                weight_mi=1.0, weight_rec=1.0, temperature=0.5, weight_cyc=0.0):
     """Total loss and every term from the outputs of CDSVAE.forward (per video: sums over frames and
-    pixels divided by the batch size). Terms are computed in fp32 whatever the autocast."""
+    pixels divided by the batch size). Terms are computed in fp32 whatever the autocast.
+
+    con_cyc (when forward ran with cycle=True): NT-Xent between z of the video decoded with a new f, encoded
+    again, and the original z (held fixed): the decoder pays when the motion it draws follows f instead of z."""
     B = x.shape[0]
     out = {k: v.float() if torch.is_tensor(v) else {kk: vv.float() for kk, vv in v.items()} for k, v in out.items()}
     recon = F.mse_loss(out["recon"], x, reduction="sum") / B
@@ -237,6 +247,9 @@ def cdsvae_loss(out, x, dataset_size, weight_f=1.0, weight_z=1.0, weight_c_aug=1
     if "m_post" in out:
         terms["con_z"] = nt_xent(out["z_mean"], out["m_post"]["z_mean"], temperature)
         total = total + weight_m_aug * terms["con_z"]
+    if "cyc_post" in out:
+        terms["con_cyc"] = nt_xent(out["z_mean"].detach(), out["cyc_post"]["z_mean"], temperature)
+        total = total + weight_cyc * terms["con_cyc"]
     terms["loss"] = total
     return total, terms
 

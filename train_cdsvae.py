@@ -43,6 +43,9 @@ def get_args(argv=None):
     p.add_argument("--c_aug_flip", action="store_true",
                    help="content view also mirrored left-right, so f cannot keep the facing direction "
                         "(one more encoder pass per step; default off, the paper's shuffled frames only)")
+    p.add_argument("--weight_cyc", type=float, default=0.0,
+                   help="weight of the cycle InfoNCE: decode z with a new f, encode again, match the original z "
+                        "(one more decoder and encoder pass per step; default 0: off, as in the paper)")
     p.add_argument("--weight_rec", type=float, default=1.0, help="weight of the summed reconstruction (default 1)")
     p.add_argument("--weight_f", type=float, default=1.0, help="weight of KL(q(f|x) || N(0, I)) (default 1)")
     p.add_argument("--weight_z", type=float, default=1.0, help="weight of KL(q(z|x) || p(z)) (default 1)")
@@ -215,12 +218,12 @@ def main(argv=None):
             x = batch["x"].to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=args.amp):
                 if args.c_aug_flip:
-                    out = model(x, m_aug=batch["m_aug"].to(device),
-                                c_aug=content_augment(x, order=batch["c_aug_order"], mirror=True))
+                    content = {"c_aug": content_augment(x, order=batch["c_aug_order"], mirror=True)}
                 else:
-                    out = model(x, m_aug=batch["m_aug"].to(device), c_aug_order=batch["c_aug_order"].to(device))
+                    content = {"c_aug_order": batch["c_aug_order"].to(device)}
+                out = model(x, m_aug=batch["m_aug"].to(device), cycle=args.weight_cyc > 0, **content)
             loss, terms = cdsvae_loss(out, x, len(X), args.weight_f, args.weight_z, args.weight_c_aug,
-                                      args.weight_m_aug, args.weight_mi, args.weight_rec, args.temperature)
+                                      args.weight_m_aug, args.weight_mi, args.weight_rec, args.temperature, args.weight_cyc)
             if not torch.isfinite(loss):
                 log(f"error: non-finite loss at epoch {epoch + 1}, step {step} ({ {k: v.item() for k, v in terms.items()} }); "
                     f"the last good checkpoint {ckpt_path} is kept; try a lower --lr or --amp off")
@@ -234,7 +237,7 @@ def main(argv=None):
             n_batches += 1
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v.item()
-            bar.set_postfix({k: f"{sums[k] / n_batches:.3g}" for k in ("loss", "recon", "kld_z", "con_f", "con_z")
+            bar.set_postfix({k: f"{sums[k] / n_batches:.3g}" for k in ("loss", "recon", "kld_z", "con_f", "con_z", "con_cyc")
                              if k in sums})
             stop = Stop.requested or (args.max_steps and step >= args.max_steps)
             if stop and b + 1 < len(loader):

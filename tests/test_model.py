@@ -132,3 +132,32 @@ def test_loss_terms_add_up(model):
     expect = (0.5 * t["recon"] + 2 * t["kld_f"] + 3 * t["kld_z"] + 4 * t["con_f"] + 5 * t["con_z"] + 6 * t["mi_fz"])
     torch.testing.assert_close(total, expect)
     torch.testing.assert_close(t["recon"], ((out["recon"] - x) ** 2).sum() / 4)
+
+
+def test_cycle_reencodes_z_decoded_with_a_new_f(model):
+    """cycle=True: even rows get f ~ N(0, I), odd rows the previous video's f; cyc_post is the posterior of
+    decode(z, f_cyc); con_cyc is NT-Xent between the original z (held fixed) and that posterior's z."""
+    model.eval()  # BatchNorm on running statistics, so a second, independent computation gives the same numbers
+    x = torch.rand(4, 8, 3, 64, 64)
+    torch.manual_seed(2)
+    out = model(x, m_aug=1 - x, cycle=True)
+    f_cyc = out["f_cyc"]
+    torch.testing.assert_close(f_cyc[1::2], out["f"].roll(1, 0)[1::2], rtol=0, atol=0)
+    assert not torch.isclose(f_cyc[0::2], out["f"].roll(1, 0)[0::2]).any()
+    again = model.encode(model.decode(out["z"], f_cyc))
+    for k in ("f_mean", "z_mean", "z_logvar"):
+        torch.testing.assert_close(out["cyc_post"][k], again[k], rtol=1e-4, atol=1e-5)
+    total, t = cdsvae_loss(out, x, 100, weight_cyc=7.0)
+    total_without, _ = cdsvae_loss(out, x, 100, weight_cyc=0.0)
+    torch.testing.assert_close(t["con_cyc"], nt_xent(out["z_mean"], again["z_mean"]), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(total - total_without, 7.0 * t["con_cyc"], rtol=1e-4, atol=1e-3)
+    # the target z is held fixed: the term's gradient reaches z_mean only through the decoded, re-encoded video
+    z_mean = out["z_mean"].detach().requires_grad_()
+    cyc_z = out["cyc_post"]["z_mean"].detach().requires_grad_()
+    loss, _ = cdsvae_loss({**out, "z_mean": z_mean, "cyc_post": {**out["cyc_post"], "z_mean": cyc_z}}, x, 100,
+                          weight_f=0, weight_z=0, weight_c_aug=0, weight_m_aug=0, weight_mi=0, weight_rec=0,
+                          weight_cyc=1.0)
+    loss.backward()
+    assert z_mean.grad is None or not z_mean.grad.abs().sum() > 0
+    assert cyc_z.grad.abs().sum() > 0
+    assert "cyc_post" not in model(x)

@@ -1,6 +1,7 @@
 """The training script as a user runs it: resume equivalence, DDP, smoke training, refusals."""
 import hashlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -49,9 +50,9 @@ def test_mirrored_content_view_is_encoded_on_its_own(tiny_data, tmp_path, monkey
     import model as model_module
     seen, forward = [], model_module.CDSVAE.forward
 
-    def spy(self, x, c_aug=None, m_aug=None, c_aug_order=None):
+    def spy(self, x, c_aug=None, m_aug=None, c_aug_order=None, cycle=False):
         seen.append((x.detach().clone(), None if c_aug is None else c_aug.detach().clone(), c_aug_order))
-        return forward(self, x, c_aug, m_aug, c_aug_order)
+        return forward(self, x, c_aug, m_aug, c_aug_order, cycle)
 
     monkeypatch.setattr(model_module.CDSVAE, "forward", spy)
     trained = train_cdsvae.main(TINY + ["--data_root", tiny_data, "--nEpoch", "1", "--c_aug_flip",
@@ -63,6 +64,16 @@ def test_mirrored_content_view_is_encoded_on_its_own(tiny_data, tmp_path, monkey
             assert sorted(f.numpy().tobytes() for f in c[b].flip(-1)) == frames
     assert torch.load(tmp_path / "model.pt", weights_only=True)["args"]["c_aug_flip"] is True
     assert torch.isfinite(params(trained)).all()
+
+
+def test_cycle_term_is_trained_and_logged(tiny_data, tmp_path):
+    train_cdsvae.main(TINY + ["--data_root", tiny_data, "--nEpoch", "1", "--weight_cyc", "2", "--log_dir", str(tmp_path)])
+    row = json.loads(open(tmp_path / "metrics.jsonl").readline())
+    assert 0 < row["con_cyc"] < 2 * math.log(2 * 16)  # NT-Xent over 2B - 1 candidates, batch 16
+    assert torch.load(tmp_path / "model.pt", weights_only=True)["args"]["weight_cyc"] == 2.0
+    without = tmp_path / "off"
+    train_cdsvae.main(TINY + ["--data_root", tiny_data, "--nEpoch", "1", "--log_dir", str(without)])
+    assert "con_cyc" not in json.loads(open(without / "metrics.jsonl").readline())
 
 
 def test_export_writes_a_half_precision_copy_that_loads(tiny_data, tmp_path):
