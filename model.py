@@ -67,14 +67,18 @@ class CDSVAE(nn.Module):
     z_input selects what the dynamic posterior reads: 'bilstm' (the paper) or 'frame_delta' (the BiLSTM
     run over each frame's features minus the video's mean frame feature, which removes the part that is
     constant over the video, i.e. most of the appearance).
+    f_mirror=True makes q(f|x) exactly invariant to mirroring the video left-right: f reads the mean of the
+    BiLSTM summaries of the video and of its mirror image (one more encoder pass), so the facing direction,
+    which the mirror turns left into right, cannot reach f.
     """
 
-    def __init__(self, f_dim=256, z_dim=32, g_dim=128, rnn_size=256, nf=64, frames=8, z_input="bilstm"):
+    def __init__(self, f_dim=256, z_dim=32, g_dim=128, rnn_size=256, nf=64, frames=8, z_input="bilstm",
+                 f_mirror=False):
         super().__init__()
         if z_input not in ("bilstm", "frame_delta"):
             raise ValueError(f"z_input must be 'bilstm' or 'frame_delta', got {z_input!r}")
         self.f_dim, self.z_dim, self.g_dim, self.rnn_size, self.frames = f_dim, z_dim, g_dim, rnn_size, frames
-        self.z_input = z_input
+        self.z_input, self.f_mirror = z_input, f_mirror
         self.encoder = FrameEncoder(g_dim, nf)
         self.decoder = FrameDecoder(z_dim + f_dim, nf)
         self.z_lstm = nn.LSTM(g_dim, rnn_size, batch_first=True, bidirectional=True)  # shared by q(f|x) and q(z|x)
@@ -86,15 +90,22 @@ class CDSVAE(nn.Module):
         init_weights(self)
 
     # ---- posteriors -------------------------------------------------------------------------------------
-    def encode(self, x, random=True):
-        """Posterior means, log-variances and samples of f (B, f_dim) and z (B, T, z_dim)."""
-        return self.encode_features(self.encoder(x), random)
+    def encode(self, x, random=True, need_f=True):
+        """Posterior means, log-variances and samples of f (B, f_dim) and z (B, T, z_dim).
+        need_f=False skips f_mirror's extra pass when only z is used: f is then of the unmirrored video only."""
+        g_mirror = self.encoder(x.flip(-1)) if self.f_mirror and need_f else None
+        return self.encode_features(self.encoder(x), random, g_mirror)
 
-    def encode_features(self, g, random=True):
-        """The posteriors from frame features g (B, T, g_dim)."""
+    def _f_summary(self, lstm_out):
+        # the forward state at the last frame and the backward state at the first frame
+        return torch.cat([lstm_out[:, -1, :self.rnn_size], lstm_out[:, 0, self.rnn_size:]], dim=1)
+
+    def encode_features(self, g, random=True, g_mirror=None):
+        """The posteriors from frame features g (B, T, g_dim) and, for f_mirror, those of the mirrored frames."""
         lstm_out, _ = self.z_lstm(g)
-        # f from the forward state at the last frame and the backward state at the first frame
-        f_in = torch.cat([lstm_out[:, -1, :self.rnn_size], lstm_out[:, 0, self.rnn_size:]], dim=1)
+        f_in = self._f_summary(lstm_out)
+        if g_mirror is not None:
+            f_in = 0.5 * (f_in + self._f_summary(self.z_lstm(g_mirror)[0]))
         f_mean, f_logvar = self.f_mean(f_in), self.f_logvar(f_in)
         if self.z_input == "frame_delta":
             lstm_out, _ = self.z_lstm(g - g.mean(dim=1, keepdim=True))
@@ -152,15 +163,18 @@ class CDSVAE(nn.Module):
         cycle: also decode each video's z with a new f (even rows: f ~ N(0, I), odd rows: the previous video's
         f) and encode that video again ('cyc_post'), so that a loss can ask its z to be the original z."""
         g = self.encoder(x)
-        out = self.encode_features(g)
+        g_mirror = self.encoder(x.flip(-1)) if self.f_mirror else None
+        out = self.encode_features(g, g_mirror=g_mirror)
         out["z_prior_mean"], out["z_prior_logvar"] = self.prior(out["z"])
         out["recon"] = self.decode(out["z"], out["f"])
         if c_aug_order is not None:
-            out["c_post"] = self.encode_features(g[torch.arange(len(g), device=g.device)[:, None], c_aug_order])
+            rows = torch.arange(len(g), device=g.device)[:, None]
+            out["c_post"] = self.encode_features(g[rows, c_aug_order],
+                                                 g_mirror=None if g_mirror is None else g_mirror[rows, c_aug_order])
         elif c_aug is not None:
             out["c_post"] = self.encode(c_aug)
         if m_aug is not None:
-            out["m_post"] = self.encode(m_aug)
+            out["m_post"] = self.encode(m_aug, need_f=False)  # the motion view's f is not used
         if cycle:
             f_other = out["f"].roll(1, dims=0)
             prior_rows = (torch.arange(len(x), device=x.device) % 2 == 0)[:, None]

@@ -40,6 +40,9 @@ def get_args(argv=None):
                    help="conv width: the encoder has nf, 2nf, 4nf, 8nf channels (default 64, the paper's)")
     p.add_argument("--z_input", choices=("bilstm", "frame_delta"), default="bilstm",
                    help="what q(z|x) reads: the BiLSTM outputs (paper) or frame features minus the video's mean")
+    p.add_argument("--f_mirror", action="store_true",
+                   help="q(f|x) reads the video and its left-right mirror image alike, so f cannot keep the facing "
+                        "direction (one more encoder pass per step; default off, as in the paper)")
     p.add_argument("--c_aug_flip", action="store_true",
                    help="content view also mirrored left-right, so f cannot keep the facing direction "
                         "(one more encoder pass per step; default off, the paper's shuffled frames only)")
@@ -170,6 +173,11 @@ def main(argv=None):
         try:
             ckpt = read_checkpoint(ckpt_path)
             check_sizes(model, ckpt["model"], ckpt_path)
+            saved = {"f_mirror": False, **ckpt["model_args"]}  # checkpoints from before --f_mirror had it off
+            changed = [f"--{k} {saved[k]} vs {v} now" for k, v in model_args.items() if k in saved and saved[k] != v]
+            if changed:
+                raise CheckpointError(f"{ckpt_path} was trained with other settings: {'; '.join(changed)}; "
+                                      f"pass the checkpoint's or start a new --log_dir")
         except CheckpointError as e:
             sys.exit(f"error: cannot resume: {e}")
         model.load_state_dict(ckpt["model"])

@@ -6,7 +6,7 @@ import torch
 
 from model import CDSVAE
 
-MODEL_ARGS = ("f_dim", "z_dim", "g_dim", "rnn_size", "nf", "frames", "z_input")
+MODEL_ARGS = ("f_dim", "z_dim", "g_dim", "rnn_size", "nf", "frames", "z_input", "f_mirror")
 
 
 class CheckpointError(ValueError):

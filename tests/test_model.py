@@ -161,3 +161,30 @@ def test_cycle_reencodes_z_decoded_with_a_new_f(model):
     assert z_mean.grad is None or not z_mean.grad.abs().sum() > 0
     assert cyc_z.grad.abs().sum() > 0
     assert "cyc_post" not in model(x)
+
+
+def test_f_mirror_makes_f_exactly_invariant_to_mirroring():
+    torch.manual_seed(0)
+    x = 0.2 * torch.rand(4, 8, 3, 64, 64)
+    for t in range(8):  # a bright bar moving left to right; mirrored, it moves right to left
+        x[:, t, :, :, 8 * t:8 * t + 8] = 1
+    mirrored = CDSVAE(**SIZES, z_input="frame_delta", f_mirror=True).eval()
+    for m in mirrored.modules():  # torch's default init: the N(0, 0.01) one makes every output near constant
+        if m is not mirrored and hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    a, b = mirrored.encode(x, random=False), mirrored.encode(x.flip(-1), random=False)
+    torch.testing.assert_close(a["f_mean"], b["f_mean"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(a["f_logvar"], b["f_logvar"], rtol=1e-5, atol=1e-6)
+
+    def differ(u, v):  # relative to the (small, at initialisation) scale of the outputs
+        return ((u - v).abs().max() > 1e-3 * u.abs().max()).item()
+
+    plain = CDSVAE(**SIZES, z_input="frame_delta").eval()
+    plain.load_state_dict(mirrored.state_dict())  # same weights, no mirror: f differs
+    assert differ(plain.encode(x, random=False)["f_mean"], plain.encode(x.flip(-1), random=False)["f_mean"])
+    # in training, the content view from shuffled features (mirrored ones too) still equals encoding it
+    mirrored.train()
+    order = torch.argsort(torch.rand(4, 8), dim=1)
+    shortcut = mirrored(x, c_aug_order=order)["c_post"]
+    direct = mirrored(x, c_aug=x[torch.arange(4)[:, None], order])["c_post"]
+    torch.testing.assert_close(shortcut["f_mean"], direct["f_mean"], rtol=1e-4, atol=1e-5)

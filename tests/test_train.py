@@ -137,6 +137,10 @@ def test_resume_with_other_sizes_names_them(tiny_data, tmp_path):
     r = run(args)
     assert r.returncode != 0 and r.stderr.strip().count("\n") == 0
     assert "other sizes" in r.stderr and "f_mean.weight" in r.stderr
+    for flag in ("--f_mirror", "--z_input=frame_delta"):  # same sizes, another network: refused, named
+        r = run(TINY + ["--data_root", tiny_data, "--nEpoch", "2", "--log_dir", str(tmp_path), "--resume", flag])
+        assert r.returncode != 0 and r.stderr.strip().count("\n") == 0
+        assert "other settings" in r.stderr and flag.split("=")[0] in r.stderr, r.stderr
 
 
 def test_existing_run_is_not_overwritten_and_nan_loss_keeps_the_checkpoint(tiny_data, tmp_path):
@@ -191,3 +195,13 @@ def test_cuda_without_a_gpu_is_one_clear_line(tiny_data, tmp_path):
     args[args.index("--device") + 1] = "cuda"
     r = run(args)
     assert r.returncode != 0 and "no CUDA GPU" in r.stderr and r.stderr.strip().count("\n") == 0
+
+
+def test_f_mirror_run_saves_and_loads_a_mirror_invariant_model(tiny_data, tmp_path):
+    train_cdsvae.main(TINY + ["--data_root", tiny_data, "--nEpoch", "1", "--f_mirror", "--z_input", "frame_delta",
+                              "--log_dir", str(tmp_path)])
+    model = load_model(str(tmp_path / "model.pt"))
+    assert model.f_mirror and model.z_input == "frame_delta"
+    x = torch.rand(2, 8, 3, 64, 64)
+    torch.testing.assert_close(model.encode(x, random=False)["f_mean"], model.encode(x.flip(-1), random=False)["f_mean"],
+                               rtol=1e-4, atol=1e-5)
