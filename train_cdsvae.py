@@ -21,7 +21,8 @@ from tqdm import tqdm
 
 from dataloader import DataError, SpriteBatches, content_augment, load_sprites, validation_split
 from model import CDSVAE, cdsvae_loss
-from utils import MODEL_ARGS, CheckpointError, check_sizes, git_revision, pick_device, read_checkpoint, save_atomic
+from utils import (MODEL_ARGS, CheckpointError, check_sizes, git_revision, mismatched_model_args, pick_device,
+                   read_checkpoint, save_atomic)
 
 
 def get_args(argv=None):
@@ -173,11 +174,10 @@ def main(argv=None):
         try:
             ckpt = read_checkpoint(ckpt_path)
             check_sizes(model, ckpt["model"], ckpt_path)
-            saved = {"f_mirror": False, **ckpt["model_args"]}  # checkpoints from before --f_mirror had it off
-            changed = [f"--{k} {saved[k]} vs {v} now" for k, v in model_args.items() if k in saved and saved[k] != v]
+            changed = mismatched_model_args(ckpt, model_args)
             if changed:
-                raise CheckpointError(f"{ckpt_path} was trained with other settings: {'; '.join(changed)}; "
-                                      f"pass the checkpoint's or start a new --log_dir")
+                raise CheckpointError(f"{ckpt_path} was trained with other settings: {', '.join(changed.values())}; "
+                                      f"pass its {' '.join('--' + k for k in changed)} or start a new --log_dir")
         except CheckpointError as e:
             sys.exit(f"error: cannot resume: {e}")
         model.load_state_dict(ckpt["model"])

@@ -1,4 +1,5 @@
 """What the training, evaluation and figure scripts share: devices, checkpoints, model loading."""
+import inspect
 import os
 import subprocess
 
@@ -61,6 +62,20 @@ def read_model_checkpoint(path):
     return ckpt
 
 
+def saved_model_args(ckpt):
+    """A checkpoint's model_args, with CDSVAE's defaults for the arguments added after it was written."""
+    defaults = {k: p.default for k, p in inspect.signature(CDSVAE).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    return {**defaults, **ckpt["model_args"]}
+
+
+def mismatched_model_args(ckpt, asked):
+    """{name: 'name=asked asked for but saved in the checkpoint'} for each of `asked` (None: any) that differs."""
+    saved = saved_model_args(ckpt)
+    return {k: f"{k}={v} asked for but {saved.get(k)} in the checkpoint"
+            for k, v in asked.items() if v is not None and saved.get(k) != v}
+
+
 def check_sizes(model, state_dict, path):
     """Name every parameter whose shape differs between the checkpoint and the model asked for."""
     own = model.state_dict()
@@ -78,12 +93,10 @@ def load_model(path, device="cpu", **overrides):
     `overrides` (f_dim=..., z_dim=...) are sizes the caller asks for; a checkpoint of other sizes is refused
     with a message naming them."""
     ckpt = read_model_checkpoint(path)
-    args = dict(ckpt["model_args"])
-    mismatched = [f"{k}={v} asked for but {args.get(k)} in the checkpoint"
-                  for k, v in overrides.items() if v is not None and args.get(k) != v]
+    mismatched = mismatched_model_args(ckpt, overrides)
     if mismatched:
-        raise CheckpointError(f"{path} was trained with other sizes: {', '.join(mismatched)}")
-    model = CDSVAE(**args)
+        raise CheckpointError(f"{path} was trained with other sizes: {', '.join(mismatched.values())}")
+    model = CDSVAE(**saved_model_args(ckpt))
     state = {k: v.float() if v.is_floating_point() else v for k, v in ckpt["model"].items()}
     check_sizes(model, state, path)
     model.load_state_dict(state)
