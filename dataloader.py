@@ -12,6 +12,7 @@ import pickle
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 # Globals a data.pkl of numpy arrays may name; anything else is refused before it can run.
 _ALLOWED = {
@@ -327,3 +328,30 @@ class SpriteBatches:
             batch = _make_batch(self.X, i, g if self.augment else None, self.content_view)
             batch.update({"A": self.A[i], "D": self.D[i], "index": i})
             yield batch
+
+
+def gaussian_blur(x, sigma):
+    """Each video of x (B, T, 3, H, W) blurred by a Gaussian of its own sigma (B,) in pixels (0: unchanged), with
+    reflect padding; the kernel is cut at 3 sigma of the largest."""
+    sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).expand(x.shape[0])
+    radius = max(1, math.ceil(3 * sigma.max().item()))
+    offsets = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+    kernel = torch.exp(-offsets ** 2 / (2 * sigma[:, None].clamp_min(1e-6) ** 2))
+    kernel = kernel / kernel.sum(1, keepdim=True)                        # (B, K); sigma 0 gives a unit impulse
+    B, T, C, H, W = x.shape
+    y = x.transpose(0, 1).reshape(T, B * C, H, W)                        # each video's channels are a group
+    k = kernel.repeat_interleave(C, 0)[:, None]                          # (B * C, 1, K)
+    y = F.conv2d(F.pad(y, (radius, radius, 0, 0), mode="reflect"), k[:, :, None, :], groups=B * C)
+    y = F.conv2d(F.pad(y, (0, 0, radius, radius), mode="reflect"), k[:, :, :, None], groups=B * C)
+    return y.reshape(T, B, C, H, W).transpose(0, 1)
+
+
+def judge_corrupt(x, generator=None, p_blur=0.5, max_sigma=2.0, p_noise=0.5, max_noise=0.1):
+    """What a judge is trained on, so that it reads the factors and not the sharpness: each video blurred with
+    probability p_blur (sigma uniform in [0, max_sigma] px), then with probability p_noise given Gaussian pixel
+    noise (std uniform in [0, max_noise]), clamped to [0, 1]."""
+    B = x.shape[0]
+    sigma = torch.rand(B, generator=generator) * max_sigma * (torch.rand(B, generator=generator) < p_blur)
+    std = torch.rand(B, generator=generator) * max_noise * (torch.rand(B, generator=generator) < p_noise)
+    noise = torch.randn(x.shape, generator=generator) * std[:, None, None, None, None]
+    return (gaussian_blur(x, sigma) + noise).clamp_(0, 1)

@@ -44,6 +44,31 @@ class FrameDecoder(nn.Module):
         return self.net(h.reshape(B * T, -1, 1, 1)).view(B, T, 3, 64, 64)
 
 
+class FilmDecoder(nn.Module):
+    """z_t -> 64x64 frame, with f only as a per-channel scale and shift (FiLM) after each normalisation: the layout
+    of the frame (pose, facing) is drawn from z alone, and f can only recolour and re-weight its feature maps.
+    The layers and sizes of FrameDecoder otherwise."""
+
+    def __init__(self, z_dim, f_dim, nf=64):
+        super().__init__()
+        widths = (8 * nf, 4 * nf, 2 * nf, nf)
+        self.stages = nn.ModuleList(
+            [nn.Sequential(nn.ConvTranspose2d(z_dim, widths[0], 4, 1, 0), nn.BatchNorm2d(widths[0]))]
+            + [nn.Sequential(nn.ConvTranspose2d(a, b, 4, 2, 1), nn.BatchNorm2d(b)) for a, b in zip(widths, widths[1:])])
+        self.film = nn.Linear(f_dim, 2 * sum(widths))
+        self.widths = widths
+        self.out = nn.Sequential(nn.ConvTranspose2d(nf, 3, 4, 2, 1), nn.Sigmoid())
+
+    def forward(self, z, f):  # (B, T, z_dim), (B, f_dim) -> (B, T, 3, 64, 64)
+        B, T = z.shape[:2]
+        gammas_betas = self.film(f).repeat_interleave(T, 0).split([w for w in self.widths for _ in (0, 1)], dim=1)
+        h = z.reshape(B * T, -1, 1, 1)
+        for i, stage in enumerate(self.stages):
+            gamma, beta = gammas_betas[2 * i][..., None, None], gammas_betas[2 * i + 1][..., None, None]
+            h = F.leaky_relu(stage(h) * (1 + gamma) + beta, 0.2)
+        return self.out(h).view(B, T, 3, 64, 64)
+
+
 def init_weights(module):
     """The paper repo's initialisation: conv / linear weights N(0, 0.01), biases 0; BatchNorm 1 and 0."""
     for m in module.modules():
@@ -57,7 +82,11 @@ def init_weights(module):
 
 
 def reparameterize(mean, logvar, random=True):
-    return mean + torch.randn_like(mean) * torch.exp(0.5 * logvar) if random else mean
+    """A sample of N(mean, e^logvar), drawn in fp32 whatever the autocast (bf16 would round the noise)."""
+    if not random:
+        return mean
+    mean, logvar = mean.float(), logvar.float()
+    return mean + torch.randn_like(mean) * torch.exp(0.5 * logvar)
 
 
 class CDSVAE(nn.Module):
@@ -70,17 +99,18 @@ class CDSVAE(nn.Module):
     f_mirror=True makes q(f|x) exactly invariant to mirroring the video left-right: f reads the mean of the
     BiLSTM summaries of the video and of its mirror image (one more encoder pass), so the facing direction,
     which the mirror turns left into right, cannot reach f.
+    f_film=True decodes with FilmDecoder: the frame's layout comes from z_t alone, f only modulates channels.
     """
 
     def __init__(self, f_dim=256, z_dim=32, g_dim=128, rnn_size=256, nf=64, frames=8, z_input="bilstm",
-                 f_mirror=False):
+                 f_mirror=False, f_film=False):
         super().__init__()
         if z_input not in ("bilstm", "frame_delta"):
             raise ValueError(f"z_input must be 'bilstm' or 'frame_delta', got {z_input!r}")
         self.f_dim, self.z_dim, self.g_dim, self.rnn_size, self.frames = f_dim, z_dim, g_dim, rnn_size, frames
-        self.z_input, self.f_mirror = z_input, f_mirror
+        self.z_input, self.f_mirror, self.f_film = z_input, f_mirror, f_film
         self.encoder = FrameEncoder(g_dim, nf)
-        self.decoder = FrameDecoder(z_dim + f_dim, nf)
+        self.decoder = FilmDecoder(z_dim, f_dim, nf) if f_film else FrameDecoder(z_dim + f_dim, nf)
         self.z_lstm = nn.LSTM(g_dim, rnn_size, batch_first=True, bidirectional=True)  # shared by q(f|x) and q(z|x)
         self.f_mean, self.f_logvar = nn.Linear(2 * rnn_size, f_dim), nn.Linear(2 * rnn_size, f_dim)
         self.z_rnn = nn.RNN(2 * rnn_size, rnn_size, batch_first=True)
@@ -116,6 +146,8 @@ class CDSVAE(nn.Module):
 
     def decode(self, z, f):
         """(B, T, z_dim), (B, f_dim) -> (B, T, 3, 64, 64)."""
+        if self.f_film:
+            return self.decoder(z, f)
         return self.decoder(torch.cat([z, f[:, None].expand(-1, z.shape[1], -1)], dim=2))
 
     # ---- prior ------------------------------------------------------------------------------------------
@@ -289,3 +321,32 @@ class SpriteJudge(nn.Module):
         out, _ = self.lstm(self.encoder(x))
         h = torch.cat([out[:, -1, :self.rnn_size], out[:, 0, self.rnn_size:]], dim=1)
         return {k: head(h) for k, head in self.heads.items()}
+
+
+class ClipJudge(nn.Module):
+    """The second judge, of another family than SpriteJudge: 3D convolutions over the whole clip (space and time
+    together from the first layer on; no per-frame encoder, no recurrence), average-pooled to a 2x2x2 grid of
+    (time, height, width) cells, and one MLP head per factor, as SpriteJudge."""
+
+    def __init__(self, nf=32, hidden=256):
+        super().__init__()
+
+        def block(c_in, c_out, kernel, stride, padding):
+            return [nn.Conv3d(c_in, c_out, kernel, stride, padding, bias=False), nn.BatchNorm3d(c_out), nn.ReLU()]
+
+        self.net = nn.Sequential(
+            *block(3, nf, (3, 5, 5), (1, 2, 2), (1, 2, 2)),   # 8 x 32 x 32
+            *block(nf, 2 * nf, 3, (1, 2, 2), 1),              # 8 x 16 x 16
+            *block(2 * nf, 4 * nf, 3, 2, 1),                  # 4 x 8 x 8
+            *block(4 * nf, 8 * nf, 3, 2, 1),                  # 2 x 4 x 4
+            nn.AdaptiveAvgPool3d(2), nn.Flatten())
+        self.heads = nn.ModuleDict({k: nn.Sequential(nn.Linear(64 * nf, hidden), nn.ReLU(), nn.Linear(hidden, n))
+                                    for k, n in JUDGE_HEADS.items()})
+
+    def forward(self, x):
+        """(B, T, 3, 64, 64) in [0, 1] -> {head: logits (B, classes)}."""
+        h = self.net(x.transpose(1, 2))
+        return {k: head(h) for k, head in self.heads.items()}
+
+
+JUDGES = {"bilstm": SpriteJudge, "conv3d": ClipJudge}  # a judge file's 'arch' names its network

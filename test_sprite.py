@@ -39,7 +39,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from dataloader import DataError, load_sprites, to_float
 from make_sprites import ACTIONS, DIRECTIONS
-from model import JUDGE_HEADS, SpriteJudge
+from model import JUDGE_HEADS, JUDGES
 from utils import CheckpointError, git_revision, load_model, pick_device, read_checkpoint
 
 ATTRIBUTES = ("skin", "pant", "top", "hair")  # the columns of A, in order
@@ -113,18 +113,22 @@ def judge_targets(A, D):
 
 
 def load_judge(path, device="cpu"):
-    """The SpriteJudge of a file of judges/train_judge.py, in fp32, in eval mode; CheckpointError if it is not one."""
+    """The judge network (model.JUDGES[its 'arch']) of a file of judges/train_judge.py, in fp32, in eval mode;
+    CheckpointError if it is not one."""
     ckpt = read_checkpoint(path)
     if not isinstance(ckpt, dict) or "model" not in ckpt or "judge_args" not in ckpt:
         raise CheckpointError(f"{path} is not a judge of judges/train_judge.py (no 'model' / 'judge_args')")
     heads = ckpt.get("heads", JUDGE_HEADS)
     if dict(heads) != JUDGE_HEADS:
         raise CheckpointError(f"{path} has judge heads {dict(heads)}, expected {JUDGE_HEADS}")
+    arch = ckpt.get("arch", "bilstm")  # judge files written before the second judge are all bilstm
+    if arch not in JUDGES:
+        raise CheckpointError(f"{path} is a judge of network {arch!r}, which this code does not know ({', '.join(JUDGES)})")
     try:
-        judge = SpriteJudge(**ckpt["judge_args"])
+        judge = JUDGES[arch](**ckpt["judge_args"])
         judge.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in ckpt["model"].items()})
     except (TypeError, RuntimeError) as e:
-        raise CheckpointError(f"{path} does not fit SpriteJudge ({str(e).splitlines()[0][:200]})") from None
+        raise CheckpointError(f"{path} does not fit {JUDGES[arch].__name__} ({str(e).splitlines()[0][:200]})") from None
     return judge.to(device).eval()
 
 

@@ -44,6 +44,9 @@ def get_args(argv=None):
     p.add_argument("--f_mirror", action="store_true",
                    help="q(f|x) reads the video and its left-right mirror image alike, so f cannot keep the facing "
                         "direction (one more encoder pass per step; default off, as in the paper)")
+    p.add_argument("--f_film", action="store_true",
+                   help="decode with f only as a per-channel scale and shift of the feature maps, so that the frame's "
+                        "layout (pose, facing) comes from z alone (default off: the paper's decoder of [z_t; f])")
     p.add_argument("--c_aug_flip", action="store_true",
                    help="content view also mirrored left-right, so f cannot keep the facing direction "
                         "(one more encoder pass per step; default off, the paper's shuffled frames only)")
@@ -70,6 +73,9 @@ def get_args(argv=None):
     p.add_argument("--subset", type=int, default=0, help="train on the first N train videos only (smoke runs)")
     p.add_argument("--val_chars", type=int, default=0, help="hold out this many train characters for validation")
     p.add_argument("--sync_bn", action="store_true", help="SyncBatchNorm across processes under torchrun")
+    p.add_argument("--snapshot_every", type=int, default=0,
+                   help="also keep a half-precision copy of the model every this many epochs, as "
+                        "model_dir/epoch_<N>.pt, for scoring along the run afterwards (default 0: none)")
     p.add_argument("--max_steps", type=int, default=0, help="stop after this many steps in all (0: no limit)")
     args = p.parse_args(argv)
     args.model_dir = args.model_dir or args.log_dir
@@ -267,6 +273,11 @@ def main(argv=None):
             plot_curves(history, os.path.join(args.log_dir, "loss_curves.png"))
             log(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
         save(epoch + 1, 0)
+        if main_proc and args.snapshot_every and (epoch + 1) % args.snapshot_every == 0:
+            save_atomic({"model": {k: v.half() if v.is_floating_point() else v for k, v in raw_model.state_dict().items()},
+                         "model_args": model_args, "epoch": epoch + 1, "step": step, "args": vars(args),
+                         "history": history, "git": git_revision()},
+                        os.path.join(args.model_dir, f"epoch_{epoch + 1}.pt"))
         if stop:  # the stop came at the last batch of the epoch: the epoch is complete and logged
             log(f"stopped after epoch {epoch + 1}, step {step}; checkpoint {ckpt_path}")
             return raw_model

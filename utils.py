@@ -7,7 +7,7 @@ import torch
 
 from model import CDSVAE
 
-MODEL_ARGS = ("f_dim", "z_dim", "g_dim", "rnn_size", "nf", "frames", "z_input", "f_mirror")
+MODEL_ARGS = ("f_dim", "z_dim", "g_dim", "rnn_size", "nf", "frames", "z_input", "f_mirror", "f_film")
 
 
 class CheckpointError(ValueError):
