@@ -1,6 +1,8 @@
-"""Score a C-DSVAE checkpoint on the whole Sprites test split with the judge (judges/sprite_judge.pt).
+"""Score a C-DSVAE checkpoint on the whole Sprites test split with one or more judges (default: both shipped ones,
+judges/sprite_judge.pt and judges/clip_judge.pt), and report how far the judges agree.
 
     python test_sprite.py --model_dir checkpoints/cdsvae_sprites_cpu.pt [--niter 5] [--type_gt all] [--amp]
+    python test_sprite.py --model_dir ... --judge judges/sprite_judge.pt --judge my_judge.pt
 
 Every test video is scored in every run; none is dropped, whatever the batch size.
 
@@ -18,13 +20,13 @@ Swaps (always): pair each video i with another video j = perm[i] (a seeded deran
     (carried by z) and how often i's (leaked through f); for protocol A, how often each is the video's own.
 Sanity rows (always): the mean squared error per pixel of decode(z_mean, f_mean) against the video, and the
     judge's accuracy (and IS, entropies) on the real test videos.
+Agreement (two judges or more): for each pair of judges, each kind of video (protocol A, B, swaps, real) and each
+    head, the share of videos on which the two judges predict the same class. Every generated video is decoded
+    once and shown to every judge. A judge file's robustness card (judges/train_judge.py) is copied to the JSON.
 
 Run i uses seed i (the f ~ N(0, I) of protocol A, the prior samples of protocol B, the swap pairing); every
 figure is reported as the mean +- sample standard deviation over --niter runs, on stdout as a table laid out
 like the paper's and, with every run, in a JSON file (--out).
-
-Time measured on the 2-core AMD EPYC CPU with --amp --threads 1, the other core busy with a training run: 374 s
-for --type_gt all --niter 5 on the 2664 test videos (a C-DSVAE of conv width 32, the shipped judge).
 """
 import argparse
 import json
@@ -43,6 +45,7 @@ from model import JUDGE_HEADS, JUDGES
 from utils import CheckpointError, git_revision, load_model, pick_device, read_checkpoint
 
 ATTRIBUTES = ("skin", "pant", "top", "hair")  # the columns of A, in order
+SHIPPED_JUDGES = ("judges/sprite_judge.pt", "judges/clip_judge.pt")
 # Protocol A on Sprites as the paper reports it (Bai et al. 2021, Table 1): Acc %, IS, H(y|x), H(y)
 PAPER_ROW = ("C-DSVAE, paper (Table 1)", "99.99", "8.871", "0.014", "2.197")
 
@@ -112,6 +115,11 @@ def judge_targets(A, D):
     return {"action": D, **{a: A[:, i] for i, a in enumerate(ATTRIBUTES)}}
 
 
+def judge_name(path):
+    """A judge's name in tables and in the JSON: its file name without the extension."""
+    return os.path.splitext(os.path.basename(path))[0]
+
+
 def load_judge(path, device="cpu"):
     """The judge network (model.JUDGES[its 'arch']) of a file of judges/train_judge.py, in fp32, in eval mode;
     CheckpointError if it is not one."""
@@ -134,22 +142,24 @@ def load_judge(path, device="cpu"):
 
 # ---- evaluation -------------------------------------------------------------------------------------------
 def for_inference(module):
-    """`module` (in eval mode) made faster to run and the same up to rounding, in place: each BatchNorm2d that
+    """`module` (in eval mode) made faster to run and the same up to rounding, in place: each BatchNorm that
     follows a convolution in an nn.Sequential is folded into it (its running statistics and affine map are
-    one per-channel affine map), LeakyReLUs work in place, and 4-D weights are channels-last. About 25% less
-    time per video for the C-DSVAE decoder and the judge on this CPU (bf16, oneDNN)."""
+    one per-channel affine map), LeakyReLUs work in place, and convolution weights are channels-last. About 25%
+    less time per video for the C-DSVAE decoder and the judges on this CPU (bf16, oneDNN)."""
     module.eval()
     for seq in [m for m in module.modules() if isinstance(m, nn.Sequential)]:
         names = list(seq._modules)
         for a, b in zip(names, names[1:]):
             conv, bn = seq._modules[a], seq._modules[b]
-            if isinstance(conv, (nn.Conv2d, nn.ConvTranspose2d)) and isinstance(bn, nn.BatchNorm2d):
-                seq._modules[a] = fuse_conv_bn_eval(conv, bn, transpose=isinstance(conv, nn.ConvTranspose2d))
+            if isinstance(conv, nn.modules.conv._ConvNd) and isinstance(bn, nn.modules.batchnorm._BatchNorm):
+                seq._modules[a] = fuse_conv_bn_eval(conv, bn, transpose=isinstance(conv, nn.modules.conv._ConvTransposeNd))
                 seq._modules[b] = nn.Identity()
     for m in module.modules():
         if isinstance(m, nn.LeakyReLU):
             m.inplace = True
-    return module.to(memory_format=torch.channels_last)
+        elif isinstance(m, nn.modules.conv._ConvNd):
+            m.to(memory_format=torch.channels_last_3d if m.weight.dim() == 5 else torch.channels_last)
+    return module
 
 
 def _autocast(device, amp):
@@ -163,13 +173,21 @@ def _judge_probs(judge, videos, amp):
 
 
 def _cat(parts):
-    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    """Concatenate, along the videos, a list of (nested dicts of) tensors."""
+    if isinstance(parts[0], dict):
+        return {k: _cat([p[k] for p in parts]) for k in parts[0]}
+    return torch.cat(parts)
+
+
+def _judge_all(judges, videos, amp):
+    return {name: _judge_probs(judge, videos, amp) for name, judge in judges.items()}
 
 
 @torch.inference_mode()
-def encode_split(model, judge, X, device, batch_size=256, amp=False):
+def encode_split(model, judges, X, device, batch_size=256, amp=False):
     """Of every video of X (N, T, 64, 64, 3) uint8: posterior means 'z' (N, T, z_dim) and 'f' (N, f_dim) on
-    `device`, 'se' the summed squared error of decode(z_mean, f_mean), and the judge's probabilities per head."""
+    `device`, 'se' the summed squared error of decode(z_mean, f_mean), and 'probs': {judge name: {head: the
+    judge's probabilities}} on the real videos."""
     parts = []
     for s in range(0, len(X), batch_size):
         x = to_float(X[s:s + batch_size]).to(device)
@@ -178,7 +196,7 @@ def encode_split(model, judge, X, device, batch_size=256, amp=False):
             recon = model.decode(post["z_mean"], post["f_mean"])
         parts.append({"z": post["z_mean"].float(), "f": post["f_mean"].float(),
                       "se": ((recon.float() - x) ** 2).flatten(1).sum(1, dtype=torch.float64).cpu(),
-                      **_judge_probs(judge, x, amp)})
+                      "probs": _judge_all(judges, x, amp)})
     return _cat(parts)
 
 
@@ -208,13 +226,14 @@ def run_latents(model, post, seed, type_gt="all"):
 
 
 @torch.inference_mode()
-def decode_and_judge(model, judge, z, f, batch_size=256, amp=False):
-    """The judge's probabilities per head (CPU) on decode(z, f), batch by batch."""
+def decode_and_judge(model, judges, z, f, batch_size=256, amp=False):
+    """{judge name: {head: probabilities (CPU)}} on decode(z, f), batch by batch: each video is decoded once and
+    shown to every judge."""
     parts = []
     for s in range(0, len(z), batch_size):
         with _autocast(z.device, amp):
             videos = model.decode(z[s:s + batch_size], f[s:s + batch_size])
-        parts.append(_judge_probs(judge, videos, amp))
+        parts.append(_judge_all(judges, videos, amp))
     return _cat(parts)
 
 
@@ -243,86 +262,125 @@ def _attribute_scores(prefix, probs, A):
     return {f"{prefix}_n": len(probs["skin"]), **accs, f"{prefix}_attr_mean_acc": sum(accs.values()) / len(accs)}
 
 
-def evaluate(model, judge, test, device, seeds=(0,), amp=False, batch_size=256, type_gt="all"):
-    """Every figure of the module docstring for each seed: {'runs': [{figure: value}], 'mean': {...}, 'std': {...}}.
+def real_scores(probs, A, D):
+    """One judge's figures on the real test videos: accuracy per head, the attributes' mean, and the entropies."""
+    return {"real_n": len(D), **{f"real_{k}_acc": accuracy(probs[k], y) for k, y in judge_targets(A, D).items()},
+            "real_attr_mean_acc": sum(accuracy(probs[a], A[:, i]) for i, a in enumerate(ATTRIBUTES)) / len(ATTRIBUTES),
+            "real_IS": inception_score(probs["action"]), "real_H_y_given_x": conditional_entropy(probs["action"]),
+            "real_H_y": marginal_entropy(probs["action"])}
 
-    Keys: A_* (protocol A), B_* (protocol B), swap_*, real_* (the judge on the real videos), recon_mse_per_pixel;
-    *_n is the number of videos scored."""
-    X, A, D = test
-    model.eval()
-    judge.eval()
-    real = encode_split(model, judge, X, device, batch_size, amp)
-    N = len(real["se"])
-    fixed = {"recon_mse_per_pixel": real["se"].sum().item() / X[:1].numel() / N, "real_n": N,
-             **{f"real_{k}_acc": accuracy(real[k], y) for k, y in judge_targets(A, D).items()},
-             "real_attr_mean_acc": sum(accuracy(real[a], A[:, i]) for i, a in enumerate(ATTRIBUTES)) / len(ATTRIBUTES),
-             "real_IS": inception_score(real["action"]), "real_H_y_given_x": conditional_entropy(real["action"]),
-             "real_H_y": marginal_entropy(real["action"])}
-    runs = []
-    for seed in seeds:
-        latents, perm = run_latents(model, real, seed, type_gt)
-        gen = {k: decode_and_judge(model, judge, z, f, batch_size, amp) for k, (z, f) in latents.items()}
-        row = {"seed": seed}
-        if "A" in gen:
-            row.update(_action_scores("A", gen["A"]["action"], D, real["action"]))
-            row.update(motion_parts("A", gen["A"]["action"], {"z": D}))
-        if "B" in gen:
-            row.update(_attribute_scores("B", gen["B"], A))
-        row.update(_attribute_scores("swap", gen["swap"], A), swap_action_acc=accuracy(gen["swap"]["action"], D[perm]))
-        row.update(motion_parts("swap", gen["swap"]["action"], {"z": D[perm], "f": D}))
-        row.update(fixed)
-        runs.append(row)
+
+def generated_scores(gen, real_probs, A, D, perm):
+    """One judge's figures on one run's generated videos gen = {'A' / 'B' / 'swap': {head: probabilities}}."""
+    row = {}
+    if "A" in gen:
+        row.update(_action_scores("A", gen["A"]["action"], D, real_probs["action"]))
+        row.update(motion_parts("A", gen["A"]["action"], {"z": D}))
+    if "B" in gen:
+        row.update(_attribute_scores("B", gen["B"], A))
+    row.update(_attribute_scores("swap", gen["swap"], A), swap_action_acc=accuracy(gen["swap"]["action"], D[perm]))
+    row.update(motion_parts("swap", gen["swap"]["action"], {"z": D[perm], "f": D}))
+    return row
+
+
+def agreement(probs_a, probs_b):
+    """{head: share of videos on which two judges' predictions (argmax) are the same}."""
+    return {k: (probs_a[k].argmax(1) == probs_b[k].argmax(1)).double().mean().item() for k in probs_a}
+
+
+def _summary(runs):
     stats = {k: mean_std([r[k] for r in runs]) for k in runs[0] if k != "seed"}
     return {"runs": runs, "mean": {k: v[0] for k, v in stats.items()}, "std": {k: v[1] for k, v in stats.items()}}
 
 
+def judge_pairs(names):
+    return [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
+
+
+def evaluate(model, judges, test, device, seeds=(0,), amp=False, batch_size=256, type_gt="all"):
+    """Every figure of the module docstring, for each seed and each judge of `judges` ({name: judge network}):
+
+    {'judges': {name: {'runs': [{figure: value}], 'mean': {...}, 'std': {...}}},
+     'agreement': {'a vs b': {'runs', 'mean', 'std'}} for each pair of judges, 'recon_mse_per_pixel': float}.
+    Figure keys: A_* (protocol A), B_* (protocol B), swap_*, real_* (the judge on the real videos); *_n is the
+    number of videos scored. Agreement keys: <A|B|swap|real>_<head>, the share of videos on which the pair's
+    predictions for that head match. Every generated video is decoded once and shown to every judge."""
+    X, A, D = test
+    model.eval()
+    for judge in judges.values():
+        judge.eval()
+    real = encode_split(model, judges, X, device, batch_size, amp)
+    names = list(judges)
+    runs, agree = {name: [] for name in names}, {f"{a} vs {b}": [] for a, b in judge_pairs(names)}
+    for seed in seeds:
+        latents, perm = run_latents(model, real, seed, type_gt)
+        gen = {k: decode_and_judge(model, judges, z, f, batch_size, amp) for k, (z, f) in latents.items()}
+        for name in names:
+            runs[name].append({"seed": seed, **generated_scores({k: g[name] for k, g in gen.items()},
+                                                                real["probs"][name], A, D, perm),
+                               **real_scores(real["probs"][name], A, D)})
+        for a, b in judge_pairs(names):
+            kinds = {**gen, "real": real["probs"]}
+            agree[f"{a} vs {b}"].append({"seed": seed, **{f"{kind}_{head}": v for kind, p in kinds.items()
+                                                          for head, v in agreement(p[a], p[b]).items()}})
+    return {"judges": {name: _summary(r) for name, r in runs.items()},
+            "agreement": {pair: _summary(r) for pair, r in agree.items()},
+            "recon_mse_per_pixel": real["se"].sum().item() / X[:1].numel() / len(X)}
+
+
 # ---- report -----------------------------------------------------------------------------------------------
+def _pm(stats, k, pct=False, digits=3):
+    """'mean ± std' of figure k of {'mean', 'std'}, in % with pct; '-' when absent."""
+    m, s = stats["mean"], stats["std"]
+    if k not in m:
+        return "-"
+    f, d = (100, 2) if pct else (1, digits)
+    return f"{m[k] * f:.{d}f}" + ("" if s[k] is None else f" ± {s[k] * f:.{d}f}")
+
+
 def format_table(result):
-    """The figures as text: protocol A laid out like the paper's Table 1 (rows; Acc, IS, H(y|x), H(y)), then the
-    judge's accuracies per head for protocol B, the swaps and the real videos."""
-    m, s = result["mean"], result["std"]
-
-    def pm(k, pct=False, digits=3):
-        if k not in m:
-            return "-"
-        f, d = (100, 2) if pct else (1, digits)
-        return f"{m[k] * f:.{d}f}" + ("" if s[k] is None else f" ± {s[k] * f:.{d}f}")
-
-    w = 40
-    n, runs = result.get("n_test", m.get("real_n")), len(result["runs"])
-    lines = [f"Sprites test split: {n} videos, each scored in each of {runs} run(s); mean ± sample std over runs",
+    """The figures as text, one row per judge: protocol A laid out like the paper's Table 1 (Acc, IS, H(y|x),
+    H(y)), then accuracies per head for protocol B, the swaps and the real videos, then the judges' agreement."""
+    w = 44
+    per_judge = result["judges"]
+    first = next(iter(per_judge.values()))
+    n, runs = result.get("n_test", first["mean"].get("real_n")), len(first["runs"])
+    lines = [f"Sprites test split: {n} videos, each scored in each of {runs} run(s) by {len(per_judge)} judge(s); "
+             "mean ± sample std over runs",
              "", "Protocol A: fix motion (posterior mean z), sample content f ~ N(0, I); judge's action prediction",
              f"{'':<{w}} {'Acc (%)':>16} {'IS':>16} {'H(y|x)':>16} {'H(y)':>16}",
              f"{PAPER_ROW[0]:<{w}} " + " ".join(f"{v:>16}" for v in PAPER_ROW[1:])]
-    if "A_action_acc" in m:
-        lines.append(f"{'this checkpoint':<{w}} {pm('A_action_acc', True):>16} {pm('A_IS'):>16} "
-                     f"{pm('A_H_y_given_x'):>16} {pm('A_H_y'):>16}")
-    lines.append(f"{'real test videos (judge sanity)':<{w}} {pm('real_action_acc', True):>16} {pm('real_IS'):>16} "
-                 f"{pm('real_H_y_given_x'):>16} {pm('real_H_y'):>16}")
-    if "A_action_acc" in m:
-        lines.append(f"KL(p_gen(y) || p_real(y)), judge's mean action prediction on generated vs real videos: "
-                     f"{pm('A_KL_gen_vs_real_marginal', digits=4)} nats")
+    for name, st in per_judge.items():
+        for label, p in (("this checkpoint", "A"), ("real test videos", "real")):
+            if f"{p}_IS" in st["mean"]:
+                lines.append(f"{label + ', ' + name:<{w}} {_pm(st, f'{p}_action_acc', True):>16} "
+                             f"{_pm(st, f'{p}_IS'):>16} {_pm(st, f'{p}_H_y_given_x'):>16} {_pm(st, f'{p}_H_y'):>16}")
     lines += ["", f"{'judge accuracy (%)':<{w}} {'action':>16} " + " ".join(f"{a:>16}" for a in ATTRIBUTES)
               + f" {'attr. mean':>16}"]
-
-    def attr_row(name, prefix, action_key):
-        return (f"{name:<{w}} {pm(action_key, True):>16} " + " ".join(f"{pm(f'{prefix}_{a}_acc', True):>16}"
-                                                                     for a in ATTRIBUTES)
-                + f" {pm(f'{prefix}_attr_mean_acc', True):>16}")
-
-    if "B_skin_acc" in m:
-        lines.append(attr_row("protocol B: fix content f, z ~ prior", "B", "-"))
-    lines.append(attr_row("swap: f of video i, z of video j", "swap", "swap_action_acc"))
-    lines.append(f"{'  (attributes of i, action of j)':<{w}}")
-    lines.append(f"  the swap's motion, in parts ({'/'.join(ACTIONS)} x {'/'.join(DIRECTIONS)}): action type of j "
-                 f"{pm('swap_type_from_z', True)}%, of i {pm('swap_type_from_f', True)}%; direction of j "
-                 f"{pm('swap_direction_from_z', True)}%, of i {pm('swap_direction_from_f', True)}%")
-    if "A_type_from_z" in m:
-        lines.append(f"  protocol A's motion, in parts: action type {pm('A_type_from_z', True)}%, "
-                     f"direction {pm('A_direction_from_z', True)}%")
-    lines.append(attr_row("real test videos (judge sanity)", "real", "real_action_acc"))
+    rows = (("protocol B: fix f, z ~ prior", "B", None), ("swap: f of i, z of j", "swap", "swap_action_acc"),
+            ("real test videos", "real", "real_action_acc"))
+    for label, prefix, action_key in rows:
+        for name, st in per_judge.items():
+            if f"{prefix}_skin_acc" in st["mean"]:
+                lines.append(f"{label + ', ' + name:<{w}} {_pm(st, action_key, True) if action_key else '-':>16} "
+                             + " ".join(f"{_pm(st, f'{prefix}_{a}_acc', True):>16}" for a in ATTRIBUTES)
+                             + f" {_pm(st, f'{prefix}_attr_mean_acc', True):>16}")
+    lines.append("  (swaps: attributes of i, action of j)")
+    for name, st in per_judge.items():
+        lines.append(f"  {name}: the swap's motion in parts ({'/'.join(ACTIONS)} x {'/'.join(DIRECTIONS)}): action "
+                     f"type of j {_pm(st, 'swap_type_from_z', True)}%, of i {_pm(st, 'swap_type_from_f', True)}%; "
+                     f"direction of j {_pm(st, 'swap_direction_from_z', True)}%, of i "
+                     f"{_pm(st, 'swap_direction_from_f', True)}%"
+                     + (f"; protocol A: type {_pm(st, 'A_type_from_z', True)}%, direction "
+                        f"{_pm(st, 'A_direction_from_z', True)}%" if "A_type_from_z" in st["mean"] else ""))
+    for pair, st in result["agreement"].items():
+        lines += ["", f"agreement of the judges {pair} (% of videos with the same prediction)",
+                  f"{'':<{w}} " + " ".join(f"{h:>16}" for h in JUDGE_HEADS)]
+        for kind, label in (("A", "protocol A"), ("B", "protocol B"), ("swap", "swaps"), ("real", "real test videos")):
+            if f"{kind}_action" in st["mean"]:
+                lines.append(f"{label:<{w}} " + " ".join(f"{_pm(st, f'{kind}_{h}', True):>16}" for h in JUDGE_HEADS))
     lines += ["", f"reconstruction MSE per pixel, decode(z_mean, f_mean), pixels in [0, 1]: "
-              f"{m['recon_mse_per_pixel']:.6f}"]
+              f"{result['recon_mse_per_pixel']:.6f}"]
     return "\n".join(lines)
 
 
@@ -342,10 +400,14 @@ def write_json(obj, path):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_dir", required=True, help="checkpoint of train_cdsvae.py (a .pt file)")
-    p.add_argument("--judge", default="judges/sprite_judge.pt", help="judge weights (default judges/sprite_judge.pt)")
+    p.add_argument("--judge", action="append", default=None,
+                   help="judge weights; repeat for several judges, each named by its file name (default: both shipped "
+                        f"judges, {' and '.join(SHIPPED_JUDGES)})")
     p.add_argument("--data_root", default="data/Sprite/data.pkl", help="the data pickle of make_sprites.py")
     p.add_argument("--type_gt", choices=("action", "static", "all"), default="all",
                    help="action: protocol A; static: protocol B; all: both (default). Swaps are always scored")
+    p.add_argument("--test_stride", type=int, default=1,
+                   help="score every this-many-th test video only, for quick probes (default 1: the whole split)")
     p.add_argument("--niter", type=int, default=5, help="runs, with seeds 0..niter-1 (default 5)")
     p.add_argument("--batch_size", type=int, default=256, help="videos per forward pass (default 256)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -355,31 +417,37 @@ def main(argv=None):
     for k in ("f_dim", "z_dim", "g_dim", "rnn_size"):
         p.add_argument(f"--{k}", type=int, default=None, help=f"refuse a checkpoint whose {k} is not this")
     args = p.parse_args(argv)
-    if args.niter < 1 or args.batch_size < 1:
-        p.error("--niter and --batch_size must be positive")
+    if args.niter < 1 or args.batch_size < 1 or args.test_stride < 1:
+        p.error("--niter, --batch_size and --test_stride must be positive")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
+    judge_paths = {judge_name(path): path for path in args.judge or SHIPPED_JUDGES}
+    if len(judge_paths) < len(args.judge or SHIPPED_JUDGES):
+        sys.exit(f"error: judges are named by their file names, and two of --judge {' '.join(args.judge)} share one; "
+                 f"give each judge once, under its own name")
     try:
         model = load_model(args.model_dir, device, f_dim=args.f_dim, z_dim=args.z_dim, g_dim=args.g_dim,
                            rnn_size=args.rnn_size)
-        judge = load_judge(args.judge, device)
-        test = load_sprites(args.data_root)["test"]
+        judges = {name: for_inference(load_judge(path, device)) for name, path in judge_paths.items()}
+        test = tuple(t[::args.test_stride] for t in load_sprites(args.data_root)["test"])
     except (CheckpointError, DataError) as e:
         sys.exit(f"error: {e}")
-    model, judge = for_inference(model), for_inference(judge)
+    model = for_inference(model)
     X, A, D = test
     if len(X) < 2:
         sys.exit(f"error: {args.data_root}: the test split has {len(X)} video(s); swaps need at least 2")
     t0 = time.time()
-    result = evaluate(model, judge, test, device, seeds=range(args.niter), amp=args.amp,
+    result = evaluate(model, judges, test, device, seeds=range(args.niter), amp=args.amp,
                       batch_size=args.batch_size, type_gt=args.type_gt)
     seconds = time.time() - t0
     counts = torch.bincount(D, minlength=JUDGE_HEADS["action"]).tolist()
-    judge_info = read_checkpoint(args.judge)
+    judge_files = {name: {k: read_checkpoint(path).get(k) for k in ("arch", "test_accuracy", "robustness")}
+                   for name, path in judge_paths.items()}
     result.update(n_test=len(X), action_counts=counts, class_balanced=len(set(counts)) == 1,
                   model_dir=args.model_dir, model_args=read_checkpoint(args.model_dir).get("model_args"),
-                  judge=args.judge, judge_test_accuracy=judge_info.get("test_accuracy"), data_root=args.data_root,
+                  judge_files={name: {"path": judge_paths[name], **info} for name, info in judge_files.items()},
+                  data_root=args.data_root, test_stride=args.test_stride,
                   type_gt=args.type_gt, niter=args.niter, amp=args.amp, batch_size=args.batch_size,
                   device=str(device), threads=torch.get_num_threads(), seconds=round(seconds, 1),
                   git_revision=git_revision())

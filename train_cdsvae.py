@@ -263,7 +263,8 @@ def main(argv=None):
                **{k: v / max(1, n_batches) for k, v in sums.items()}}
         if judge is not None and (epoch + 1) % args.evl_interval == 0:
             from test_sprite import evaluate
-            scores = evaluate(raw_model, judge, data["test"], device, seeds=[0], amp=args.amp)["mean"]
+            scores = evaluate(raw_model, {"judge": judge}, data["test"], device, seeds=[0], amp=args.amp)
+            scores = scores["judges"]["judge"]["mean"]
             row.update({f"eval_{k}": v for k, v in scores.items()
                         if k.startswith(("A_", "B_", "swap_")) and not k.endswith("_n")})
         history.append(row)
