@@ -23,8 +23,7 @@ Run i uses seed i (the f ~ N(0, I) of protocol A, the prior samples of protocol 
 figure is reported as the mean +- sample standard deviation over --niter runs, on stdout as a table laid out
 like the paper's and, with every run, in a JSON file (--out).
 
-Time measured on the 2-core AMD EPYC CPU with --amp --threads 1, the other core busy with a training run: 374 s
-for --type_gt all --niter 5 on the 2664 test videos (a C-DSVAE of conv width 32, the shipped judge).
+Time on the 2-core CPU of the README: see its Speed table.
 """
 import argparse
 import json
