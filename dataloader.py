@@ -38,6 +38,10 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
 
 def safe_load_pickle(path):
     """Unpickle a file that may hold only numpy arrays, dtypes, scalars and plain containers."""
+    if os.path.isdir(path):
+        file = os.path.join(path, "data.pkl")
+        raise DataError(f"{path} is a folder; --data_root takes the data file itself, e.g. {file} "
+                        f"(build it with `python make_sprites.py --out {file}`)")
     if not os.path.isfile(path):
         raise DataError(f"no data file at {path}: build it with `python make_sprites.py --out {path}`")
     try:
@@ -256,6 +260,11 @@ def motion_augment(x, generator=None):
     return out
 
 
+def _augmentation_draws(B, T, generator):
+    """Every random draw of one batch's views: the content view's frame order and the motion view's parameters."""
+    return content_order(B, T, generator), _motion_params(B, T, generator)
+
+
 def _make_batch(X, i, generator=None, content_view=True):
     """x of the sequences X[i] and, with a generator, c_aug (with its frame order) and m_aug: the same as
     x = to_float(X[i]), content_augment(x, order=content_order(B, T, generator)), motion_augment(x, generator),
@@ -270,8 +279,7 @@ def _make_batch(X, i, generator=None, content_view=True):
             e = min(s + _CHUNK, B)
             _to_float_into(x[s:e], torch.index_select(X, 0, i[s:e], out=u8[:e - s]), u8t)
         return {"x": x}
-    order = content_order(B, T, generator)
-    M, P, q, c = _motion_params(B, T, generator)
+    order, (M, P, q, c) = _augmentation_draws(B, T, generator)
     m_aug, h = _empty(x.shape), torch.empty(x.shape[1:])
     batch = {"x": x, "c_aug_order": order, "m_aug": m_aug}
     if content_view:
@@ -290,7 +298,8 @@ def _make_batch(X, i, generator=None, content_view=True):
 class SpriteBatches:
     """Batches of one split, in memory: `for batch in SpriteBatches(X, A, D, 128, shuffle=True, seed=1)`.
 
-    The order and the augmentations depend only on (seed, epoch), so a resumed run sees the same batches.
+    The order and the augmentations depend only on (seed, epoch), so a resumed run sees the same batches;
+    `set_epoch(epoch, start)` yields the batches of an epoch from batch `start` on, without making the ones before.
     With `rank`/`world_size`, each process gets its own strided share of every epoch (DistributedSampler-like).
     """
 
@@ -299,10 +308,10 @@ class SpriteBatches:
         self.X, self.A, self.D, self.content_view = X, A, D, content_view
         self.batch_size, self.shuffle, self.augment, self.seed = batch_size, shuffle, augment, seed
         self.drop_last, self.rank, self.world_size = drop_last, rank, world_size
-        self.epoch = 0
+        self.epoch, self.start = 0, 0
 
-    def set_epoch(self, epoch):
-        self.epoch = epoch
+    def set_epoch(self, epoch, start=0):
+        self.epoch, self.start = epoch, start
 
     def _indices(self):
         n = len(self.X)
@@ -323,6 +332,10 @@ class SpriteBatches:
         g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch * 7919 + self.rank + 1)
         for b in range(len(self)):
             i = idx[b * self.batch_size:(b + 1) * self.batch_size]
+            if b < self.start:  # skipped: only its random draws are made, so the batches after it get theirs
+                if self.augment:
+                    _augmentation_draws(len(i), self.X.shape[1], g)
+                continue
             # with augment, the c_aug order travels with the view: a model can shuffle x's frame features
             # instead of re-encoding c_aug, and content_view=False then skips making c_aug at all
             batch = _make_batch(self.X, i, g if self.augment else None, self.content_view)

@@ -127,13 +127,16 @@ def main():
                    "./data/sprites-lpc, ../shared/sprites-lpc, first that has them)")
     p.add_argument("--out", default="data/Sprite/data.pkl", help="output pickle (default data/Sprite/data.pkl)")
     args = p.parse_args()
+    if os.path.isdir(args.out):
+        sys.exit(f"error: --out {args.out} is a folder; name the file to write, e.g. "
+                 f"--out {os.path.join(args.out, 'data.pkl')}")
     t0 = time.time()
     try:
         sheets = find_sheets(args.sheets)
         data = build(sheets, *split_characters())  # a sheet of the wrong size or format is refused here
+        write_atomic(data, args.out)
     except (FileNotFoundError, ValueError, OSError) as e:
         sys.exit(f"error: {e}")
-    write_atomic(data, args.out)
     print(f"wrote {args.out}: {len(data['X_train'])} train and {len(data['X_test'])} test sequences, "
           f"{os.path.getsize(args.out) / 1e9:.2f} GB, in {time.time() - t0:.1f} s (sheets from {sheets})")
 

@@ -27,6 +27,8 @@ Agreement (two judges or more): for each pair of judges, each kind of video (pro
 Run i uses seed i (the f ~ N(0, I) of protocol A, the prior samples of protocol B, the swap pairing); every
 figure is reported as the mean +- sample standard deviation over --niter runs, on stdout as a table laid out
 like the paper's and, with every run, in a JSON file (--out).
+
+Time on the 2-core CPU of the README: see its Speed table.
 """
 import argparse
 import json

@@ -4,13 +4,16 @@
     torchrun --nproc_per_node=2 train_cdsvae.py ...                                       # DDP
     python train_cdsvae.py --log_dir runs/paper --resume                                  # continue a run
 
-Writes to --log_dir: log.txt, metrics.jsonl (one JSON line of every loss term per epoch), loss_curves.png;
-to --model_dir (default: --log_dir): model.pt, the latest checkpoint (atomic; resumable).
+Writes to --log_dir: log.txt, metrics.jsonl (one JSON line of every loss term per epoch, rewritten whole from
+the checkpoint's history), loss_curves.png; to --model_dir (default: --log_dir): model.pt, the latest checkpoint
+(atomic; resumable). SIGINT, SIGTERM and SIGHUP finish the step, write a checkpoint and exit with 128 + the
+signal's number (130, 143, 129).
 """
 import argparse
 import json
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -25,14 +28,22 @@ from utils import (MODEL_ARGS, CheckpointError, check_sizes, git_revision, misma
                    read_checkpoint, save_atomic)
 
 
+class OneLineErrors(argparse.ArgumentParser):
+    """A bad flag is one line on stderr, not the usage of every flag followed by it."""
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="Train C-DSVAE on Sprites")
+    p = OneLineErrors(description="Train C-DSVAE on Sprites")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
-    p.add_argument("--batch_size", type=int, default=128, help="videos per step, over all processes (default 128)")
+    p.add_argument("--batch_size", type=int, default=128,
+                   help="videos per step, over all processes, at least 2 per process (default 128)")
     p.add_argument("--nEpoch", type=int, default=100, help="epochs to train in all (default 100)")
     p.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
     p.add_argument("--evl_interval", type=int, default=10,
-                   help="score with the judge every this many epochs, when the judge file exists (default 10)")
+                   help="score with the judge every this many epochs, when the judge file exists "
+                        "(default 10; 0: never)")
     p.add_argument("--f_dim", type=int, default=256, help="size of the static latent f (default 256)")
     p.add_argument("--z_dim", type=int, default=32, help="size of each dynamic latent z_t (default 32)")
     p.add_argument("--g_dim", type=int, default=128, help="size of the per-frame encoder feature (default 128)")
@@ -57,6 +68,10 @@ def get_args(argv=None):
     p.add_argument("--weight_f", type=float, default=1.0, help="weight of KL(q(f|x) || N(0, I)) (default 1)")
     p.add_argument("--weight_z", type=float, default=1.0, help="weight of KL(q(z|x) || p(z)) (default 1)")
     p.add_argument("--weight_mi", type=float, default=1.0, help="weight of the MI(f; z) penalty (default 1)")
+    p.add_argument("--weight_mi_after", nargs=2, type=float, metavar=("STEP", "WEIGHT"), default=None,
+                   help="from step STEP on (steps of the whole run, counted from 0), the MI penalty's weight is WEIGHT "
+                        "instead of --weight_mi; a resumed run takes the weight of its checkpoint's step "
+                        "(default: none, --weight_mi throughout)")
     p.add_argument("--weight_c_aug", type=float, default=10.0, help="weight of the content InfoNCE (default 10)")
     p.add_argument("--weight_m_aug", type=float, default=10.0, help="weight of the motion InfoNCE (default 10)")
     p.add_argument("--temperature", type=float, default=0.5, help="NT-Xent temperature (default 0.5)")
@@ -65,13 +80,17 @@ def get_args(argv=None):
     p.add_argument("--data_root", default="data/Sprite/data.pkl", help="the data pickle (make_sprites.py)")
     p.add_argument("--log_dir", default="runs/cdsvae", help="folder of logs and curves (default runs/cdsvae)")
     p.add_argument("--model_dir", default=None, help="folder of the checkpoint model.pt (default: --log_dir)")
-    p.add_argument("--judge", default="judges/sprite_judge.pt", help="judge weights for periodic scoring")
+    p.add_argument("--judge", default="judges/sprite_judge.pt",
+                   help="judge weights for periodic scoring (default judges/sprite_judge.pt; "
+                        "scoring is off without it)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default auto: cuda if any")
     p.add_argument("--amp", action="store_true", help="mixed precision: bf16 autocast on CPU, bf16/fp16 on CUDA")
     p.add_argument("--threads", type=int, default=0, help="CPU threads per process (default 0: torch's choice)")
     p.add_argument("--resume", action="store_true", help="continue from model_dir/model.pt")
-    p.add_argument("--subset", type=int, default=0, help="train on the first N train videos only (smoke runs)")
-    p.add_argument("--val_chars", type=int, default=0, help="hold out this many train characters for validation")
+    p.add_argument("--subset", type=int, default=0,
+                   help="train on the first N train videos only, for smoke runs (default 0: all)")
+    p.add_argument("--val_chars", type=int, default=0,
+                   help="hold out this many train characters for validation (default 0: none)")
     p.add_argument("--sync_bn", action="store_true", help="SyncBatchNorm across processes under torchrun")
     p.add_argument("--snapshot_every", type=int, default=0,
                    help="also keep a half-precision copy of the model every this many epochs, as "
@@ -82,6 +101,21 @@ def get_args(argv=None):
     for name in ("batch_size", "nEpoch", "f_dim", "z_dim", "g_dim", "rnn_size", "nf"):
         if getattr(args, name) <= 0:
             p.error(f"--{name} must be positive, got {getattr(args, name)}")
+    for name in ("threads", "subset", "val_chars", "max_steps", "evl_interval", "snapshot_every"):
+        if getattr(args, name) < 0:
+            p.error(f"--{name} must be 0 or more, got {getattr(args, name)}")
+    for name in ("lr", "temperature"):
+        if not (math.isfinite(getattr(args, name)) and getattr(args, name) > 0):
+            p.error(f"--{name} must be a positive number, got {getattr(args, name)}")
+    if args.batch_size < 2:
+        p.error(f"--batch_size must be at least 2, got {args.batch_size}: the InfoNCE terms contrast each video "
+                f"with the others of its batch")
+    if args.weight_mi_after:
+        after, weight = args.weight_mi_after
+        if not (after >= 0 and after.is_integer() and math.isfinite(weight)):
+            p.error(f"--weight_mi_after takes a step (a whole number, 0 or more) and a weight, "
+                    f"got {after:g} {weight:g}")
+        args.weight_mi_after = [int(after), weight]
     return args
 
 
@@ -111,20 +145,52 @@ def plot_curves(rows, path):
     plt.close(fig)
 
 
+def write_metrics(rows, path):
+    """metrics.jsonl, rewritten whole through a temporary file: it never holds half a row, nor a row twice."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    os.replace(tmp, path)
+
+
+# the temporary files of save_atomic and write_metrics, named <file>.tmp<PID of the writer>
+TEMPORARY = re.compile(r"(model\.pt|epoch_\d+\.pt|metrics\.jsonl)\.tmp(\d+)")
+
+
+def process_alive(pid):
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except PermissionError:  # it exists, and belongs to another user
+        return True
+    except (ProcessLookupError, OverflowError):
+        return False
+    return True
+
+
+def remove_stale_temporaries(folder):
+    """Delete the temporary files in `folder` of writes whose process is gone (killed while writing)."""
+    for entry in os.listdir(folder):
+        match = TEMPORARY.fullmatch(entry)
+        if match and not process_alive(int(match[2])):
+            os.remove(os.path.join(folder, entry))
+
+
 class Stop:
-    """SIGINT / SIGTERM: finish the step, write a checkpoint, exit."""
-    requested = False
+    """SIGINT / SIGTERM / SIGHUP: finish the step, write a checkpoint, exit with 128 + the signal's number."""
+    signum = 0
 
     @classmethod
     def install(cls):
         def handler(signum, frame):
-            cls.requested = True
-        signal.signal(signal.SIGINT, handler)
-        signal.signal(signal.SIGTERM, handler)
+            cls.signum = signum
+        cls.signum = 0
+        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(s, handler)
 
 
 def main(argv=None):
     args = get_args(argv)
+    Stop.install()
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     device = pick_device(args.device)
     rank, world = 0, 1
@@ -136,8 +202,9 @@ def main(argv=None):
         rank, world = dist.get_rank(), dist.get_world_size()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.batch_size % world:
-        sys.exit(f"error: --batch_size {args.batch_size} must be divisible by the {world} processes")
+    if args.batch_size % world or args.batch_size // world < 2:
+        sys.exit(f"error: --batch_size {args.batch_size} must be a multiple of the {world} processes with at least 2 "
+                 f"videos each (the InfoNCE terms contrast each video with the others of its batch)")
     main_proc = rank == 0
 
     def log(msg):
@@ -146,6 +213,13 @@ def main(argv=None):
             with open(os.path.join(args.log_dir, "log.txt"), "a") as f:
                 f.write(msg + "\n")
 
+    judge = None
+    if args.evl_interval and os.path.isfile(args.judge) and main_proc:
+        from test_sprite import load_judge
+        try:
+            judge = load_judge(args.judge, device)
+        except CheckpointError as e:
+            sys.exit(f"error: --judge: {e}")
     try:
         data = load_sprites(args.data_root)
     except DataError as e:
@@ -172,10 +246,7 @@ def main(argv=None):
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp and amp_dtype == torch.float16)
 
     ckpt_path = os.path.join(args.model_dir, "model.pt")
-    start_epoch, step, skip_batches, history = 0, 0, 0, []
-    if main_proc:
-        os.makedirs(args.log_dir, exist_ok=True)
-        os.makedirs(args.model_dir, exist_ok=True)
+    metrics_path = os.path.join(args.log_dir, "metrics.jsonl")
     if args.resume:
         try:
             ckpt = read_checkpoint(ckpt_path)
@@ -186,15 +257,35 @@ def main(argv=None):
                                       f"pass its {' '.join('--' + k for k in changed)} or start a new --log_dir")
         except CheckpointError as e:
             sys.exit(f"error: cannot resume: {e}")
+    elif os.path.exists(ckpt_path):
+        sys.exit(f"error: {ckpt_path} exists; pass --resume to continue it or choose another --model_dir")
+    elif os.path.exists(metrics_path):
+        sys.exit(f"error: {metrics_path} exists, of another run; pass --resume to continue it "
+                 f"or choose another --log_dir")
+    if main_proc:
+        for folder in (args.log_dir, args.model_dir):
+            os.makedirs(folder, exist_ok=True)
+            remove_stale_temporaries(folder)
+
+    # the running sums of the epoch in progress travel with the checkpoint, so a resumed epoch's row is whole
+    start_epoch, step, skip_batches, history, sums, n_batches, seconds_before = 0, 0, 0, [], {}, 0, 0.0
+    if args.resume:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
+        if "scaler" in ckpt:
+            scaler.load_state_dict(ckpt["scaler"])
         start_epoch, step, skip_batches = ckpt["epoch"], ckpt["step"], ckpt["batches_done"]
         torch.set_rng_state(ckpt["rng_cpu"][rank] if rank < len(ckpt["rng_cpu"]) else ckpt["rng_cpu"][0])
         history = list(ckpt.get("history", []))
-        log(f"resumed {ckpt_path} at epoch {start_epoch}, batch {skip_batches}, step {step}")
-    elif os.path.exists(ckpt_path):
-        sys.exit(f"error: {ckpt_path} exists; pass --resume to continue it or choose another --model_dir")
+        # checkpoints older than these keys: the resumed epoch's row averages the batches after the resume only
+        sums, n_batches = dict(ckpt.get("epoch_sums", {})), ckpt.get("epoch_batches", 0)
+        seconds_before = ckpt.get("epoch_seconds", 0.0)
+        if main_proc:  # the checkpoint is the record: a row written after it, before a kill, is dropped
+            write_metrics(history, metrics_path)
+        where = (f"in epoch {start_epoch + 1} after batch {skip_batches}/{len(loader)}" if skip_batches
+                 else f"after epoch {start_epoch}")
+        log(f"resumed {ckpt_path} {where}, step {step}")
 
     if distributed:
         if args.sync_bn:
@@ -202,12 +293,7 @@ def main(argv=None):
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     raw_model = model.module if distributed else model
 
-    judge = None
-    if args.evl_interval and os.path.isfile(args.judge) and main_proc:
-        from test_sprite import load_judge
-        judge = load_judge(args.judge, device)
-
-    def save(epoch, batches_done):
+    def save(epoch, batches_done, seconds):
         rng = [torch.get_rng_state()]
         if distributed:
             gathered = [None] * world
@@ -216,19 +302,42 @@ def main(argv=None):
         if not main_proc:
             return
         save_atomic({"model": raw_model.state_dict(), "model_args": model_args, "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "epoch": epoch, "batches_done": batches_done, "step": step,
-                     "args": vars(args), "rng_cpu": rng, "history": history, "git": git_revision()}, ckpt_path)
+                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
+                     "batches_done": batches_done, "step": step, "epoch_sums": sums, "epoch_batches": n_batches,
+                     "epoch_seconds": seconds, "args": vars(args), "rng_cpu": rng, "history": history,
+                     "git": git_revision()}, ckpt_path)
 
-    Stop.install()
+    def stop_signal():
+        """The signal that asked to stop (0: none), the same in every process so that all stop at one step."""
+        if not distributed:
+            return Stop.signum
+        signum = torch.tensor([Stop.signum], device=device)
+        dist.all_reduce(signum, op=dist.ReduceOp.MAX)
+        return int(signum)
+
+    def stopped(where, signum):
+        why = signal.Signals(signum).name if signum else f"--max_steps {args.max_steps}"
+        log(f"stopped by {why} {where}, step {step}; checkpoint {ckpt_path} (continue with --resume)")
+        if signum:
+            sys.exit(128 + signum)
+        return raw_model
+
     log(f"training on {device} x{world}: {len(X)} videos, {len(loader)} steps/epoch, args {json.dumps(vars(args))}")
+    if args.evl_interval and judge is None:
+        log(f"periodic scoring is off: no judge file at {args.judge} (--judge); score the checkpoint with "
+            f"test_sprite.py afterwards")
+    if Stop.signum:  # asked to stop while loading: nothing trained, nothing to keep
+        sys.exit(128 + Stop.signum)
     for epoch in range(start_epoch, args.nEpoch):
-        loader.set_epoch(epoch)
+        loader.set_epoch(epoch, start=skip_batches)  # resuming mid-epoch: the batches done are not made again
         model.train()
-        sums, n_batches, t0, stop = {}, 0, time.time(), False
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.nEpoch}", disable=not main_proc, leave=False)
-        for b, batch in enumerate(bar):
-            if b < skip_batches:  # resuming mid-epoch: the loader is deterministic, so skip what was done
-                continue
+        t0 = time.time() - seconds_before
+        bar = tqdm(loader, total=len(loader), initial=skip_batches, desc=f"epoch {epoch + 1}/{args.nEpoch}",
+                   disable=not main_proc, leave=False)
+        for b, batch in enumerate(bar, start=skip_batches):
+            weight_mi = args.weight_mi
+            if args.weight_mi_after and step >= args.weight_mi_after[0]:
+                weight_mi = args.weight_mi_after[1]
             x = batch["x"].to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=args.amp):
                 if args.c_aug_flip:
@@ -237,10 +346,12 @@ def main(argv=None):
                     content = {"c_aug_order": batch["c_aug_order"].to(device)}
                 out = model(x, m_aug=batch["m_aug"].to(device), cycle=args.weight_cyc > 0, **content)
             loss, terms = cdsvae_loss(out, x, len(X), args.weight_f, args.weight_z, args.weight_c_aug,
-                                      args.weight_m_aug, args.weight_mi, args.weight_rec, args.temperature, args.weight_cyc)
+                                      args.weight_m_aug, weight_mi, args.weight_rec, args.temperature, args.weight_cyc)
             if not torch.isfinite(loss):
+                kept = (f"the last good checkpoint {ckpt_path} is kept" if os.path.exists(ckpt_path)
+                        else "no checkpoint was written yet")
                 log(f"error: non-finite loss at epoch {epoch + 1}, step {step} ({ {k: v.item() for k, v in terms.items()} }); "
-                    f"the last good checkpoint {ckpt_path} is kept; try a lower --lr or --amp off")
+                    f"{kept}; try a lower --lr or --amp off")
                 sys.exit(1)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -253,14 +364,16 @@ def main(argv=None):
                 sums[k] = sums.get(k, 0.0) + v.item()
             bar.set_postfix({k: f"{sums[k] / n_batches:.3g}" for k in ("loss", "recon", "kld_z", "con_f", "con_z", "con_cyc")
                              if k in sums})
-            stop = Stop.requested or (args.max_steps and step >= args.max_steps)
+            if args.weight_mi_after and step == args.weight_mi_after[0]:
+                log(f"step {step}: the MI penalty's weight goes from {args.weight_mi:g} to {args.weight_mi_after[1]:g}")
+            signum = stop_signal()
+            stop = signum or (args.max_steps and step >= args.max_steps)
             if stop and b + 1 < len(loader):
-                save(epoch, b + 1)
-                log(f"stopped at epoch {epoch + 1}, batch {b + 1}, step {step}; checkpoint {ckpt_path}")
-                return raw_model
-        skip_batches = 0
+                save(epoch, b + 1, time.time() - t0)
+                return stopped(f"in epoch {epoch + 1} after batch {b + 1}/{len(loader)}", signum)
         row = {"epoch": epoch + 1, "step": step, "lr": scheduler.get_last_lr()[0], "seconds": round(time.time() - t0, 1),
                **{k: v / max(1, n_batches) for k, v in sums.items()}}
+        skip_batches, sums, n_batches, seconds_before = 0, {}, 0, 0.0
         if judge is not None and (epoch + 1) % args.evl_interval == 0:
             from test_sprite import evaluate
             scores = evaluate(raw_model, {"judge": judge}, data["test"], device, seeds=[0], amp=args.amp)
@@ -268,20 +381,18 @@ def main(argv=None):
             row.update({f"eval_{k}": v for k, v in scores.items()
                         if k.startswith(("A_", "B_", "swap_")) and not k.endswith("_n")})
         history.append(row)
+        save(epoch + 1, 0, 0.0)  # the checkpoint first: metrics.jsonl is its history, written again on resume
         if main_proc:
-            with open(os.path.join(args.log_dir, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(row) + "\n")
+            write_metrics(history, metrics_path)
             plot_curves(history, os.path.join(args.log_dir, "loss_curves.png"))
             log(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
-        save(epoch + 1, 0)
         if main_proc and args.snapshot_every and (epoch + 1) % args.snapshot_every == 0:
             save_atomic({"model": {k: v.half() if v.is_floating_point() else v for k, v in raw_model.state_dict().items()},
                          "model_args": model_args, "epoch": epoch + 1, "step": step, "args": vars(args),
                          "history": history, "git": git_revision()},
                         os.path.join(args.model_dir, f"epoch_{epoch + 1}.pt"))
         if stop:  # the stop came at the last batch of the epoch: the epoch is complete and logged
-            log(f"stopped after epoch {epoch + 1}, step {step}; checkpoint {ckpt_path}")
-            return raw_model
+            return stopped(f"after epoch {epoch + 1}", signum)
     return raw_model
 
 

@@ -1,7 +1,9 @@
 """What the training, evaluation and figure scripts share: devices, checkpoints, model loading."""
 import inspect
 import os
+import re
 import subprocess
+import warnings
 
 import torch
 
@@ -45,13 +47,20 @@ def save_atomic(obj, path):
 
 
 def read_checkpoint(path, map_location="cpu"):
-    """torch.load(weights_only=True) with one-line errors for a missing or unreadable file."""
+    """torch.load(weights_only=True) with one-line errors for a missing or unreadable file.
+
+    torch's own message is not passed on: it advises weights_only=False, which would run the code such a file holds."""
     if not os.path.isfile(path):
         raise CheckpointError(f"no checkpoint at {path}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # a plain pickle draws a multi-line warning on its protocol before the refusal
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises many types for a bad file; all mean the same to the user
-        raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
+        other = re.search(r"GLOBAL ([\w.]+)", str(e))
+        why = (f"it holds {other[1]}, not only tensors and plain containers" if other else
+               "it is not a complete torch.save file (empty, truncated or another kind of file)")
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint that can be loaded safely: {why}") from None
 
 
 def read_model_checkpoint(path):
