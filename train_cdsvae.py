@@ -80,9 +80,10 @@ def get_args(argv=None):
     p.add_argument("--data_root", default="data/Sprite/data.pkl", help="the data pickle (make_sprites.py)")
     p.add_argument("--log_dir", default="runs/cdsvae", help="folder of logs and curves (default runs/cdsvae)")
     p.add_argument("--model_dir", default=None, help="folder of the checkpoint model.pt (default: --log_dir)")
-    p.add_argument("--judge", default="judges/sprite_judge.pt",
-                   help="judge weights for periodic scoring (default judges/sprite_judge.pt; "
-                        "scoring is off without it)")
+    p.add_argument("--judge", action="append", default=None,
+                   help="judge weights for periodic scoring; repeatable (default: both shipped judges, "
+                        "judges/sprite_judge.pt and judges/clip_judge.pt; a missing file is left out, and scoring "
+                        "is off without any)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default auto: cuda if any")
     p.add_argument("--amp", action="store_true", help="mixed precision: bf16 autocast on CPU, bf16/fp16 on CUDA")
     p.add_argument("--threads", type=int, default=0, help="CPU threads per process (default 0: torch's choice)")
@@ -213,13 +214,17 @@ def main(argv=None):
             with open(os.path.join(args.log_dir, "log.txt"), "a") as f:
                 f.write(msg + "\n")
 
-    judge = None
-    if args.evl_interval and os.path.isfile(args.judge) and main_proc:
-        from test_sprite import load_judge
-        try:
-            judge = load_judge(args.judge, device)
-        except CheckpointError as e:
-            sys.exit(f"error: --judge: {e}")
+    judges, missing_judges = {}, []
+    if args.evl_interval and main_proc:
+        from test_sprite import SHIPPED_JUDGES, judge_name, load_judge
+        for path in args.judge or SHIPPED_JUDGES:
+            if not os.path.isfile(path):
+                missing_judges.append(path)
+                continue
+            try:
+                judges[judge_name(path)] = load_judge(path, device)
+            except CheckpointError as e:
+                sys.exit(f"error: --judge: {e}")
     try:
         data = load_sprites(args.data_root)
     except DataError as e:
@@ -323,9 +328,10 @@ def main(argv=None):
         return raw_model
 
     log(f"training on {device} x{world}: {len(X)} videos, {len(loader)} steps/epoch, args {json.dumps(vars(args))}")
-    if args.evl_interval and judge is None:
-        log(f"periodic scoring is off: no judge file at {args.judge} (--judge); score the checkpoint with "
-            f"test_sprite.py afterwards")
+    if missing_judges:
+        log(f"no judge file at {', '.join(missing_judges)} (--judge): "
+            + ("periodic scoring is off; score the checkpoint with test_sprite.py afterwards" if not judges
+               else f"periodic scoring uses {', '.join(judges)} only"))
     if Stop.signum:  # asked to stop while loading: nothing trained, nothing to keep
         sys.exit(128 + Stop.signum)
     for epoch in range(start_epoch, args.nEpoch):
@@ -374,11 +380,10 @@ def main(argv=None):
         row = {"epoch": epoch + 1, "step": step, "lr": scheduler.get_last_lr()[0], "seconds": round(time.time() - t0, 1),
                **{k: v / max(1, n_batches) for k, v in sums.items()}}
         skip_batches, sums, n_batches, seconds_before = 0, {}, 0, 0.0
-        if judge is not None and (epoch + 1) % args.evl_interval == 0:
+        if judges and (epoch + 1) % args.evl_interval == 0:
             from test_sprite import evaluate
-            scores = evaluate(raw_model, {"judge": judge}, data["test"], device, seeds=[0], amp=args.amp)
-            scores = scores["judges"]["judge"]["mean"]
-            row.update({f"eval_{k}": v for k, v in scores.items()
+            scores = evaluate(raw_model, judges, data["test"], device, seeds=[0], amp=args.amp)["judges"]
+            row.update({f"eval_{name}_{k}": v for name, s in scores.items() for k, v in s["mean"].items()
                         if k.startswith(("A_", "B_", "swap_")) and not k.endswith("_n")})
         history.append(row)
         save(epoch + 1, 0, 0.0)  # the checkpoint first: metrics.jsonl is its history, written again on resume

@@ -160,17 +160,30 @@ def test_bad_flags_are_refused(bad, tmp_path):
     assert r.returncode == 2 and "error" in r.stderr
 
 
-def test_periodic_scoring_with_the_judge(tiny_data, tmp_path):
-    from model import SpriteJudge
-    judge_args = dict(g_dim=16, rnn_size=16, hidden=16, nf=8)
-    torch.save({"model": SpriteJudge(**judge_args).state_dict(), "judge_args": judge_args}, tmp_path / "judge.pt")
+def test_periodic_scoring_under_each_judge_is_test_sprites(tiny_data, tmp_path):
+    """The eval_<judge>_* figures of metrics.jsonl are test_sprite.evaluate's on the model of that epoch."""
+    import test_sprite
+    from dataloader import load_sprites
+    from model import ClipJudge, SpriteJudge
+    from utils import load_model
+    torch.manual_seed(0)
+    for name, judge in (("first", SpriteJudge(g_dim=16, rnn_size=16, hidden=16, nf=8)),
+                        ("second", ClipJudge(nf=4, hidden=16))):
+        torch.save({"model": judge.state_dict(), "arch": "bilstm" if name == "first" else "conv3d",
+                    "judge_args": dict(g_dim=16, rnn_size=16, hidden=16, nf=8) if name == "first" else dict(nf=4, hidden=16)},
+                   tmp_path / f"{name}.pt")
     args = TINY + ["--data_root", tiny_data, "--nEpoch", "2", "--log_dir", str(tmp_path / "run"),
-                   "--judge", str(tmp_path / "judge.pt")]
+                   "--judge", str(tmp_path / "first.pt"), "--judge", str(tmp_path / "second.pt")]
     args[args.index("--evl_interval") + 1] = "2"
     assert run(args).returncode == 0
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
-    assert "eval_A_action_acc" not in rows[0]
-    assert 0 <= rows[1]["eval_A_action_acc"] <= 1 and 0 <= rows[1]["eval_swap_attr_mean_acc"] <= 1
+    assert not any(k.startswith("eval_") for k in rows[0])
+    judges = {n: test_sprite.load_judge(str(tmp_path / f"{n}.pt")) for n in ("first", "second")}
+    want = test_sprite.evaluate(load_model(str(tmp_path / "run" / "model.pt")), judges,
+                                load_sprites(tiny_data)["test"], torch.device("cpu"), seeds=[0])["judges"]
+    for name in judges:
+        for k in ("A_action_acc", "A_IS", "B_attr_mean_acc", "swap_action_acc", "swap_skin_acc"):
+            assert rows[1][f"eval_{name}_{k}"] == pytest.approx(want[name]["mean"][k], abs=1e-6), (name, k)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given where no GPU is visible")
