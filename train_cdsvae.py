@@ -205,7 +205,10 @@ def main(argv=None):
     judge = None
     if args.evl_interval and os.path.isfile(args.judge) and main_proc:
         from test_sprite import load_judge
-        judge = load_judge(args.judge, device)
+        try:
+            judge = load_judge(args.judge, device)
+        except CheckpointError as e:
+            sys.exit(f"error: --judge: {e}")
 
     def save(epoch, batches_done):
         rng = [torch.get_rng_state()]

@@ -1,7 +1,9 @@
 """What the training, evaluation and figure scripts share: devices, checkpoints, model loading."""
 import inspect
 import os
+import pickle
 import subprocess
+import warnings
 
 import torch
 
@@ -45,13 +47,21 @@ def save_atomic(obj, path):
 
 
 def read_checkpoint(path, map_location="cpu"):
-    """torch.load(weights_only=True) with one-line errors for a missing or unreadable file."""
+    """torch.load(weights_only=True) with one-line errors for a missing or unreadable file, and for one holding
+    more than tensors, numbers and plain containers (a pickle that could run code), refused before any of it runs."""
     if not os.path.isfile(path):
         raise CheckpointError(f"no checkpoint at {path}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch warns over several lines about the pickle protocol of a plain pickle
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:  # what weights_only refuses to build; its message advises weights_only=False
+        named = [f" ({line.strip()[:200]})" for line in str(e).splitlines() if "GLOBAL" in line]
+        raise CheckpointError(f"refusing to load {path}: it holds more than tensors, numbers and plain containers, "
+                              f"and such a pickle could run code{(named or [''])[0]}") from None
     except Exception as e:  # torch raises many types for a bad file; all mean the same to the user
-        raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
+        first = (str(e).splitlines() or [""])[0]
+        raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}: {first[:200]})") from None
 
 
 def read_model_checkpoint(path):
