@@ -134,11 +134,18 @@ def main(argv=None):
     sched = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, total_steps=args.nEpoch * len(loader))
     best, best_state, start, spent = -1.0, None, 0, 0.0
     if args.resume and os.path.isfile(args.ckpt):
-        ck = torch.load(args.ckpt, map_location=device, weights_only=True)
-        judge.load_state_dict(ck["model"])
-        optimizer.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["sched"])
-        best, best_state, start, spent = ck["best"], ck["best_state"], ck["epoch"], ck["seconds"]
+        try:
+            ck = read_checkpoint(args.ckpt, map_location=device)
+            judge.load_state_dict(ck["model"])
+            optimizer.load_state_dict(ck["optimizer"])
+            sched.load_state_dict(ck["sched"])
+            corrupt_g.set_state(ck["corrupt_rng"])
+            best, best_state, start, spent = ck["best"], ck["best_state"], ck["epoch"], ck["seconds"]
+        except CheckpointError as e:
+            sys.exit(f"error: cannot resume: {e}")
+        except (KeyError, TypeError, RuntimeError) as e:
+            sys.exit(f"error: cannot resume: {args.ckpt} is not a checkpoint of this train_judge.py run "
+                     f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})")
         print(f"resumed from {args.ckpt} after epoch {start}", flush=True)
     print(f"{len(X)} train sequences, {len(Xv)} held out ({args.val_chars} characters), judge {judge_args}, "
           f"{sum(q.numel() for q in judge.parameters())} parameters, {torch.get_num_threads()} thread(s)", flush=True)
@@ -162,8 +169,8 @@ def main(argv=None):
         if min(val.values()) >= best:
             best, best_state = min(val.values()), {k: v.detach().clone() for k, v in judge.state_dict().items()}
         save_atomic({"model": judge.state_dict(), "optimizer": optimizer.state_dict(), "sched": sched.state_dict(),
-                     "epoch": epoch + 1, "best": best, "best_state": best_state, "seconds": time.time() - t0},
-                    args.ckpt)
+                     "corrupt_rng": corrupt_g.get_state(), "epoch": epoch + 1, "best": best, "best_state": best_state,
+                     "seconds": time.time() - t0}, args.ckpt)
     judge.load_state_dict(best_state)
     train_seconds = time.time() - t0
     wrong = errors(judge, *data["test"], device, args.amp)

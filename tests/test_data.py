@@ -1,7 +1,8 @@
 """The Sprites set built from the open LPC sheets, the safe pickle loader and the on-the-fly augmentations.
 
 Tests that need the sheets find them with make_sprites.find_sheets() ($SPRITES_SHEETS, ./data/sprites-lpc or
-../shared/sprites-lpc); they only render the few characters they check, never the whole set.
+../shared/sprites-lpc; the `sheets` fixture of conftest.py, which skips them where there are none); they only render
+the few characters they check, never the whole set.
 """
 import builtins
 import collections
@@ -41,11 +42,6 @@ SPEC_ROWS = {"walk": {"left": 9, "front": 10, "right": 11}, "spellcard": {"left"
 SPEC_COLUMNS = {"walk": [8, 1, 2, 3, 4, 5, 6, 7], "spellcard": [0, 1, 2, 3, 4, 5, 4, 6],
                 "slash": [0, 1, 2, 3, 4, 5, 4, 0]}
 SPEC_D = [(a, d) for a in ("walk", "spellcard", "slash") for d in ("front", "left", "right")]
-
-
-@pytest.fixture(scope="module")
-def sheets():
-    return make_sprites.find_sheets()
 
 
 @pytest.fixture(scope="module")
@@ -318,18 +314,23 @@ def test_no_sample_dropped_without_drop_last(n, batch_size):
     assert len(full) == n // batch_size and all(len(b["index"]) == batch_size for b in full)
 
 
-@pytest.mark.parametrize("n", [36, 37])
-def test_rank_shares(n):
+@pytest.mark.parametrize("n, world", [(36, 2), (37, 2), (37, 3)])
+def test_rank_shares_are_disjoint_and_cover_the_epoch(n, world):
+    """Each rank's share of an epoch: as many videos and batches on every rank (DDP steps in lockstep), no video on
+    two ranks but the padding to a multiple of the ranks, every video on some rank."""
     X, A, D = synthetic(n)
     shares = []
-    for rank in range(2):
-        loader = SpriteBatches(X, A, D, 8, shuffle=True, augment=False, seed=5, rank=rank, world_size=2)
+    for rank in range(world):
+        loader = SpriteBatches(X, A, D, 4, shuffle=True, augment=False, seed=5, rank=rank, world_size=world)
         loader.set_epoch(3)
-        shares.append(torch.cat([b["index"] for b in loader]).tolist())
-        assert len(shares[-1]) == math.ceil(n / 2)
-    assert set(shares[0]) | set(shares[1]) == set(range(n))
-    assert len(set(shares[0]) & set(shares[1])) == n % 2  # only the padding of an odd set repeats
-    assert len(set(shares[0])) == len(shares[0]) and len(set(shares[1])) == len(shares[1])
+        batches = list(loader)
+        shares.append(torch.cat([b["index"] for b in batches]).tolist())
+        assert len(shares[-1]) == math.ceil(n / world) and len(batches) == len(loader) == math.ceil(n / world / 4)
+        dropping = SpriteBatches(X, A, D, 4, shuffle=True, seed=5, rank=rank, world_size=world, drop_last=True)
+        assert len(list(dropping)) == len(dropping) == math.ceil(n / world) // 4
+    every = [i for share in shares for i in share]
+    assert set(every) == set(range(n)) and len(every) - len(set(every)) == (-n) % world
+    assert all(len(set(share)) == len(share) for share in shares)
 
 
 def test_validation_split_holds_out_whole_characters():
@@ -478,11 +479,9 @@ def test_refuses_missing_file(tmp_path):
     assert_one_line_error(tmp_path / "nothing" / "data.pkl", "no data file", "make_sprites.py")
 
 
-def test_a_sheet_of_the_wrong_size_is_one_line_and_writes_nothing(tmp_path):
-    from PIL import Image
-    real = make_sprites.find_sheets()
-    for path in make_sprites.sheet_paths(real):
-        link = tmp_path / "sheets" / os.path.relpath(path, real)
+def test_a_sheet_of_the_wrong_size_is_one_line_and_writes_nothing(sheets, tmp_path):
+    for path in make_sprites.sheet_paths(sheets):
+        link = tmp_path / "sheets" / os.path.relpath(path, sheets)
         link.parent.mkdir(parents=True, exist_ok=True)
         link.symlink_to(path)
     bad = tmp_path / "sheets" / "hair" / "3.png"

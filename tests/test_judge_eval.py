@@ -1,6 +1,7 @@
 """The judge's label map, the metric functions of test_sprite.py against hand-computed values, and both
 protocols plus the swaps end to end on a tiny checkpoint, a tiny judge and a tiny real-looking data set."""
 import copy
+import json
 import math
 import os
 import subprocess
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 import make_sprites
+import stubs
 import test_sprite as ts
 from dataloader import load_sprites, to_float
 from model import CDSVAE, JUDGE_HEADS, SpriteJudge
@@ -33,10 +35,11 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def files(tiny_data, tmp_path_factory):
-    """A tiny train_cdsvae.py checkpoint and a tiny judge file in the format of train_judge.py."""
+    """A tiny train_cdsvae.py checkpoint (whose outputs differ from input to input) and a tiny judge file in the
+    format of train_judge.py."""
     d = tmp_path_factory.mktemp("eval")
     torch.manual_seed(0)
-    m = CDSVAE(**TINY_MODEL)
+    m = stubs.spread_init(CDSVAE(**TINY_MODEL))
     model_path = str(d / "model.pt")
     torch.save({"model": m.state_dict(), "model_args": dict(TINY_MODEL, frames=8, z_input="bilstm")}, model_path)
     j = SpriteJudge(**TINY_JUDGE)
@@ -123,6 +126,60 @@ def test_motion_parts_split_type_and_direction():
 
 
 # ---- the protocols ----------------------------------------------------------------------------------------
+def test_known_answers_with_a_model_and_judge_that_paint_and_read_the_labels():
+    """stubs.LabelPainter decodes z's action and f's attributes exactly, and stubs.LabelReader reads them back: every
+    protocol scores 1, the swap's action is its partner's, and what the swap shares with f's video is chance."""
+    X, A, D = stubs.painted_test_set(n_characters=4)
+    N = len(D)
+    result = ts.evaluate(stubs.LabelPainter(), {"stub": stubs.LabelReader()}, (X, A, D), torch.device("cpu"),
+                         seeds=(0, 1), batch_size=10)  # 36 videos: a last, partial batch
+    assert result["recon_mse_per_pixel"] == pytest.approx(1 / (8 * 3 * 64 * 64), rel=1e-9)  # one wrong value a video
+    for run in result["judges"]["stub"]["runs"]:
+        perm = ts.derangement(N, torch.Generator().manual_seed(run["seed"])).tolist()
+        assert any(D[perm[i]] != D[i] for i in range(N)) and any((A[perm[i]] != A[i]).any() for i in range(N))
+        perfect = ["A_action_acc", "A_type_from_z", "A_direction_from_z", "swap_action_acc", "swap_type_from_z",
+                   "swap_direction_from_z", "real_action_acc", "real_attr_mean_acc", "B_attr_mean_acc",
+                   "swap_attr_mean_acc"] + [f"{p}_{a}_acc" for p in ("B", "swap", "real") for a in ts.ATTRIBUTES]
+        assert {k: run[k] for k in perfect} == {k: 1.0 for k in perfect}
+        # the swap's motion is all z's (video perm[i]'s); what it shares with f's video i is what the pairing gives
+        same_direction = sum(int(D[perm[i]]) % 3 == int(D[i]) % 3 for i in range(N)) / N
+        same_type = sum(int(D[perm[i]]) // 3 == int(D[i]) // 3 for i in range(N)) / N
+        assert run["swap_direction_from_f"] == pytest.approx(same_direction, abs=1e-12) and same_direction < 1
+        assert run["swap_type_from_f"] == pytest.approx(same_type, abs=1e-12) and same_type < 1
+        # one confident, right answer per video over 9 balanced actions
+        assert run["A_IS"] == pytest.approx(9) and run["A_H_y"] == pytest.approx(math.log(9))
+        assert run["A_H_y_given_x"] == pytest.approx(0, abs=1e-9)
+        assert run["A_KL_gen_vs_real_marginal"] == pytest.approx(0, abs=1e-9)
+        assert run["A_n"] == run["B_n"] == run["swap_n"] == run["real_n"] == N
+
+
+class ActionShiftedOnFirstSkin(stubs.LabelReader):
+    """A second stub judge: reads the labels too, but names the next action for videos painted with skin 0."""
+
+    def forward(self, x):
+        logits = super().forward(x)
+        skin0 = stubs.read(x)[:, 1] == 0
+        logits["action"] = torch.where(skin0[:, None], logits["action"].roll(1, dims=1), logits["action"])
+        return logits
+
+
+def test_known_agreement_of_two_judges():
+    """Two stub judges that differ exactly on the action of videos with skin 0: their agreement on the swaps and the
+    real videos (whose skin is f's video's, i.e. A[:, 0]) is the share of other skins; on every attribute it is 1."""
+    X, A, D = stubs.painted_test_set(n_characters=6, seed=3)
+    judges = {"reader": stubs.LabelReader(), "shifted": ActionShiftedOnFirstSkin()}
+    result = ts.evaluate(stubs.LabelPainter(), judges, (X, A, D), torch.device("cpu"), seeds=(0,), batch_size=16)
+    agree = result["agreement"]["reader vs shifted"]["mean"]
+    other_skins = (A[:, 0] != 0).double().mean().item()
+    assert 0 < other_skins < 1
+    assert agree["real_action"] == pytest.approx(other_skins) and agree["swap_action"] == pytest.approx(other_skins)
+    assert all(agree[f"{kind}_{a}"] == 1 for kind in ("A", "B", "swap", "real") for a in ts.ATTRIBUTES)
+    # each judge's own figures: the shifted one is wrong exactly where it disagrees
+    shifted = result["judges"]["shifted"]["mean"]
+    assert shifted["swap_action_acc"] == pytest.approx(other_skins) and shifted["real_action_acc"] == pytest.approx(other_skins)
+    assert result["judges"]["reader"]["mean"]["swap_action_acc"] == 1
+
+
 def test_latents_are_the_models_generators(files):
     """What evaluate decodes is what generate_fixed_motion, generate_fixed_content and swap make."""
     model = ts.load_model(files["model"])
@@ -202,7 +259,6 @@ def test_cli_end_to_end_every_video_scored(files, capsys):
         assert run["A_type_from_z"] >= run["A_action_acc"] and run["A_direction_from_z"] >= run["A_action_acc"]
     assert [r["seed"] for r in result["runs"]] == [0, 1]
     assert result["std"]["real_action_acc"] == 0  # the real videos do not depend on the seed
-    import json
     saved = json.load(open(out))["judges"]["judge"]
     assert saved["mean"]["A_IS"] == pytest.approx(np.mean([r["A_IS"] for r in result["runs"]]))
     assert saved["std"]["A_IS"] == pytest.approx(np.std([r["A_IS"] for r in result["runs"]], ddof=1))
@@ -236,24 +292,36 @@ def test_script_exits_nonzero_on_a_missing_checkpoint(tmp_path):
     assert r.stderr.strip().splitlines() == [f"error: no checkpoint at {tmp_path / 'x.pt'}"]
 
 
-def test_train_judge_writes_a_half_precision_judge(files, tmp_path):
-    """Two tiny epochs of judges/train_judge.py: the file loads with weights_only and through load_judge."""
-    out = str(tmp_path / "j.pt")
-    train_judge.main(["--data_root", files["data"], "--out", out, "--nEpoch", "1", "--batch_size", "16",
-                      "--nf", "8", "--g_dim", "16", "--rnn_size", "16", "--hidden", "16", "--val_chars", "2",
-                      "--threads", "1", "--amp", "--ckpt", str(tmp_path / "last.pt")])
-    ckpt = torch.load(out, weights_only=True)
-    assert ckpt["judge_args"] == TINY_JUDGE and ckpt["heads"] == JUDGE_HEADS
-    assert all(v.dtype == torch.float16 for v in ckpt["model"].values() if v.is_floating_point())
-    assert set(ckpt["test_accuracy"]) == set(JUDGE_HEADS)
-    judge = ts.load_judge(out)
+def test_train_judge_writes_a_half_precision_judge_and_resumes_exactly(files, tmp_path, monkeypatch):
+    """Two tiny epochs of judges/train_judge.py: the file loads with weights_only and through load_judge; a run
+    killed after its first epoch and resumed from that epoch's checkpoint writes the same judge."""
+    def train(out, ckpt, *extra):
+        train_judge.main(["--data_root", files["data"], "--out", str(tmp_path / out), "--nEpoch", "2",
+                          "--batch_size", "16", "--nf", "8", "--g_dim", "16", "--rnn_size", "16", "--hidden", "16",
+                          "--val_chars", "2", "--threads", "1", "--amp", "--ckpt", str(tmp_path / ckpt), *extra])
+        return torch.load(tmp_path / out, weights_only=True)
+
+    whole = train("whole.pt", "whole_last.pt")
+    assert whole["judge_args"] == TINY_JUDGE and whole["heads"] == JUDGE_HEADS
+    assert all(v.dtype == torch.float16 for v in whole["model"].values() if v.is_floating_point())
+    assert set(whole["test_accuracy"]) == set(JUDGE_HEADS)
+    judge = ts.load_judge(str(tmp_path / "whole.pt"))
     assert isinstance(judge, SpriteJudge) and not judge.training
-    # the per-epoch checkpoint resumes: nothing left to train, the same judge is written again
-    train_judge.main(["--data_root", files["data"], "--out", out + "2", "--nEpoch", "1", "--batch_size", "16",
-                      "--nf", "8", "--g_dim", "16", "--rnn_size", "16", "--hidden", "16", "--val_chars", "2",
-                      "--threads", "1", "--ckpt", str(tmp_path / "last.pt"), "--resume"])
-    again = torch.load(out + "2", weights_only=True)["model"]
-    assert all(torch.equal(again[k], v) for k, v in ckpt["model"].items())
+
+    save_atomic = train_judge.save_atomic
+
+    def killed_after_saving(obj, path):
+        save_atomic(obj, path)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_judge, "save_atomic", killed_after_saving)
+    with pytest.raises(KeyboardInterrupt):
+        train("cut.pt", "cut_last.pt")
+    assert torch.load(tmp_path / "cut_last.pt", weights_only=True)["epoch"] == 1 and not (tmp_path / "cut.pt").exists()
+    monkeypatch.setattr(train_judge, "save_atomic", save_atomic)
+    resumed = train("cut.pt", "cut_last.pt", "--resume")
+    torch.testing.assert_close(resumed["model"], whole["model"], rtol=0, atol=0)
+    assert resumed["test_accuracy"] == whole["test_accuracy"]
 
 
 def test_run_test_sprite_sh_passes_arguments_through(files, tmp_path):
@@ -262,7 +330,12 @@ def test_run_test_sprite_sh_passes_arguments_through(files, tmp_path):
     r = subprocess.run(["bash", os.path.join(ROOT, "run_test_sprite.sh"), "--judge", files["judge"], "--niter", "1",
                         "--device", "cpu", "--threads", "1"], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
-    assert "Protocol A" in r.stdout and out.is_file()
+    assert "Protocol A" in r.stdout
+    saved = json.load(open(out))
+    # the arguments given override the script's own (--niter 5, the shipped judge); the others stay in effect
+    assert (saved["niter"], len(saved["runs"]), saved["judge"], saved["threads"]) == (1, 1, files["judge"], 1)
+    assert (saved["amp"], saved["type_gt"], saved["batch_size"]) == (True, "all", 256)
+    assert saved["model_dir"] == files["model"]
 
 
 SHIPPED = os.path.join(ROOT, "judges", "sprite_judge.pt")

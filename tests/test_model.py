@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+import stubs
 from model import (CDSVAE, cdsvae_loss, kl_gaussians, log_density_gaussian, mutual_information, nt_xent)
 
 SIZES = dict(f_dim=8, z_dim=4, g_dim=16, rnn_size=16, nf=8)
@@ -11,8 +12,9 @@ SIZES = dict(f_dim=8, z_dim=4, g_dim=16, rnn_size=16, nf=8)
 
 @pytest.fixture
 def model():
+    """A tiny model in training mode whose outputs differ clearly from input to input (stubs.spread_init)."""
     torch.manual_seed(0)
-    return CDSVAE(**SIZES)
+    return stubs.spread_init(CDSVAE(**SIZES)).train()
 
 
 def test_shapes_of_every_output(model):
@@ -34,7 +36,8 @@ def test_shapes_of_every_output(model):
     assert a.shape == b.shape == x.shape
 
 
-def test_paper_initialisation(model):
+def test_paper_initialisation():
+    model = CDSVAE(**SIZES)
     w = torch.cat([m.weight.flatten() for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))])
     assert abs(w.std().item() - 0.01) < 0.001
     assert all((m.bias == 0).all() for m in model.modules() if isinstance(m, torch.nn.Linear))
@@ -134,10 +137,11 @@ def test_loss_terms_add_up(model):
     torch.testing.assert_close(t["recon"], ((out["recon"] - x) ** 2).sum() / 4)
 
 
-def test_cycle_reencodes_z_decoded_with_a_new_f(model):
+def test_cycle_reencodes_z_decoded_with_a_new_f():
     """cycle=True: even rows get f ~ N(0, I), odd rows the previous video's f; cyc_post is the posterior of
     decode(z, f_cyc); con_cyc is NT-Xent between the original z (held fixed) and that posterior's z."""
-    model.eval()  # BatchNorm on running statistics, so a second, independent computation gives the same numbers
+    # in eval mode (BatchNorm on running statistics) a second, independent computation gives the same numbers
+    model = stubs.spread_init(CDSVAE(**SIZES))
     x = torch.rand(4, 8, 3, 64, 64)
     torch.manual_seed(2)
     out = model(x, m_aug=1 - x, cycle=True)
@@ -168,15 +172,12 @@ def test_f_mirror_makes_f_exactly_invariant_to_mirroring():
     x = 0.2 * torch.rand(4, 8, 3, 64, 64)
     for t in range(8):  # a bright bar moving left to right; mirrored, it moves right to left
         x[:, t, :, :, 8 * t:8 * t + 8] = 1
-    mirrored = CDSVAE(**SIZES, z_input="frame_delta", f_mirror=True).eval()
-    for m in mirrored.modules():  # torch's default init: the N(0, 0.01) one makes every output near constant
-        if m is not mirrored and hasattr(m, "reset_parameters"):
-            m.reset_parameters()
+    mirrored = stubs.spread_init(CDSVAE(**SIZES, z_input="frame_delta", f_mirror=True))
     a, b = mirrored.encode(x, random=False), mirrored.encode(x.flip(-1), random=False)
     torch.testing.assert_close(a["f_mean"], b["f_mean"], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(a["f_logvar"], b["f_logvar"], rtol=1e-5, atol=1e-6)
 
-    def differ(u, v):  # relative to the (small, at initialisation) scale of the outputs
+    def differ(u, v):  # relative to the scale of the outputs
         return ((u - v).abs().max() > 1e-3 * u.abs().max()).item()
 
     plain = CDSVAE(**SIZES, z_input="frame_delta").eval()

@@ -1,4 +1,5 @@
 """The training script as a user runs it: resume equivalence, DDP, smoke training, refusals."""
+import copy
 import hashlib
 import json
 import math
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 import train_cdsvae
+from dataloader import load_sprites, to_float
 from utils import load_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,6 +45,21 @@ def test_stop_and_resume_equals_uninterrupted(tiny_data, tmp_path, max_steps):
     torch.testing.assert_close(params(resumed), params(whole), rtol=0, atol=0)
     rows = [json.loads(line) for line in open(tmp_path / "b" / "metrics.jsonl")]
     assert [r["epoch"] for r in rows] == [1, 2] and all("loss" in r for r in rows)
+
+
+def test_resume_mid_epoch_under_cosine_schedule_and_amp_equals_uninterrupted(tiny_data, tmp_path):
+    """The shipped recipe's schedule and precision, stopped in the middle of epoch 2 (step 4 of 6) and resumed: the
+    same parameters, optimizer state and schedule position as an uninterrupted run."""
+    common = TINY + ["--data_root", tiny_data, "--nEpoch", "2", "--sche", "cosine", "--amp"]
+    train_cdsvae.main(common + ["--log_dir", str(tmp_path / "a")])
+    train_cdsvae.main(common + ["--log_dir", str(tmp_path / "b"), "--max_steps", "4"])
+    train_cdsvae.main(common + ["--log_dir", str(tmp_path / "b"), "--resume"])
+    whole, resumed = (torch.load(tmp_path / run / "model.pt", weights_only=True) for run in "ab")
+    assert (whole["epoch"], whole["step"]) == (resumed["epoch"], resumed["step"]) == (2, 6)
+    assert whole["batches_done"] == resumed["batches_done"] == 0
+    torch.testing.assert_close(resumed["model"], whole["model"], rtol=0, atol=0)
+    torch.testing.assert_close(resumed["optimizer"], whole["optimizer"], rtol=0, atol=0)
+    assert resumed["scheduler"] == whole["scheduler"] and whole["scheduler"]["last_epoch"] == 6
 
 
 def test_mirrored_content_view_is_encoded_on_its_own(tiny_data, tmp_path, monkeypatch):
@@ -99,27 +116,47 @@ def test_smoke_training_lowers_the_loss_and_writes_everything(tiny_data, tmp_pat
     assert load_model(str(tmp_path / "model.pt")).f_dim == 8
 
 
-def test_two_process_ddp_keeps_ranks_identical(tiny_data, tmp_path):
+def test_two_process_ddp_shares_each_epoch_and_keeps_ranks_identical(tiny_data, tmp_path):
+    """Two gloo processes on a port found at run time (--standalone): each rank trains on its own share of every
+    epoch, the shares are disjoint and cover the epoch but for the videos drop_last leaves out, the ranks end with
+    the same weights, and rank 0 alone writes one metrics row per epoch."""
     script = tmp_path / "ddp_check.py"
     script.write_text(f"""
-import sys, torch, torch.distributed as dist
+import json, sys, torch, torch.distributed as dist
 sys.path.insert(0, {ROOT!r})
-import train_cdsvae
+import dataloader, train_cdsvae
+seen, batches = [], dataloader.SpriteBatches.__iter__
+def spy(self):
+    seen.append([])
+    for batch in batches(self):
+        seen[-1].extend(batch["index"].tolist())
+        yield batch
+dataloader.SpriteBatches.__iter__ = spy
 model = train_cdsvae.main(sys.argv[1:])
 flat = torch.cat([p.detach().flatten() for p in model.parameters()])
-gathered = [torch.zeros_like(flat) for _ in range(dist.get_world_size())]
-dist.all_gather(gathered, flat)
+weights, shares = [torch.zeros_like(flat) for _ in range(2)], [None, None]
+dist.all_gather(weights, flat)
+dist.all_gather_object(shares, seen)
 if dist.get_rank() == 0:
-    print("RANKS_IDENTICAL", all(torch.equal(g, gathered[0]) for g in gathered))
+    json.dump({{"identical": torch.equal(*weights), "shares": shares}}, open({str(tmp_path / "ranks.json")!r}, "w"))
 dist.destroy_process_group()
 """)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
-                        str(script), *TINY, "--data_root", tiny_data, "--nEpoch", "1", "--max_steps", "3",
-                        "--log_dir", str(tmp_path / "run")], capture_output=True, text=True, cwd=ROOT, timeout=600,
-                       env=env)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(script), *TINY, "--data_root", tiny_data, "--nEpoch", "2",
+                        "--log_dir", str(tmp_path / "run")],
+                       capture_output=True, text=True, cwd=ROOT, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "RANKS_IDENTICAL True" in r.stdout
+    ranks = json.load(open(tmp_path / "ranks.json"))
+    assert ranks["identical"]
+    n = len(load_sprites(tiny_data)["train"][0])  # 54 videos, 2 ranks x 3 steps x 8 videos an epoch
+    epochs = list(zip(*ranks["shares"]))
+    assert len(epochs) == 2
+    for first, second in epochs:
+        assert len(first) == len(second) == 24 and len(set(first) | set(second)) == 48
+        assert set(first + second) <= set(range(n))
+    assert epochs[0] != epochs[1]  # shuffled anew each epoch
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [(row["epoch"], row["step"]) for row in rows] == [(1, 3), (2, 6)]
     assert os.listdir(tmp_path / "run").count("model.pt") == 1
     assert "x2" in open(tmp_path / "run" / "log.txt").read()
 
@@ -199,6 +236,9 @@ def test_f_mirror_run_saves_and_loads_a_mirror_invariant_model(tiny_data, tmp_pa
                               "--log_dir", str(tmp_path)])
     model = load_model(str(tmp_path / "model.pt"))
     assert model.f_mirror and model.z_input == "frame_delta"
-    x = torch.rand(2, 8, 3, 64, 64)
-    torch.testing.assert_close(model.encode(x, random=False)["f_mean"], model.encode(x.flip(-1), random=False)["f_mean"],
-                               rtol=1e-4, atol=1e-5)
+    x = to_float(load_sprites(tiny_data)["test"][0])
+    with torch.no_grad():
+        f, f_mirrored = model.encode(x, random=False)["f_mean"], model.encode(x.flip(-1), random=False)["f_mean"]
+    # a model one epoch from the paper's initialisation tells videos apart by little (~1e-6): compare with that
+    spread = (f[:, None] - f[None]).abs().amax()
+    assert spread > 0 and (f - f_mirrored).abs().max() <= 1e-3 * spread

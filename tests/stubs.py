@@ -1,0 +1,95 @@
+"""Stand-ins with known answers for test_sprite.evaluate, and an initialisation that makes tiny models' outputs
+depend on their inputs.
+
+Each label of a video (action D, then skin, pant, top, hair) is painted as the intensity (label + 1) / LEVELS of
+its own BLOCK x BLOCK square of the red channel in every frame. LabelPainter encodes a painted video into
+z = its action and f = its attributes, and decodes z and f by painting them again; LabelReader, the judge, reads
+the squares back. So a decoded video shows the action of the z it was given and the attributes of its f.
+"""
+import torch
+from torch import nn
+
+from model import JUDGE_HEADS
+
+HEADS = tuple(JUDGE_HEADS)  # action, skin, pant, top, hair: the order of the painted squares
+BLOCK, LEVELS = 8, 17       # 255 = 15 * 17: every painted intensity is a whole uint8 value
+FRAMES, Z_DIM, F_DIM = 8, 3, 6
+
+
+def paint(labels, frames=FRAMES):
+    """Videos (B, frames, 3, 64, 64) in [0, 1] showing labels (B, 5) (columns in the order of HEADS)."""
+    video = torch.zeros(len(labels), frames, 3, 64, 64, device=labels.device)
+    for k in range(len(HEADS)):
+        video[:, :, 0, :BLOCK, k * BLOCK:(k + 1) * BLOCK] = ((labels[:, k].float() + 1) / LEVELS)[:, None, None, None]
+    return video
+
+
+def read(videos):
+    """The labels (B, 5) painted in videos (B, T, 3, 64, 64), each clamped to its head's classes."""
+    cols = [videos[:, :, 0, :BLOCK, k * BLOCK:(k + 1) * BLOCK].float().mean((1, 2, 3)) * LEVELS - 1
+            for k in range(len(HEADS))]
+    return torch.stack([c.round().clamp(0, JUDGE_HEADS[h] - 1).long() for c, h in zip(cols, HEADS)], 1)
+
+
+def painted_test_set(n_characters=4, seed=0):
+    """(X uint8 (N, 8, 64, 64, 3), A (N, 4), D (N,)) laid out as make_sprites stores a split: every character in
+    all 9 motions. One value of each video (frame 0, the bottom-right pixel's blue) is 255, where LabelPainter
+    draws 0: the squared reconstruction error is 1 per video (up to rounding)."""
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randint(0, 6, (n_characters, 4), generator=g).repeat_interleave(9, 0)
+    D = torch.arange(9).repeat(n_characters)
+    X = (paint(torch.cat([D[:, None], A], 1)) * 255).round().to(torch.uint8).permute(0, 1, 3, 4, 2).contiguous()
+    X[:, 0, 63, 63, 2] = 255
+    return X, A, D
+
+
+class LabelPainter(nn.Module):
+    """The interface of model.CDSVAE that test_sprite.evaluate uses, with z_t = (action, 0, 0) in every frame and
+    f = (skin, pant, top, hair, 0, 0) read from a painted video, decode(z, f) painting the action of z and the
+    attributes of f, and a prior of N(0, 4 I) samples."""
+
+    def encode(self, x, random=False):
+        labels = read(x).float()
+        z = torch.zeros(len(x), x.shape[1], Z_DIM, device=x.device)
+        z[:, :, 0] = labels[:, :1]
+        f = torch.zeros(len(x), F_DIM, device=x.device)
+        f[:, :4] = labels[:, 1:]
+        return {"z_mean": z, "z_logvar": torch.zeros_like(z), "z": z,
+                "f_mean": f, "f_logvar": torch.zeros_like(f), "f": f}
+
+    def decode(self, z, f):
+        labels = torch.cat([z[:, :, :1].mean(1), f[:, :4]], 1).round().clamp(0, LEVELS - 2).long()
+        return paint(labels, frames=z.shape[1])
+
+    def sample_z_prior(self, B, T=None, random=True, like=None):
+        return 2 * torch.randn(B, T or FRAMES, Z_DIM, dtype=like.dtype, device=like.device)
+
+
+class LabelReader(nn.Module):
+    """A judge that reads the painted labels: logits 50 on the painted class of each head, 0 elsewhere."""
+
+    def forward(self, x):
+        labels = read(x)
+        return {h: 50 * nn.functional.one_hot(labels[:, k], JUDGE_HEADS[h]).float() for k, h in enumerate(HEADS)}
+
+
+def spread_init(model, seed=0):
+    """`model` in eval mode with He-normal conv / linear weights in place of the paper's N(0, 0.01) ones, under which
+    every output is nearly the same whatever the input (~1e-6 apart), and BatchNorm statistics of one training-mode
+    pass over random videos: a tiny model whose outputs differ clearly (~0.1) from input to input. The caller's
+    random state is left as it was."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        for m in model.modules():
+            if m is not model and hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+            if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight, a=0.2, nonlinearity="leaky_relu")
+        norms = [m for m in model.modules() if isinstance(m, (nn.BatchNorm2d, nn.BatchNorm3d))]
+        for m in norms:
+            m.momentum = None  # the statistics of the one pass, not a running average towards them
+        with torch.no_grad():
+            model.train()(torch.rand(8, FRAMES, 3, 64, 64))
+        for m in norms:
+            m.momentum = 0.1
+    return model.eval()
