@@ -69,10 +69,12 @@ class FilmDecoder(nn.Module):
         return self.out(h).view(B, T, 3, 64, 64)
 
 
-def init_weights(module):
-    """The paper repo's initialisation: conv / linear weights N(0, 0.01), biases 0; BatchNorm 1 and 0."""
+def init_weights(module, deconv_normal=True):
+    """Conv2d / Linear weights N(0, 0.01), biases 0; BatchNorm 1 and 0: the paper repo's initialisation.
+    deconv_normal=True draws ConvTranspose2d the same way (ours); the paper leaves them at PyTorch's default."""
+    kinds = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear) if deconv_normal else (nn.Conv2d, nn.Linear)
     for m in module.modules():
-        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+        if isinstance(m, kinds):
             nn.init.normal_(m.weight, 0.0, 0.01)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
@@ -100,10 +102,13 @@ class CDSVAE(nn.Module):
     BiLSTM summaries of the video and of its mirror image (one more encoder pass), so the facing direction,
     which the mirror turns left into right, cannot reach f.
     f_film=True decodes with FilmDecoder: the frame's layout comes from z_t alone, f only modulates channels.
+    f_head_leaky=True makes q(f|x)'s mean and log-variance heads a Linear followed by LeakyReLU(0.2), as the
+    paper's LinearUnit(..., batchnorm=False); False (the default, for the checkpoints written before) plain Linear.
+    deconv_normal: see init_weights (True, the default: ours; False: the paper's).
     """
 
     def __init__(self, f_dim=256, z_dim=32, g_dim=128, rnn_size=256, nf=64, frames=8, z_input="bilstm",
-                 f_mirror=False, f_film=False):
+                 f_mirror=False, f_film=False, f_head_leaky=False, deconv_normal=True):
         super().__init__()
         if z_input not in ("bilstm", "frame_delta"):
             raise ValueError(f"z_input must be 'bilstm' or 'frame_delta', got {z_input!r}")
@@ -112,12 +117,13 @@ class CDSVAE(nn.Module):
         self.encoder = FrameEncoder(g_dim, nf)
         self.decoder = FilmDecoder(z_dim, f_dim, nf) if f_film else FrameDecoder(z_dim + f_dim, nf)
         self.z_lstm = nn.LSTM(g_dim, rnn_size, batch_first=True, bidirectional=True)  # shared by q(f|x) and q(z|x)
-        self.f_mean, self.f_logvar = nn.Linear(2 * rnn_size, f_dim), nn.Linear(2 * rnn_size, f_dim)
+        self.f_mean, self.f_logvar = (nn.Sequential(nn.Linear(2 * rnn_size, f_dim), nn.LeakyReLU(0.2)) if f_head_leaky
+                                      else nn.Linear(2 * rnn_size, f_dim) for _ in range(2))
         self.z_rnn = nn.RNN(2 * rnn_size, rnn_size, batch_first=True)
         self.z_mean, self.z_logvar = nn.Linear(rnn_size, z_dim), nn.Linear(rnn_size, z_dim)
         self.z_prior_lstm_1, self.z_prior_lstm_2 = nn.LSTMCell(z_dim, rnn_size), nn.LSTMCell(rnn_size, rnn_size)
         self.z_prior_mean, self.z_prior_logvar = nn.Linear(rnn_size, z_dim), nn.Linear(rnn_size, z_dim)
-        init_weights(self)
+        init_weights(self, deconv_normal)
 
     # ---- posteriors -------------------------------------------------------------------------------------
     def encode(self, x, random=True, need_f=True):

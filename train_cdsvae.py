@@ -58,6 +58,12 @@ def get_args(argv=None):
     p.add_argument("--f_film", action="store_true",
                    help="decode with f only as a per-channel scale and shift of the feature maps, so that the frame's "
                         "layout (pose, facing) comes from z alone (default off: the paper's decoder of [z_t; f])")
+    p.add_argument("--f_head_leaky", action="store_true",
+                   help="q(f|x)'s mean and log-variance heads end in LeakyReLU(0.2), as the paper's "
+                        "LinearUnit(..., batchnorm=False) (default off: plain Linear, as our earlier checkpoints)")
+    p.add_argument("--deconv_init", choices=("normal", "default"), default="normal",
+                   help="initial ConvTranspose2d weights: normal, N(0, 0.01) as the other layers (default, ours), or "
+                        "default, PyTorch's own initialisation (the paper's)")
     p.add_argument("--c_aug_flip", action="store_true",
                    help="content view also mirrored left-right, so f cannot keep the facing direction "
                         "(one more encoder pass per step; default off, the paper's shuffled frames only)")
@@ -75,8 +81,11 @@ def get_args(argv=None):
     p.add_argument("--weight_c_aug", type=float, default=10.0, help="weight of the content InfoNCE (default 10)")
     p.add_argument("--weight_m_aug", type=float, default=10.0, help="weight of the motion InfoNCE (default 10)")
     p.add_argument("--temperature", type=float, default=0.5, help="NT-Xent temperature (default 0.5)")
-    p.add_argument("--sche", choices=("const", "cosine", "step"), default="const",
-                   help="learning-rate schedule: constant, cosine to 0 over nEpoch, or x0.5 every nEpoch/4 epochs")
+    p.add_argument("--sche", choices=("const", "cosine", "step", "cosine_to_zero"), default="const",
+                   help="learning-rate schedule (default const). cosine and step are the paper repo's, changed once "
+                        "an epoch: cosine with warm restarts every (nEpoch+1)//2 epochs down to 2e-4, and x0.5 every "
+                        "nEpoch//2 epochs; cosine_to_zero (ours, the CPU recipe's) is cosine to 0 over the run, "
+                        "changed every step")
     p.add_argument("--data_root", default="data/Sprite/data.pkl", help="the data pickle (make_sprites.py)")
     p.add_argument("--log_dir", default="runs/cdsvae", help="folder of logs and curves (default runs/cdsvae)")
     p.add_argument("--model_dir", default=None, help="folder of the checkpoint model.pt (default: --log_dir)")
@@ -120,12 +129,16 @@ def get_args(argv=None):
     return args
 
 
-def lr_lambda(sche, n_epoch, steps_per_epoch):
+def lr_lambda(sche, n_epoch, steps_per_epoch, lr):
+    """The learning rate's factor at each step for --sche (the paper repo steps its schedulers once an epoch)."""
     total = max(1, n_epoch * steps_per_epoch)
-    if sche == "cosine":
+    if sche == "cosine_to_zero":
         return lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
-    if sche == "step":
-        return lambda step: 0.5 ** (step // max(1, total // 4))
+    if sche == "cosine":  # CosineAnnealingWarmRestarts(T_0=(nEpoch+1)//2, eta_min=2e-4)
+        period, floor = max(1, (n_epoch + 1) // 2), 2e-4 / lr
+        return lambda step: floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * (step // steps_per_epoch % period) / period))
+    if sche == "step":  # StepLR(step_size=nEpoch//2, gamma=0.5)
+        return lambda step: 0.5 ** (step // steps_per_epoch // max(1, n_epoch // 2))
     return lambda step: 1.0
 
 
@@ -242,11 +255,12 @@ def main(argv=None):
     torch.manual_seed(args.seed + rank)
     model_args = {k: getattr(args, k) for k in MODEL_ARGS if hasattr(args, k)}
     model_args["frames"] = X.shape[1]
+    model_args["deconv_normal"] = args.deconv_init == "normal"
     model = CDSVAE(**model_args).to(device)
     if device.type == "cpu":
         model = model.to(memory_format=torch.channels_last)  # oneDNN's bf16 convs are ~2x faster channels-last
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.999))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.sche, args.nEpoch, len(loader)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.sche, args.nEpoch, len(loader), args.lr))
     amp_dtype = torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp and amp_dtype == torch.float16)
 

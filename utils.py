@@ -9,7 +9,8 @@ import torch
 
 from model import CDSVAE
 
-MODEL_ARGS = ("f_dim", "z_dim", "g_dim", "rnn_size", "nf", "frames", "z_input", "f_mirror", "f_film")
+MODEL_ARGS = ("f_dim", "z_dim", "g_dim", "rnn_size", "nf", "frames", "z_input", "f_mirror", "f_film", "f_head_leaky",
+              "deconv_normal")
 
 
 class CheckpointError(ValueError):
