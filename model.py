@@ -180,16 +180,18 @@ class CDSVAE(nn.Module):
         return torch.stack(means, 1), torch.stack(logvars, 1)
 
     def sample_z_prior(self, B, T=None, random=True, like=None):
-        """Generate z (B, T, z_dim) from the prior, each step fed its own sample."""
+        """A path of the prior (B, T, z_dim), each step fed its own sample: (the per-step means, the samples).
+        The paper decodes the means along the sampled path (its protocol B)."""
         T = T or self.frames
         like = like if like is not None else next(self.parameters())
         state = self._prior_state(B, like)
-        z_prev, zs = like.new_zeros(B, self.z_dim), []
+        z_prev, means, zs = like.new_zeros(B, self.z_dim), [], []
         for _ in range(T):
             m, lv, state = self._prior_step(z_prev, state)
             z_prev = reparameterize(m, lv, random)
+            means.append(m)
             zs.append(z_prev)
-        return torch.stack(zs, 1)
+        return torch.stack(means, 1), torch.stack(zs, 1)
 
     # ---- generation -------------------------------------------------------------------------------------
     def forward(self, x, c_aug=None, m_aug=None, c_aug_order=None, cycle=False):
@@ -228,9 +230,10 @@ class CDSVAE(nn.Module):
 
     @torch.no_grad()
     def generate_fixed_content(self, x):
-        """Keep each video's content (posterior mean of f), draw z from the learned prior."""
+        """Keep each video's content (posterior mean of f), decode the learned prior's per-step means along a
+        sampled path (the paper's protocol B)."""
         post = self.encode(x, random=False)
-        return self.decode(self.sample_z_prior(x.shape[0], x.shape[1], like=post["f_mean"]), post["f_mean"])
+        return self.decode(self.sample_z_prior(x.shape[0], x.shape[1], like=post["f_mean"])[0], post["f_mean"])
 
     @torch.no_grad()
     def swap(self, x1, x2):

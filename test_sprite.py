@@ -12,8 +12,9 @@ Protocol A (the paper's Table 1; --type_gt action): keep each video's dynamics (
     KL(p_gen(y) || p_real(y)), the KL between its mean prediction on these generated videos and on the real
     test videos. The test split is class-balanced (296 characters x 9 actions), so the whole split is the
     class-balanced set these scores ask for.
-Protocol B (--type_gt static): keep each video's content (posterior mean of f), draw z from the learned prior,
-    decode (model.generate_fixed_content). The judge's accuracy on skin, pant, top, hair and their mean.
+Protocol B (--type_gt static): keep each video's content (posterior mean of f), draw a path of the learned prior
+    and decode its per-step means, as the paper does (model.generate_fixed_content). The judge's accuracy on skin,
+    pant, top, hair and their mean. 'Bs' (not the paper's figure): the same, decoding the path's samples.
 Swaps (always): pair each video i with another video j = perm[i] (a seeded derangement: never itself), decode
     f of i with z of j (model.swap); the judge's accuracy on i's four attributes and on j's action. As a
     diagnosis, the predicted action in its two parts, action type and facing direction: how often each is j's
@@ -208,7 +209,9 @@ def run_latents(model, post, seed, type_gt="all"):
     video perm[i]). From the posterior means post['z'], post['f'] of encode_split:
 
     'A' (type_gt action/all): (z_mean, f ~ N(0, I)): model.generate_fixed_motion(x) after torch.manual_seed(seed)
-    'B' (type_gt static/all): (z ~ prior, f_mean): model.generate_fixed_content(x) after torch.manual_seed(seed)
+    'B' (type_gt static/all): (prior means along a sampled path, f_mean): model.generate_fixed_content(x) after
+        torch.manual_seed(seed), the paper's protocol B
+    'Bs' (type_gt static/all): (that path's samples, f_mean)
     'swap': (z_mean[perm], f_mean): model.swap(x, x[perm])[0]
     (computed from the posteriors once, instead of encoding the videos again for each protocol)."""
     N, T = post["z"].shape[:2]
@@ -221,7 +224,8 @@ def run_latents(model, post, seed, type_gt="all"):
             out["A"] = (post["z"], torch.randn_like(post["f"]))
         if type_gt in ("static", "all"):
             torch.manual_seed(seed)
-            out["B"] = (model.sample_z_prior(N, T, like=post["f"]), post["f"])
+            prior_means, prior_samples = model.sample_z_prior(N, T, like=post["f"])
+            out["B"], out["Bs"] = (prior_means, post["f"]), (prior_samples, post["f"])
     perm = derangement(N, torch.Generator().manual_seed(seed))
     out["swap"] = (post["z"][perm.to(post["z"].device)], post["f"])
     return out, perm
@@ -273,13 +277,14 @@ def real_scores(probs, A, D):
 
 
 def generated_scores(gen, real_probs, A, D, perm):
-    """One judge's figures on one run's generated videos gen = {'A' / 'B' / 'swap': {head: probabilities}}."""
+    """One judge's figures on one run's generated videos gen = {'A' / 'B' / 'Bs' / 'swap': {head: probabilities}}."""
     row = {}
     if "A" in gen:
         row.update(_action_scores("A", gen["A"]["action"], D, real_probs["action"]))
         row.update(motion_parts("A", gen["A"]["action"], {"z": D}))
-    if "B" in gen:
-        row.update(_attribute_scores("B", gen["B"], A))
+    for kind in ("B", "Bs"):
+        if kind in gen:
+            row.update(_attribute_scores(kind, gen[kind], A))
     row.update(_attribute_scores("swap", gen["swap"], A), swap_action_acc=accuracy(gen["swap"]["action"], D[perm]))
     row.update(motion_parts("swap", gen["swap"]["action"], {"z": D[perm], "f": D}))
     return row
@@ -304,8 +309,9 @@ def evaluate(model, judges, test, device, seeds=(0,), amp=False, batch_size=256,
 
     {'judges': {name: {'runs': [{figure: value}], 'mean': {...}, 'std': {...}}},
      'agreement': {'a vs b': {'runs', 'mean', 'std'}} for each pair of judges, 'recon_mse_per_pixel': float}.
-    Figure keys: A_* (protocol A), B_* (protocol B), swap_*, real_* (the judge on the real videos); *_n is the
-    number of videos scored. Agreement keys: <A|B|swap|real>_<head>, the share of videos on which the pair's
+    Figure keys: A_* (protocol A), B_* (protocol B, the prior's means), Bs_* (protocol B, its samples), swap_*,
+    real_* (the judge on the real videos); *_n is the number of videos scored. Agreement keys:
+    <A|B|Bs|swap|real>_<head>, the share of videos on which the pair's
     predictions for that head match. Every generated video is decoded once and shown to every judge."""
     X, A, D = test
     model.eval()
@@ -359,7 +365,8 @@ def format_table(result):
                              f"{_pm(st, f'{p}_IS'):>16} {_pm(st, f'{p}_H_y_given_x'):>16} {_pm(st, f'{p}_H_y'):>16}")
     lines += ["", f"{'judge accuracy (%)':<{w}} {'action':>16} " + " ".join(f"{a:>16}" for a in ATTRIBUTES)
               + f" {'attr. mean':>16}"]
-    rows = (("protocol B: fix f, z ~ prior", "B", None), ("swap: f of i, z of j", "swap", "swap_action_acc"),
+    rows = (("protocol B: fix f, z = prior means", "B", None), ("protocol Bs: fix f, z ~ prior", "Bs", None),
+            ("swap: f of i, z of j", "swap", "swap_action_acc"),
             ("real test videos", "real", "real_action_acc"))
     for label, prefix, action_key in rows:
         for name, st in per_judge.items():
@@ -378,7 +385,8 @@ def format_table(result):
     for pair, st in result["agreement"].items():
         lines += ["", f"agreement of the judges {pair} (% of videos with the same prediction)",
                   f"{'':<{w}} " + " ".join(f"{h:>16}" for h in JUDGE_HEADS)]
-        for kind, label in (("A", "protocol A"), ("B", "protocol B"), ("swap", "swaps"), ("real", "real test videos")):
+        for kind, label in (("A", "protocol A"), ("B", "protocol B"), ("Bs", "protocol Bs"), ("swap", "swaps"),
+                            ("real", "real test videos")):
             if f"{kind}_action" in st["mean"]:
                 lines.append(f"{label:<{w}} " + " ".join(f"{_pm(st, f'{kind}_{h}', True):>16}" for h in JUDGE_HEADS))
     lines += ["", f"reconstruction MSE per pixel, decode(z_mean, f_mean), pixels in [0, 1]: "

@@ -398,7 +398,7 @@ def main(argv=None):
             from test_sprite import evaluate
             scores = evaluate(raw_model, judges, data["test"], device, seeds=[0], amp=args.amp)["judges"]
             row.update({f"eval_{name}_{k}": v for name, s in scores.items() for k, v in s["mean"].items()
-                        if k.startswith(("A_", "B_", "swap_")) and not k.endswith("_n")})
+                        if k.startswith(("A_", "B_", "Bs_", "swap_")) and not k.endswith("_n")})
         history.append(row)
         save(epoch + 1, 0, 0.0)  # the checkpoint first: metrics.jsonl is its history, written again on resume
         if main_proc:
