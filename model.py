@@ -280,30 +280,35 @@ def mutual_information(f, f_mean, f_logvar, z, z_mean, z_logvar, dataset_size):
 
 
 def cdsvae_loss(out, x, dataset_size, weight_f=1.0, weight_z=1.0, weight_c_aug=10.0, weight_m_aug=10.0,
-                weight_mi=1.0, weight_rec=1.0, temperature=0.5, weight_cyc=0.0):
+                weight_mi=1.0, weight_rec=1.0, temperature=0.5, weight_cyc=0.0, gather=None):
     """Total loss and every term from the outputs of CDSVAE.forward (per video: sums over frames and
     pixels divided by the batch size). Terms are computed in fp32 whatever the autocast.
 
     con_cyc (when forward ran with cycle=True): NT-Xent between z of the video decoded with a new f, encoded
-    again, and the original z (held fixed): the decoder pays when the motion it draws follows f instead of z."""
+    again, and the original z (held fixed): the decoder pays when the motion it draws follows f instead of z.
+    gather: for k processes, a function of a local batch tensor to the whole batch's (all processes' rows in
+    order, with gradients that reach each process's own rows): the InfoNCE and MI terms, which compare the videos
+    of a batch with each other, are then those of the whole batch, and the per-video terms are local means, so
+    that k processes averaging their gradients optimise what one process does on the whole batch."""
     B = x.shape[0]
+    gather = gather or (lambda t: t)
     out = {k: v.float() if torch.is_tensor(v) else {kk: vv.float() for kk, vv in v.items()} for k, v in out.items()}
     recon = F.mse_loss(out["recon"], x, reduction="sum") / B
     kld_f = kl_gaussians(out["f_mean"], out["f_logvar"], torch.zeros_like(out["f_mean"]),
                          torch.zeros_like(out["f_logvar"])).sum() / B
     kld_z = kl_gaussians(out["z_mean"], out["z_logvar"], out["z_prior_mean"], out["z_prior_logvar"]).sum() / B
-    mi = mutual_information(out["f"], out["f_mean"], out["f_logvar"], out["z"], out["z_mean"], out["z_logvar"],
-                            dataset_size)
+    whole = {k: gather(out[k]) for k in ("f", "f_mean", "f_logvar", "z", "z_mean", "z_logvar")}
+    mi = mutual_information(*whole.values(), dataset_size)
     terms = {"recon": recon, "kld_f": kld_f, "kld_z": kld_z, "mi_fz": mi}
     total = weight_rec * recon + weight_f * kld_f + weight_z * kld_z + weight_mi * mi
     if "c_post" in out:
-        terms["con_f"] = nt_xent(out["f_mean"], out["c_post"]["f_mean"], temperature)
+        terms["con_f"] = nt_xent(whole["f_mean"], gather(out["c_post"]["f_mean"]), temperature)
         total = total + weight_c_aug * terms["con_f"]
     if "m_post" in out:
-        terms["con_z"] = nt_xent(out["z_mean"], out["m_post"]["z_mean"], temperature)
+        terms["con_z"] = nt_xent(whole["z_mean"], gather(out["m_post"]["z_mean"]), temperature)
         total = total + weight_m_aug * terms["con_z"]
     if "cyc_post" in out:
-        terms["con_cyc"] = nt_xent(out["z_mean"].detach(), out["cyc_post"]["z_mean"], temperature)
+        terms["con_cyc"] = nt_xent(whole["z_mean"].detach(), gather(out["cyc_post"]["z_mean"]), temperature)
         total = total + weight_cyc * terms["con_cyc"]
     terms["loss"] = total
     return total, terms

@@ -45,7 +45,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from dataloader import DataError, load_sprites, to_float
 from make_sprites import ACTIONS, DIRECTIONS
 from model import JUDGE_HEADS, JUDGES
-from utils import CheckpointError, git_revision, load_model, pick_device, read_checkpoint
+from utils import CheckpointError, amp_dtype, git_revision, load_model, pick_device, read_checkpoint
 
 ATTRIBUTES = ("skin", "pant", "top", "hair")  # the columns of A, in order
 SHIPPED_JUDGES = ("judges/sprite_judge.pt", "judges/clip_judge.pt")
@@ -166,7 +166,7 @@ def for_inference(module):
 
 
 def _autocast(device, amp):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
+    return torch.autocast(device.type, dtype=amp_dtype(device), enabled=amp)
 
 
 def _judge_probs(judge, videos, amp):
@@ -421,7 +421,8 @@ def main(argv=None):
     p.add_argument("--niter", type=int, default=5, help="runs, with seeds 0..niter-1 (default 5)")
     p.add_argument("--batch_size", type=int, default=256, help="videos per forward pass (default 256)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--amp", action="store_true", help="bf16 autocast (CPU or CUDA)")
+    p.add_argument("--amp", action="store_true",
+                   help="autocast: bf16 on the CPU and on bf16-capable GPUs, else fp16 (default off: fp32)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default 0: torch's choice)")
     p.add_argument("--out", default=None, help="JSON of every run and the mean/std (default <model_dir>.results.json)")
     for k in ("f_dim", "z_dim", "g_dim", "rnn_size"):

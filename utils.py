@@ -26,6 +26,11 @@ def pick_device(name="auto"):
     return torch.device(name)
 
 
+def amp_dtype(device):
+    """The autocast dtype that fits the device: bf16 on the CPU and on CUDA GPUs that support it, else fp16."""
+    return torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
+
+
 def git_revision():
     try:
         here = os.path.dirname(os.path.abspath(__file__))
