@@ -35,6 +35,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 import time
 
@@ -45,7 +46,8 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from dataloader import DataError, load_sprites, to_float
 from make_sprites import ACTIONS, DIRECTIONS
 from model import JUDGE_HEADS, JUDGES
-from utils import CheckpointError, amp_dtype, git_revision, load_model, pick_device, read_checkpoint
+from utils import (CheckpointError, amp_dtype, git_revision, load_model, paper_encoder_names, pick_device,
+                   read_checkpoint, read_model_checkpoint)
 
 ATTRIBUTES = ("skin", "pant", "top", "hair")  # the columns of A, in order
 SHIPPED_JUDGES = ("judges/sprite_judge.pt", "judges/clip_judge.pt")
@@ -123,12 +125,31 @@ def judge_name(path):
     return os.path.splitext(os.path.basename(path))[0]
 
 
+def paper_judge(state, path):
+    """The paper repo's judge (the state_dict of its classifier_Sprite_all, in judges/Sprite/sprite_judge.tar) as a
+    judge file of ours: the same network as SpriteJudge (frame encoder, BiLSTM, a Linear-ReLU-Linear head per
+    factor, fed the forward state at the last frame and the backward state at the first), names mapped."""
+    renamed = {}
+    for k, v in paper_encoder_names(state).items():
+        head = re.fullmatch(r"cls_(\w+?)\.(\d\..+)", k)
+        renamed[f"heads.{head[1]}.{head[2]}" if head else re.sub(r"^bilstm\.", "lstm.", k)] = v
+    try:
+        judge_args = dict(g_dim=state["bilstm.weight_ih_l0"].shape[1], rnn_size=state["bilstm.weight_hh_l0"].shape[1],
+                          hidden=state["cls_action.0.weight"].shape[0], nf=state["encoder.c1.main.0.weight"].shape[0])
+    except KeyError as e:
+        raise CheckpointError(f"{path} looks like the paper repo's judge but has no {e}") from None
+    return {"model": renamed, "judge_args": judge_args, "arch": "bilstm", "source": "the paper repo's judge"}
+
+
 def load_judge(path, device="cpu"):
-    """The judge network (model.JUDGES[its 'arch']) of a file of judges/train_judge.py, in fp32, in eval mode;
-    CheckpointError if it is not one."""
+    """The judge network (model.JUDGES[its 'arch']) of a file of judges/train_judge.py or the paper repo's
+    judge file, in fp32, in eval mode; CheckpointError if it is neither."""
     ckpt = read_checkpoint(path)
+    if isinstance(ckpt, dict) and isinstance(ckpt.get("state_dict"), dict) and "cls_action.0.weight" in ckpt["state_dict"]:
+        ckpt = paper_judge(ckpt["state_dict"], path)
     if not isinstance(ckpt, dict) or "model" not in ckpt or "judge_args" not in ckpt:
-        raise CheckpointError(f"{path} is not a judge of judges/train_judge.py (no 'model' / 'judge_args')")
+        raise CheckpointError(f"{path} is not a judge of judges/train_judge.py (no 'model' / 'judge_args') nor the "
+                              f"paper repo's (no 'state_dict' of its classifier_Sprite_all)")
     heads = ckpt.get("heads", JUDGE_HEADS)
     if dict(heads) != JUDGE_HEADS:
         raise CheckpointError(f"{path} has judge heads {dict(heads)}, expected {JUDGE_HEADS}")
@@ -409,9 +430,11 @@ def write_json(obj, path):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model_dir", required=True, help="checkpoint of train_cdsvae.py (a .pt file)")
+    p.add_argument("--model_dir", required=True,
+                   help="checkpoint of train_cdsvae.py (a .pt file), or the paper repo's (a dict with 'model')")
     p.add_argument("--judge", action="append", default=None,
-                   help="judge weights; repeat for several judges, each named by its file name (default: both shipped "
+                   help="judge weights, ours or the paper repo's judges/Sprite/sprite_judge.tar; repeat for several "
+                        "judges, each named by its file name (default: both shipped "
                         f"judges, {' and '.join(SHIPPED_JUDGES)})")
     p.add_argument("--data_root", default="data/Sprite/data.pkl", help="the data pickle of make_sprites.py")
     p.add_argument("--type_gt", choices=("action", "static", "all"), default="all",
@@ -456,7 +479,7 @@ def main(argv=None):
     judge_files = {name: {k: read_checkpoint(path).get(k) for k in ("arch", "test_accuracy", "robustness")}
                    for name, path in judge_paths.items()}
     result.update(n_test=len(X), action_counts=counts, class_balanced=len(set(counts)) == 1,
-                  model_dir=args.model_dir, model_args=read_checkpoint(args.model_dir).get("model_args"),
+                  model_dir=args.model_dir, model_args=read_model_checkpoint(args.model_dir)["model_args"],
                   judge_files={name: {"path": judge_paths[name], **info} for name, info in judge_files.items()},
                   data_root=args.data_root, test_stride=args.test_stride,
                   type_gt=args.type_gt, niter=args.niter, amp=args.amp, batch_size=args.batch_size,
