@@ -97,7 +97,8 @@ class CDSVAE(nn.Module):
 
     z_input selects what the dynamic posterior reads: 'bilstm' (the paper) or 'frame_delta' (the BiLSTM
     run over each frame's features minus the video's mean frame feature, which removes the part that is
-    constant over the video, i.e. most of the appearance).
+    constant over the video, i.e. most of the appearance), or 'full' (DSVAE's "full" q(z_t | x, f), Li & Mandt
+    2018: a BiLSTM of its own over each frame's features joined with the sample of f).
     f_mirror=True makes q(f|x) exactly invariant to mirroring the video left-right: f reads the mean of the
     BiLSTM summaries of the video and of its mirror image (one more encoder pass), so the facing direction,
     which the mirror turns left into right, cannot reach f.
@@ -110,8 +111,8 @@ class CDSVAE(nn.Module):
     def __init__(self, f_dim=256, z_dim=32, g_dim=128, rnn_size=256, nf=64, frames=8, z_input="bilstm",
                  f_mirror=False, f_film=False, f_head_leaky=False, deconv_normal=True):
         super().__init__()
-        if z_input not in ("bilstm", "frame_delta"):
-            raise ValueError(f"z_input must be 'bilstm' or 'frame_delta', got {z_input!r}")
+        if z_input not in ("bilstm", "frame_delta", "full"):
+            raise ValueError(f"z_input must be 'bilstm', 'frame_delta' or 'full', got {z_input!r}")
         self.f_dim, self.z_dim, self.g_dim, self.rnn_size, self.frames = f_dim, z_dim, g_dim, rnn_size, frames
         self.z_input, self.f_mirror, self.f_film = z_input, f_mirror, f_film
         self.encoder = FrameEncoder(g_dim, nf)
@@ -119,6 +120,8 @@ class CDSVAE(nn.Module):
         self.z_lstm = nn.LSTM(g_dim, rnn_size, batch_first=True, bidirectional=True)  # shared by q(f|x) and q(z|x)
         self.f_mean, self.f_logvar = (nn.Sequential(nn.Linear(2 * rnn_size, f_dim), nn.LeakyReLU(0.2)) if f_head_leaky
                                       else nn.Linear(2 * rnn_size, f_dim) for _ in range(2))
+        if z_input == "full":
+            self.zf_lstm = nn.LSTM(g_dim + f_dim, rnn_size, batch_first=True, bidirectional=True)
         self.z_rnn = nn.RNN(2 * rnn_size, rnn_size, batch_first=True)
         self.z_mean, self.z_logvar = nn.Linear(rnn_size, z_dim), nn.Linear(rnn_size, z_dim)
         self.z_prior_lstm_1, self.z_prior_lstm_2 = nn.LSTMCell(z_dim, rnn_size), nn.LSTMCell(rnn_size, rnn_size)
@@ -143,11 +146,14 @@ class CDSVAE(nn.Module):
         if g_mirror is not None:
             f_in = 0.5 * (f_in + self._f_summary(self.z_lstm(g_mirror)[0]))
         f_mean, f_logvar = self.f_mean(f_in), self.f_logvar(f_in)
+        f = reparameterize(f_mean, f_logvar, random)
         if self.z_input == "frame_delta":
             lstm_out, _ = self.z_lstm(g - g.mean(dim=1, keepdim=True))
+        elif self.z_input == "full":
+            lstm_out, _ = self.zf_lstm(torch.cat([g, f[:, None].to(g.dtype).expand(-1, g.shape[1], -1)], dim=2))
         z_features, _ = self.z_rnn(lstm_out)
         z_mean, z_logvar = self.z_mean(z_features), self.z_logvar(z_features)
-        return {"f_mean": f_mean, "f_logvar": f_logvar, "f": reparameterize(f_mean, f_logvar, random),
+        return {"f_mean": f_mean, "f_logvar": f_logvar, "f": f,
                 "z_mean": z_mean, "z_logvar": z_logvar, "z": reparameterize(z_mean, z_logvar, random)}
 
     def decode(self, z, f):

@@ -1,4 +1,4 @@
-"""Train C-DSVAE on Sprites.
+"""Train C-DSVAE on Sprites (or, with --model dsvae, the DSVAE baseline).
 
     python train_cdsvae.py --data_root data/Sprite/data.pkl --log_dir runs/paper          # one process
     torchrun --nproc_per_node=2 train_cdsvae.py ...                                       # DDP
@@ -51,8 +51,12 @@ def get_args(argv=None):
     p.add_argument("--rnn_size", type=int, default=256, help="hidden size of the LSTMs / RNN (default 256)")
     p.add_argument("--nf", type=int, default=64,
                    help="conv width: the encoder has nf, 2nf, 4nf, 8nf channels (default 64, the paper's)")
-    p.add_argument("--z_input", choices=("bilstm", "frame_delta"), default="bilstm",
-                   help="what q(z|x) reads: the BiLSTM outputs (paper) or frame features minus the video's mean")
+    p.add_argument("--model", choices=("cdsvae", "dsvae"), default="cdsvae",
+                   help="cdsvae (default): the paper's objective; dsvae: the DSVAE baseline (Li & Mandt 2018), the "
+                        "same network without augmented views, InfoNCE or MI terms (MI is still logged, weight 0)")
+    p.add_argument("--z_input", choices=("bilstm", "frame_delta", "full"), default="bilstm",
+                   help="what q(z|x) reads: the BiLSTM outputs (default, the paper), frame features minus the video's "
+                        "mean (frame_delta), or DSVAE's full q(z_t | x, f), a BiLSTM over [frame features; f] (full)")
     p.add_argument("--f_mirror", action="store_true",
                    help="q(f|x) reads the video and its left-right mirror image alike, so f cannot keep the facing "
                         "direction (one more encoder pass per step; default off, as in the paper)")
@@ -119,6 +123,9 @@ def get_args(argv=None):
     for name in ("lr", "temperature"):
         if not (math.isfinite(getattr(args, name)) and getattr(args, name) > 0):
             p.error(f"--{name} must be a positive number, got {getattr(args, name)}")
+    if args.model == "dsvae" and (args.c_aug_flip or args.weight_cyc or args.weight_mi_after):
+        p.error("--model dsvae has no augmented views, InfoNCE or MI terms: --c_aug_flip, --weight_cyc and "
+                "--weight_mi_after do not apply")
     if args.batch_size < 2:
         p.error(f"--batch_size must be at least 2, got {args.batch_size}: the InfoNCE terms contrast each video "
                 f"with the others of its batch")
@@ -192,8 +199,22 @@ def remove_stale_temporaries(folder):
 
 
 def mi_weight(args, step):
-    """The MI penalty's weight at a step of the run (--weight_mi, then --weight_mi_after's)."""
+    """The MI penalty's weight at a step of the run (--weight_mi, then --weight_mi_after's; 0 for DSVAE)."""
+    if args.model == "dsvae":
+        return 0.0
     return args.weight_mi_after[1] if args.weight_mi_after and step >= args.weight_mi_after[0] else args.weight_mi
+
+
+def augmented_views(batch, x, args, device):
+    """The forward pass's augmented views of a batch: the motion view and the content view (x's frame features
+    shuffled, or with --c_aug_flip its own mirrored video); none for DSVAE."""
+    if args.model == "dsvae":
+        return {}
+    if args.c_aug_flip:
+        content = {"c_aug": content_augment(x, order=batch["c_aug_order"], mirror=True)}
+    else:
+        content = {"c_aug_order": batch["c_aug_order"].to(device)}
+    return {"m_aug": batch["m_aug"].to(device), **content}
 
 
 def gather_rows(t):
@@ -213,6 +234,8 @@ def resume_mismatch(ckpt, args, world):
     saved_sche = ckpt.get("schedule") or OLD_SCHEDULES.get(saved.get("sche"), saved.get("sche"))
     saved_world = ckpt.get("world_size", len(ckpt.get("rng_cpu", [None])))
     changed = []
+    if saved.get("model", "cdsvae") != args.model:
+        changed.append(f"--model {args.model} (checkpoint: {saved.get('model', 'cdsvae')})")
     if saved.get("batch_size") != args.batch_size:
         changed.append(f"--batch_size {args.batch_size} (checkpoint: {saved.get('batch_size')})")
     if saved_world != world:
@@ -237,8 +260,7 @@ def validation_terms(model, loader, dataset_size, device, amp, args, weight_mi):
         for batch in loader:
             x = batch["x"].to(device)
             with torch.autocast(device.type, dtype=amp_dtype(device), enabled=amp):
-                out = model(x, m_aug=batch["m_aug"].to(device), c_aug_order=batch["c_aug_order"].to(device),
-                            cycle=args.weight_cyc > 0)
+                out = model(x, cycle=args.weight_cyc > 0, **augmented_views(batch, x, args, device))
             _, terms = cdsvae_loss(out, x, dataset_size, args.weight_f, args.weight_z, args.weight_c_aug,
                                    args.weight_m_aug, weight_mi, args.weight_rec, args.temperature, args.weight_cyc)
             for k, v in terms.items():
@@ -308,9 +330,10 @@ def main(argv=None):
     local_batch = args.batch_size // world
     if len(X) < args.batch_size:
         sys.exit(f"error: {len(X)} training videos are fewer than --batch_size {args.batch_size}")
-    loader = SpriteBatches(X, A, D, local_batch, shuffle=True, augment=True, seed=args.seed, drop_last=True,
+    augment = args.model == "cdsvae"  # DSVAE makes no augmented views
+    loader = SpriteBatches(X, A, D, local_batch, shuffle=True, augment=augment, seed=args.seed, drop_last=True,
                            rank=rank, world_size=world, content_view=False)  # the model shuffles x's features
-    val_loader = (SpriteBatches(*val, args.batch_size, augment=True, seed=args.seed, content_view=False)
+    val_loader = (SpriteBatches(*val, args.batch_size, augment=augment, seed=args.seed, content_view=False)
                   if args.val_chars else None)
 
     torch.manual_seed(args.seed + rank)
@@ -425,11 +448,7 @@ def main(argv=None):
             weight_mi = mi_weight(args, step)
             x = batch["x"].to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=amp_dtype(device), enabled=args.amp):
-                if args.c_aug_flip:
-                    content = {"c_aug": content_augment(x, order=batch["c_aug_order"], mirror=True)}
-                else:
-                    content = {"c_aug_order": batch["c_aug_order"].to(device)}
-                out = model(x, m_aug=batch["m_aug"].to(device), cycle=args.weight_cyc > 0, **content)
+                out = model(x, cycle=args.weight_cyc > 0, **augmented_views(batch, x, args, device))
             loss, terms = cdsvae_loss(out, x, len(X), args.weight_f, args.weight_z, args.weight_c_aug,
                                       args.weight_m_aug, weight_mi, args.weight_rec, args.temperature, args.weight_cyc,
                                       gather=gather_rows if distributed else None)
