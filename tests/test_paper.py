@@ -197,3 +197,14 @@ def test_files_that_do_not_fit_are_refused_in_one_line(tmp_path):
         with pytest.raises(CheckpointError) as e:
             loader(str(tmp_path / name))
         assert words in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_bench_times_the_paper_step_beside_ours(capsys, monkeypatch):
+    import bench
+    monkeypatch.setattr(bench, "matmul_peak", lambda device, dtype: 1e9)  # not what this test is about, and slow
+    result = bench.main(["--batch_size", "2", "--steps", "1", "--nf", "4", "--device", "cpu", "--threads", "1",
+                         "--paper_step"])
+    assert result["paper_ms_per_step"] > 0 and result["ms_per_step"] > 0
+    ratio = result["paper_ms_per_step"] / result["ms_per_step"]
+    assert abs(result["speedup_over_paper_step"] - ratio) < 0.01 * ratio + 0.01
+    assert '"speedup_over_paper_step"' in capsys.readouterr().out
