@@ -21,7 +21,7 @@ Swaps (always): pair each video i with another video j = perm[i] (a seeded deran
     (carried by z) and how often i's (leaked through f); for protocol A, how often each is the video's own.
 Sanity rows (always): the mean squared error per pixel of decode(z_mean, f_mean) against the video, and the
     judge's accuracy (and IS, entropies) on the real test videos.
-Agreement (two judges or more): for each pair of judges, each kind of video (protocol A, B, swaps, real) and each
+Agreement (two judges or more): for each pair of judges, each kind of video (protocol A, B, Bs, swaps, real) and each
     head, the share of videos on which the two judges predict the same class. Every generated video is decoded
     once and shown to every judge. A judge file's robustness card (judges/train_judge.py) is copied to the JSON.
 

@@ -25,8 +25,8 @@ from tqdm import tqdm
 
 from dataloader import DataError, SpriteBatches, content_augment, load_sprites, validation_split
 from model import CDSVAE, cdsvae_loss
-from utils import (MODEL_ARGS, CheckpointError, amp_dtype, check_sizes, git_revision, mismatched_model_args, pick_device,
-                   read_checkpoint, save_atomic)
+from utils import (MODEL_ARGS, CheckpointError, amp_dtype, check_sizes, git_revision, mismatched_model_args,
+                   pick_device, read_checkpoint, save_atomic)
 
 
 class OneLineErrors(argparse.ArgumentParser):
