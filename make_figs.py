@@ -256,7 +256,7 @@ def fig_fixed(model, X, A, D, device, out, seed, n_videos=3, n_samples=4):
     content = model.generate_fixed_content(xr)
     torch.manual_seed(seed + 3)
     motion = model.generate_fixed_motion(xr)
-    for name, gen, what in (("fixed_content", content, "z ~ prior"), ("fixed_motion", motion, "f ~ N(0,I)")):
+    for name, gen, what in (("fixed_content", content, "z: prior means"), ("fixed_motion", motion, "f ~ N(0,I)")):
         rows, labels = [], []
         for k, i in enumerate(idx):
             rows += [x[k], recon[k]] + [gen[k * n_samples + s] for s in range(n_samples)]

@@ -69,10 +69,12 @@ class FilmDecoder(nn.Module):
         return self.out(h).view(B, T, 3, 64, 64)
 
 
-def init_weights(module):
-    """The paper repo's initialisation: conv / linear weights N(0, 0.01), biases 0; BatchNorm 1 and 0."""
+def init_weights(module, deconv_normal=True):
+    """Conv2d / Linear weights N(0, 0.01), biases 0; BatchNorm 1 and 0: the paper repo's initialisation.
+    deconv_normal=True draws ConvTranspose2d the same way (ours); the paper leaves them at PyTorch's default."""
+    kinds = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear) if deconv_normal else (nn.Conv2d, nn.Linear)
     for m in module.modules():
-        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+        if isinstance(m, kinds):
             nn.init.normal_(m.weight, 0.0, 0.01)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
@@ -95,29 +97,36 @@ class CDSVAE(nn.Module):
 
     z_input selects what the dynamic posterior reads: 'bilstm' (the paper) or 'frame_delta' (the BiLSTM
     run over each frame's features minus the video's mean frame feature, which removes the part that is
-    constant over the video, i.e. most of the appearance).
+    constant over the video, i.e. most of the appearance), or 'full' (DSVAE's "full" q(z_t | x, f), Li & Mandt
+    2018: a BiLSTM of its own over each frame's features joined with the sample of f).
     f_mirror=True makes q(f|x) exactly invariant to mirroring the video left-right: f reads the mean of the
     BiLSTM summaries of the video and of its mirror image (one more encoder pass), so the facing direction,
     which the mirror turns left into right, cannot reach f.
     f_film=True decodes with FilmDecoder: the frame's layout comes from z_t alone, f only modulates channels.
+    f_head_leaky=True makes q(f|x)'s mean and log-variance heads a Linear followed by LeakyReLU(0.2), as the
+    paper's LinearUnit(..., batchnorm=False); False (the default, for the checkpoints written before) plain Linear.
+    deconv_normal: see init_weights (True, the default: ours; False: the paper's).
     """
 
     def __init__(self, f_dim=256, z_dim=32, g_dim=128, rnn_size=256, nf=64, frames=8, z_input="bilstm",
-                 f_mirror=False, f_film=False):
+                 f_mirror=False, f_film=False, f_head_leaky=False, deconv_normal=True):
         super().__init__()
-        if z_input not in ("bilstm", "frame_delta"):
-            raise ValueError(f"z_input must be 'bilstm' or 'frame_delta', got {z_input!r}")
+        if z_input not in ("bilstm", "frame_delta", "full"):
+            raise ValueError(f"z_input must be 'bilstm', 'frame_delta' or 'full', got {z_input!r}")
         self.f_dim, self.z_dim, self.g_dim, self.rnn_size, self.frames = f_dim, z_dim, g_dim, rnn_size, frames
         self.z_input, self.f_mirror, self.f_film = z_input, f_mirror, f_film
         self.encoder = FrameEncoder(g_dim, nf)
         self.decoder = FilmDecoder(z_dim, f_dim, nf) if f_film else FrameDecoder(z_dim + f_dim, nf)
         self.z_lstm = nn.LSTM(g_dim, rnn_size, batch_first=True, bidirectional=True)  # shared by q(f|x) and q(z|x)
-        self.f_mean, self.f_logvar = nn.Linear(2 * rnn_size, f_dim), nn.Linear(2 * rnn_size, f_dim)
+        self.f_mean, self.f_logvar = (nn.Sequential(nn.Linear(2 * rnn_size, f_dim), nn.LeakyReLU(0.2)) if f_head_leaky
+                                      else nn.Linear(2 * rnn_size, f_dim) for _ in range(2))
+        if z_input == "full":
+            self.zf_lstm = nn.LSTM(g_dim + f_dim, rnn_size, batch_first=True, bidirectional=True)
         self.z_rnn = nn.RNN(2 * rnn_size, rnn_size, batch_first=True)
         self.z_mean, self.z_logvar = nn.Linear(rnn_size, z_dim), nn.Linear(rnn_size, z_dim)
         self.z_prior_lstm_1, self.z_prior_lstm_2 = nn.LSTMCell(z_dim, rnn_size), nn.LSTMCell(rnn_size, rnn_size)
         self.z_prior_mean, self.z_prior_logvar = nn.Linear(rnn_size, z_dim), nn.Linear(rnn_size, z_dim)
-        init_weights(self)
+        init_weights(self, deconv_normal)
 
     # ---- posteriors -------------------------------------------------------------------------------------
     def encode(self, x, random=True, need_f=True):
@@ -137,11 +146,14 @@ class CDSVAE(nn.Module):
         if g_mirror is not None:
             f_in = 0.5 * (f_in + self._f_summary(self.z_lstm(g_mirror)[0]))
         f_mean, f_logvar = self.f_mean(f_in), self.f_logvar(f_in)
+        f = reparameterize(f_mean, f_logvar, random)
         if self.z_input == "frame_delta":
             lstm_out, _ = self.z_lstm(g - g.mean(dim=1, keepdim=True))
+        elif self.z_input == "full":
+            lstm_out, _ = self.zf_lstm(torch.cat([g, f[:, None].to(g.dtype).expand(-1, g.shape[1], -1)], dim=2))
         z_features, _ = self.z_rnn(lstm_out)
         z_mean, z_logvar = self.z_mean(z_features), self.z_logvar(z_features)
-        return {"f_mean": f_mean, "f_logvar": f_logvar, "f": reparameterize(f_mean, f_logvar, random),
+        return {"f_mean": f_mean, "f_logvar": f_logvar, "f": f,
                 "z_mean": z_mean, "z_logvar": z_logvar, "z": reparameterize(z_mean, z_logvar, random)}
 
     def decode(self, z, f):
@@ -174,16 +186,18 @@ class CDSVAE(nn.Module):
         return torch.stack(means, 1), torch.stack(logvars, 1)
 
     def sample_z_prior(self, B, T=None, random=True, like=None):
-        """Generate z (B, T, z_dim) from the prior, each step fed its own sample."""
+        """A path of the prior (B, T, z_dim), each step fed its own sample: (the per-step means, the samples).
+        The paper decodes the means along the sampled path (its protocol B)."""
         T = T or self.frames
         like = like if like is not None else next(self.parameters())
         state = self._prior_state(B, like)
-        z_prev, zs = like.new_zeros(B, self.z_dim), []
+        z_prev, means, zs = like.new_zeros(B, self.z_dim), [], []
         for _ in range(T):
             m, lv, state = self._prior_step(z_prev, state)
             z_prev = reparameterize(m, lv, random)
+            means.append(m)
             zs.append(z_prev)
-        return torch.stack(zs, 1)
+        return torch.stack(means, 1), torch.stack(zs, 1)
 
     # ---- generation -------------------------------------------------------------------------------------
     def forward(self, x, c_aug=None, m_aug=None, c_aug_order=None, cycle=False):
@@ -222,9 +236,10 @@ class CDSVAE(nn.Module):
 
     @torch.no_grad()
     def generate_fixed_content(self, x):
-        """Keep each video's content (posterior mean of f), draw z from the learned prior."""
+        """Keep each video's content (posterior mean of f), decode the learned prior's per-step means along a
+        sampled path (the paper's protocol B)."""
         post = self.encode(x, random=False)
-        return self.decode(self.sample_z_prior(x.shape[0], x.shape[1], like=post["f_mean"]), post["f_mean"])
+        return self.decode(self.sample_z_prior(x.shape[0], x.shape[1], like=post["f_mean"])[0], post["f_mean"])
 
     @torch.no_grad()
     def swap(self, x1, x2):
@@ -271,30 +286,35 @@ def mutual_information(f, f_mean, f_logvar, z, z_mean, z_logvar, dataset_size):
 
 
 def cdsvae_loss(out, x, dataset_size, weight_f=1.0, weight_z=1.0, weight_c_aug=10.0, weight_m_aug=10.0,
-                weight_mi=1.0, weight_rec=1.0, temperature=0.5, weight_cyc=0.0):
+                weight_mi=1.0, weight_rec=1.0, temperature=0.5, weight_cyc=0.0, gather=None):
     """Total loss and every term from the outputs of CDSVAE.forward (per video: sums over frames and
     pixels divided by the batch size). Terms are computed in fp32 whatever the autocast.
 
     con_cyc (when forward ran with cycle=True): NT-Xent between z of the video decoded with a new f, encoded
-    again, and the original z (held fixed): the decoder pays when the motion it draws follows f instead of z."""
+    again, and the original z (held fixed): the decoder pays when the motion it draws follows f instead of z.
+    gather: for k processes, a function of a local batch tensor to the whole batch's (all processes' rows in
+    order, with gradients that reach each process's own rows): the InfoNCE and MI terms, which compare the videos
+    of a batch with each other, are then those of the whole batch, and the per-video terms are local means, so
+    that k processes averaging their gradients optimise what one process does on the whole batch."""
     B = x.shape[0]
+    gather = gather or (lambda t: t)
     out = {k: v.float() if torch.is_tensor(v) else {kk: vv.float() for kk, vv in v.items()} for k, v in out.items()}
     recon = F.mse_loss(out["recon"], x, reduction="sum") / B
     kld_f = kl_gaussians(out["f_mean"], out["f_logvar"], torch.zeros_like(out["f_mean"]),
                          torch.zeros_like(out["f_logvar"])).sum() / B
     kld_z = kl_gaussians(out["z_mean"], out["z_logvar"], out["z_prior_mean"], out["z_prior_logvar"]).sum() / B
-    mi = mutual_information(out["f"], out["f_mean"], out["f_logvar"], out["z"], out["z_mean"], out["z_logvar"],
-                            dataset_size)
+    whole = {k: gather(out[k]) for k in ("f", "f_mean", "f_logvar", "z", "z_mean", "z_logvar")}
+    mi = mutual_information(*whole.values(), dataset_size)
     terms = {"recon": recon, "kld_f": kld_f, "kld_z": kld_z, "mi_fz": mi}
     total = weight_rec * recon + weight_f * kld_f + weight_z * kld_z + weight_mi * mi
     if "c_post" in out:
-        terms["con_f"] = nt_xent(out["f_mean"], out["c_post"]["f_mean"], temperature)
+        terms["con_f"] = nt_xent(whole["f_mean"], gather(out["c_post"]["f_mean"]), temperature)
         total = total + weight_c_aug * terms["con_f"]
     if "m_post" in out:
-        terms["con_z"] = nt_xent(out["z_mean"], out["m_post"]["z_mean"], temperature)
+        terms["con_z"] = nt_xent(whole["z_mean"], gather(out["m_post"]["z_mean"]), temperature)
         total = total + weight_m_aug * terms["con_z"]
     if "cyc_post" in out:
-        terms["con_cyc"] = nt_xent(out["z_mean"].detach(), out["cyc_post"]["z_mean"], temperature)
+        terms["con_cyc"] = nt_xent(whole["z_mean"].detach(), gather(out["cyc_post"]["z_mean"]), temperature)
         total = total + weight_cyc * terms["con_cyc"]
     terms["loss"] = total
     return total, terms

@@ -13,6 +13,6 @@ LOG_DIR=${LOG_DIR:-runs/cdsvae_cpu}
 [ -f "$DATA" ] || python make_sprites.py --out "$DATA"
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}  # a busy core elsewhere then costs little instead of stalling
 python train_cdsvae.py --data_root "$DATA" --device cpu --amp --nf 32 --batch_size 64 --lr 1e-3 --nEpoch 18 \
-  --sche cosine --seed 1 --f_dim 256 --z_dim 32 --g_dim 128 --rnn_size 256 --z_input frame_delta --f_mirror \
+  --sche cosine_to_zero --seed 1 --f_dim 256 --z_dim 32 --g_dim 128 --rnn_size 256 --z_input frame_delta --f_mirror \
   --weight_f 1 --weight_z 1 --weight_c_aug 100 --weight_m_aug 100 --weight_mi 1 --weight_mi_after 560 10 \
   --evl_interval 0 --log_dir "$LOG_DIR" "$@"

@@ -12,15 +12,16 @@ Protocol A (the paper's Table 1; --type_gt action): keep each video's dynamics (
     KL(p_gen(y) || p_real(y)), the KL between its mean prediction on these generated videos and on the real
     test videos. The test split is class-balanced (296 characters x 9 actions), so the whole split is the
     class-balanced set these scores ask for.
-Protocol B (--type_gt static): keep each video's content (posterior mean of f), draw z from the learned prior,
-    decode (model.generate_fixed_content). The judge's accuracy on skin, pant, top, hair and their mean.
+Protocol B (--type_gt static): keep each video's content (posterior mean of f), draw a path of the learned prior
+    and decode its per-step means, as the paper does (model.generate_fixed_content). The judge's accuracy on skin,
+    pant, top, hair and their mean. 'Bs' (not the paper's figure): the same, decoding the path's samples.
 Swaps (always): pair each video i with another video j = perm[i] (a seeded derangement: never itself), decode
     f of i with z of j (model.swap); the judge's accuracy on i's four attributes and on j's action. As a
     diagnosis, the predicted action in its two parts, action type and facing direction: how often each is j's
     (carried by z) and how often i's (leaked through f); for protocol A, how often each is the video's own.
 Sanity rows (always): the mean squared error per pixel of decode(z_mean, f_mean) against the video, and the
     judge's accuracy (and IS, entropies) on the real test videos.
-Agreement (two judges or more): for each pair of judges, each kind of video (protocol A, B, swaps, real) and each
+Agreement (two judges or more): for each pair of judges, each kind of video (protocol A, B, Bs, swaps, real) and each
     head, the share of videos on which the two judges predict the same class. Every generated video is decoded
     once and shown to every judge. A judge file's robustness card (judges/train_judge.py) is copied to the JSON.
 
@@ -34,6 +35,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 import time
 
@@ -44,7 +46,8 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from dataloader import DataError, load_sprites, to_float
 from make_sprites import ACTIONS, DIRECTIONS
 from model import JUDGE_HEADS, JUDGES
-from utils import CheckpointError, git_revision, load_model, pick_device, read_checkpoint
+from utils import (CheckpointError, amp_dtype, git_revision, load_model, paper_encoder_names, pick_device,
+                   read_checkpoint, read_model_checkpoint)
 
 ATTRIBUTES = ("skin", "pant", "top", "hair")  # the columns of A, in order
 SHIPPED_JUDGES = ("judges/sprite_judge.pt", "judges/clip_judge.pt")
@@ -122,12 +125,31 @@ def judge_name(path):
     return os.path.splitext(os.path.basename(path))[0]
 
 
+def paper_judge(state, path):
+    """The paper repo's judge (the state_dict of its classifier_Sprite_all, in judges/Sprite/sprite_judge.tar) as a
+    judge file of ours: the same network as SpriteJudge (frame encoder, BiLSTM, a Linear-ReLU-Linear head per
+    factor, fed the forward state at the last frame and the backward state at the first), names mapped."""
+    renamed = {}
+    for k, v in paper_encoder_names(state).items():
+        head = re.fullmatch(r"cls_(\w+?)\.(\d\..+)", k)
+        renamed[f"heads.{head[1]}.{head[2]}" if head else re.sub(r"^bilstm\.", "lstm.", k)] = v
+    try:
+        judge_args = dict(g_dim=state["bilstm.weight_ih_l0"].shape[1], rnn_size=state["bilstm.weight_hh_l0"].shape[1],
+                          hidden=state["cls_action.0.weight"].shape[0], nf=state["encoder.c1.main.0.weight"].shape[0])
+    except KeyError as e:
+        raise CheckpointError(f"{path} looks like the paper repo's judge but has no {e}") from None
+    return {"model": renamed, "judge_args": judge_args, "arch": "bilstm", "source": "the paper repo's judge"}
+
+
 def load_judge(path, device="cpu"):
-    """The judge network (model.JUDGES[its 'arch']) of a file of judges/train_judge.py, in fp32, in eval mode;
-    CheckpointError if it is not one."""
+    """The judge network (model.JUDGES[its 'arch']) of a file of judges/train_judge.py or the paper repo's
+    judge file, in fp32, in eval mode; CheckpointError if it is neither."""
     ckpt = read_checkpoint(path)
+    if isinstance(ckpt, dict) and isinstance(ckpt.get("state_dict"), dict) and "cls_action.0.weight" in ckpt["state_dict"]:
+        ckpt = paper_judge(ckpt["state_dict"], path)
     if not isinstance(ckpt, dict) or "model" not in ckpt or "judge_args" not in ckpt:
-        raise CheckpointError(f"{path} is not a judge of judges/train_judge.py (no 'model' / 'judge_args')")
+        raise CheckpointError(f"{path} is not a judge of judges/train_judge.py (no 'model' / 'judge_args') nor the "
+                              f"paper repo's (no 'state_dict' of its classifier_Sprite_all)")
     heads = ckpt.get("heads", JUDGE_HEADS)
     if dict(heads) != JUDGE_HEADS:
         raise CheckpointError(f"{path} has judge heads {dict(heads)}, expected {JUDGE_HEADS}")
@@ -165,7 +187,7 @@ def for_inference(module):
 
 
 def _autocast(device, amp):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
+    return torch.autocast(device.type, dtype=amp_dtype(device), enabled=amp)
 
 
 def _judge_probs(judge, videos, amp):
@@ -208,7 +230,9 @@ def run_latents(model, post, seed, type_gt="all"):
     video perm[i]). From the posterior means post['z'], post['f'] of encode_split:
 
     'A' (type_gt action/all): (z_mean, f ~ N(0, I)): model.generate_fixed_motion(x) after torch.manual_seed(seed)
-    'B' (type_gt static/all): (z ~ prior, f_mean): model.generate_fixed_content(x) after torch.manual_seed(seed)
+    'B' (type_gt static/all): (prior means along a sampled path, f_mean): model.generate_fixed_content(x) after
+        torch.manual_seed(seed), the paper's protocol B
+    'Bs' (type_gt static/all): (that path's samples, f_mean)
     'swap': (z_mean[perm], f_mean): model.swap(x, x[perm])[0]
     (computed from the posteriors once, instead of encoding the videos again for each protocol)."""
     N, T = post["z"].shape[:2]
@@ -221,7 +245,8 @@ def run_latents(model, post, seed, type_gt="all"):
             out["A"] = (post["z"], torch.randn_like(post["f"]))
         if type_gt in ("static", "all"):
             torch.manual_seed(seed)
-            out["B"] = (model.sample_z_prior(N, T, like=post["f"]), post["f"])
+            prior_means, prior_samples = model.sample_z_prior(N, T, like=post["f"])
+            out["B"], out["Bs"] = (prior_means, post["f"]), (prior_samples, post["f"])
     perm = derangement(N, torch.Generator().manual_seed(seed))
     out["swap"] = (post["z"][perm.to(post["z"].device)], post["f"])
     return out, perm
@@ -273,13 +298,14 @@ def real_scores(probs, A, D):
 
 
 def generated_scores(gen, real_probs, A, D, perm):
-    """One judge's figures on one run's generated videos gen = {'A' / 'B' / 'swap': {head: probabilities}}."""
+    """One judge's figures on one run's generated videos gen = {'A' / 'B' / 'Bs' / 'swap': {head: probabilities}}."""
     row = {}
     if "A" in gen:
         row.update(_action_scores("A", gen["A"]["action"], D, real_probs["action"]))
         row.update(motion_parts("A", gen["A"]["action"], {"z": D}))
-    if "B" in gen:
-        row.update(_attribute_scores("B", gen["B"], A))
+    for kind in ("B", "Bs"):
+        if kind in gen:
+            row.update(_attribute_scores(kind, gen[kind], A))
     row.update(_attribute_scores("swap", gen["swap"], A), swap_action_acc=accuracy(gen["swap"]["action"], D[perm]))
     row.update(motion_parts("swap", gen["swap"]["action"], {"z": D[perm], "f": D}))
     return row
@@ -304,8 +330,9 @@ def evaluate(model, judges, test, device, seeds=(0,), amp=False, batch_size=256,
 
     {'judges': {name: {'runs': [{figure: value}], 'mean': {...}, 'std': {...}}},
      'agreement': {'a vs b': {'runs', 'mean', 'std'}} for each pair of judges, 'recon_mse_per_pixel': float}.
-    Figure keys: A_* (protocol A), B_* (protocol B), swap_*, real_* (the judge on the real videos); *_n is the
-    number of videos scored. Agreement keys: <A|B|swap|real>_<head>, the share of videos on which the pair's
+    Figure keys: A_* (protocol A), B_* (protocol B, the prior's means), Bs_* (protocol B, its samples), swap_*,
+    real_* (the judge on the real videos); *_n is the number of videos scored. Agreement keys:
+    <A|B|Bs|swap|real>_<head>, the share of videos on which the pair's
     predictions for that head match. Every generated video is decoded once and shown to every judge."""
     X, A, D = test
     model.eval()
@@ -359,7 +386,8 @@ def format_table(result):
                              f"{_pm(st, f'{p}_IS'):>16} {_pm(st, f'{p}_H_y_given_x'):>16} {_pm(st, f'{p}_H_y'):>16}")
     lines += ["", f"{'judge accuracy (%)':<{w}} {'action':>16} " + " ".join(f"{a:>16}" for a in ATTRIBUTES)
               + f" {'attr. mean':>16}"]
-    rows = (("protocol B: fix f, z ~ prior", "B", None), ("swap: f of i, z of j", "swap", "swap_action_acc"),
+    rows = (("protocol B: fix f, z = prior means", "B", None), ("protocol Bs: fix f, z ~ prior", "Bs", None),
+            ("swap: f of i, z of j", "swap", "swap_action_acc"),
             ("real test videos", "real", "real_action_acc"))
     for label, prefix, action_key in rows:
         for name, st in per_judge.items():
@@ -378,7 +406,8 @@ def format_table(result):
     for pair, st in result["agreement"].items():
         lines += ["", f"agreement of the judges {pair} (% of videos with the same prediction)",
                   f"{'':<{w}} " + " ".join(f"{h:>16}" for h in JUDGE_HEADS)]
-        for kind, label in (("A", "protocol A"), ("B", "protocol B"), ("swap", "swaps"), ("real", "real test videos")):
+        for kind, label in (("A", "protocol A"), ("B", "protocol B"), ("Bs", "protocol Bs"), ("swap", "swaps"),
+                            ("real", "real test videos")):
             if f"{kind}_action" in st["mean"]:
                 lines.append(f"{label:<{w}} " + " ".join(f"{_pm(st, f'{kind}_{h}', True):>16}" for h in JUDGE_HEADS))
     lines += ["", f"reconstruction MSE per pixel, decode(z_mean, f_mean), pixels in [0, 1]: "
@@ -401,9 +430,11 @@ def write_json(obj, path):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model_dir", required=True, help="checkpoint of train_cdsvae.py (a .pt file)")
+    p.add_argument("--model_dir", required=True,
+                   help="checkpoint of train_cdsvae.py (a .pt file), or the paper repo's (a dict with 'model')")
     p.add_argument("--judge", action="append", default=None,
-                   help="judge weights; repeat for several judges, each named by its file name (default: both shipped "
+                   help="judge weights, ours or the paper repo's judges/Sprite/sprite_judge.tar; repeat for several "
+                        "judges, each named by its file name (default: both shipped "
                         f"judges, {' and '.join(SHIPPED_JUDGES)})")
     p.add_argument("--data_root", default="data/Sprite/data.pkl", help="the data pickle of make_sprites.py")
     p.add_argument("--type_gt", choices=("action", "static", "all"), default="all",
@@ -413,7 +444,8 @@ def main(argv=None):
     p.add_argument("--niter", type=int, default=5, help="runs, with seeds 0..niter-1 (default 5)")
     p.add_argument("--batch_size", type=int, default=256, help="videos per forward pass (default 256)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--amp", action="store_true", help="bf16 autocast (CPU or CUDA)")
+    p.add_argument("--amp", action="store_true",
+                   help="autocast: bf16 on the CPU and on bf16-capable GPUs, else fp16 (default off: fp32)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default 0: torch's choice)")
     p.add_argument("--out", default=None, help="JSON of every run and the mean/std (default <model_dir>.results.json)")
     for k in ("f_dim", "z_dim", "g_dim", "rnn_size"):
@@ -447,7 +479,7 @@ def main(argv=None):
     judge_files = {name: {k: read_checkpoint(path).get(k) for k in ("arch", "test_accuracy", "robustness")}
                    for name, path in judge_paths.items()}
     result.update(n_test=len(X), action_counts=counts, class_balanced=len(set(counts)) == 1,
-                  model_dir=args.model_dir, model_args=read_checkpoint(args.model_dir).get("model_args"),
+                  model_dir=args.model_dir, model_args=read_model_checkpoint(args.model_dir)["model_args"],
                   judge_files={name: {"path": judge_paths[name], **info} for name, info in judge_files.items()},
                   data_root=args.data_root, test_stride=args.test_stride,
                   type_gt=args.type_gt, niter=args.niter, amp=args.amp, batch_size=args.batch_size,

@@ -1,4 +1,4 @@
-"""Train C-DSVAE on Sprites.
+"""Train C-DSVAE on Sprites (or, with --model dsvae, the DSVAE baseline).
 
     python train_cdsvae.py --data_root data/Sprite/data.pkl --log_dir runs/paper          # one process
     torchrun --nproc_per_node=2 train_cdsvae.py ...                                       # DDP
@@ -20,12 +20,13 @@ import time
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 from tqdm import tqdm
 
 from dataloader import DataError, SpriteBatches, content_augment, load_sprites, validation_split
 from model import CDSVAE, cdsvae_loss
-from utils import (MODEL_ARGS, CheckpointError, check_sizes, git_revision, mismatched_model_args, pick_device,
-                   read_checkpoint, save_atomic)
+from utils import (MODEL_ARGS, CheckpointError, amp_dtype, check_sizes, git_revision, mismatched_model_args,
+                   pick_device, read_checkpoint, save_atomic)
 
 
 class OneLineErrors(argparse.ArgumentParser):
@@ -50,14 +51,24 @@ def get_args(argv=None):
     p.add_argument("--rnn_size", type=int, default=256, help="hidden size of the LSTMs / RNN (default 256)")
     p.add_argument("--nf", type=int, default=64,
                    help="conv width: the encoder has nf, 2nf, 4nf, 8nf channels (default 64, the paper's)")
-    p.add_argument("--z_input", choices=("bilstm", "frame_delta"), default="bilstm",
-                   help="what q(z|x) reads: the BiLSTM outputs (paper) or frame features minus the video's mean")
+    p.add_argument("--model", choices=("cdsvae", "dsvae"), default="cdsvae",
+                   help="cdsvae (default): the paper's objective; dsvae: the DSVAE baseline (Li & Mandt 2018), the "
+                        "same network without augmented views, InfoNCE or MI terms (MI is still logged, weight 0)")
+    p.add_argument("--z_input", choices=("bilstm", "frame_delta", "full"), default="bilstm",
+                   help="what q(z|x) reads: the BiLSTM outputs (default, the paper), frame features minus the video's "
+                        "mean (frame_delta), or DSVAE's full q(z_t | x, f), a BiLSTM over [frame features; f] (full)")
     p.add_argument("--f_mirror", action="store_true",
                    help="q(f|x) reads the video and its left-right mirror image alike, so f cannot keep the facing "
                         "direction (one more encoder pass per step; default off, as in the paper)")
     p.add_argument("--f_film", action="store_true",
                    help="decode with f only as a per-channel scale and shift of the feature maps, so that the frame's "
                         "layout (pose, facing) comes from z alone (default off: the paper's decoder of [z_t; f])")
+    p.add_argument("--f_head_leaky", action="store_true",
+                   help="q(f|x)'s mean and log-variance heads end in LeakyReLU(0.2), as the paper's "
+                        "LinearUnit(..., batchnorm=False) (default off: plain Linear, as our earlier checkpoints)")
+    p.add_argument("--deconv_init", choices=("normal", "default"), default="normal",
+                   help="initial ConvTranspose2d weights: normal, N(0, 0.01) as the other layers (default, ours), or "
+                        "default, PyTorch's own initialisation (the paper's)")
     p.add_argument("--c_aug_flip", action="store_true",
                    help="content view also mirrored left-right, so f cannot keep the facing direction "
                         "(one more encoder pass per step; default off, the paper's shuffled frames only)")
@@ -75,8 +86,11 @@ def get_args(argv=None):
     p.add_argument("--weight_c_aug", type=float, default=10.0, help="weight of the content InfoNCE (default 10)")
     p.add_argument("--weight_m_aug", type=float, default=10.0, help="weight of the motion InfoNCE (default 10)")
     p.add_argument("--temperature", type=float, default=0.5, help="NT-Xent temperature (default 0.5)")
-    p.add_argument("--sche", choices=("const", "cosine", "step"), default="const",
-                   help="learning-rate schedule: constant, cosine to 0 over nEpoch, or x0.5 every nEpoch/4 epochs")
+    p.add_argument("--sche", choices=("const", "cosine", "step", "cosine_to_zero"), default="const",
+                   help="learning-rate schedule (default const). cosine and step are the paper repo's, changed once "
+                        "an epoch: cosine with warm restarts every (nEpoch+1)//2 epochs down to 2e-4, and x0.5 every "
+                        "nEpoch//2 epochs; cosine_to_zero (ours, the CPU recipe's) is cosine to 0 over the run, "
+                        "changed every step")
     p.add_argument("--data_root", default="data/Sprite/data.pkl", help="the data pickle (make_sprites.py)")
     p.add_argument("--log_dir", default="runs/cdsvae", help="folder of logs and curves (default runs/cdsvae)")
     p.add_argument("--model_dir", default=None, help="folder of the checkpoint model.pt (default: --log_dir)")
@@ -91,7 +105,8 @@ def get_args(argv=None):
     p.add_argument("--subset", type=int, default=0,
                    help="train on the first N train videos only, for smoke runs (default 0: all)")
     p.add_argument("--val_chars", type=int, default=0,
-                   help="hold out this many train characters for validation (default 0: none)")
+                   help="hold out this many train characters for validation, and log every loss term on their "
+                        "videos after each epoch as val_* in metrics.jsonl (default 0: none)")
     p.add_argument("--sync_bn", action="store_true", help="SyncBatchNorm across processes under torchrun")
     p.add_argument("--snapshot_every", type=int, default=0,
                    help="also keep a half-precision copy of the model every this many epochs, as "
@@ -108,6 +123,9 @@ def get_args(argv=None):
     for name in ("lr", "temperature"):
         if not (math.isfinite(getattr(args, name)) and getattr(args, name) > 0):
             p.error(f"--{name} must be a positive number, got {getattr(args, name)}")
+    if args.model == "dsvae" and (args.c_aug_flip or args.weight_cyc or args.weight_mi_after):
+        p.error("--model dsvae has no augmented views, InfoNCE or MI terms: --c_aug_flip, --weight_cyc and "
+                "--weight_mi_after do not apply")
     if args.batch_size < 2:
         p.error(f"--batch_size must be at least 2, got {args.batch_size}: the InfoNCE terms contrast each video "
                 f"with the others of its batch")
@@ -120,12 +138,16 @@ def get_args(argv=None):
     return args
 
 
-def lr_lambda(sche, n_epoch, steps_per_epoch):
+def lr_lambda(sche, n_epoch, steps_per_epoch, lr):
+    """The learning rate's factor at each step for --sche (the paper repo steps its schedulers once an epoch)."""
     total = max(1, n_epoch * steps_per_epoch)
-    if sche == "cosine":
+    if sche == "cosine_to_zero":
         return lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
-    if sche == "step":
-        return lambda step: 0.5 ** (step // max(1, total // 4))
+    if sche == "cosine":  # CosineAnnealingWarmRestarts(T_0=(nEpoch+1)//2, eta_min=2e-4)
+        period, floor = max(1, (n_epoch + 1) // 2), 2e-4 / lr
+        return lambda step: floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * (step // steps_per_epoch % period) / period))
+    if sche == "step":  # StepLR(step_size=nEpoch//2, gamma=0.5)
+        return lambda step: 0.5 ** (step // steps_per_epoch // max(1, n_epoch // 2))
     return lambda step: 1.0
 
 
@@ -174,6 +196,78 @@ def remove_stale_temporaries(folder):
         match = TEMPORARY.fullmatch(entry)
         if match and not process_alive(int(match[2])):
             os.remove(os.path.join(folder, entry))
+
+
+def mi_weight(args, step):
+    """The MI penalty's weight at a step of the run (--weight_mi, then --weight_mi_after's; 0 for DSVAE)."""
+    if args.model == "dsvae":
+        return 0.0
+    return args.weight_mi_after[1] if args.weight_mi_after and step >= args.weight_mi_after[0] else args.weight_mi
+
+
+def augmented_views(batch, x, args, device):
+    """The forward pass's augmented views of a batch: the motion view and the content view (x's frame features
+    shuffled, or with --c_aug_flip its own mirrored video); none for DSVAE."""
+    if args.model == "dsvae":
+        return {}
+    if args.c_aug_flip:
+        content = {"c_aug": content_augment(x, order=batch["c_aug_order"], mirror=True)}
+    else:
+        content = {"c_aug_order": batch["c_aug_order"].to(device)}
+    return {"m_aug": batch["m_aug"].to(device), **content}
+
+
+def gather_rows(t):
+    """The whole batch's rows of t, all processes' in rank order; the gradient reaches each process's own rows
+    (summed over the processes' losses, which DDP's averaging then divides by their number)."""
+    return torch.cat(dist_nn.all_gather(t.contiguous()))
+
+
+# checkpoints written before --sche cosine and step became the paper repo's named ours so
+OLD_SCHEDULES = {"cosine": "cosine_to_zero", "step": "x0.5 every nEpoch/4 epochs (no longer offered)"}
+
+
+def resume_mismatch(ckpt, args, world):
+    """What of the run's shape differs between the checkpoint and this invocation (a resumed run would train on
+    another schedule or other batches), as one phrase; None when nothing does."""
+    saved = ckpt.get("args", {})
+    saved_sche = ckpt.get("schedule") or OLD_SCHEDULES.get(saved.get("sche"), saved.get("sche"))
+    saved_world = ckpt.get("world_size", len(ckpt.get("rng_cpu", [None])))
+    changed = []
+    if saved.get("model", "cdsvae") != args.model:
+        changed.append(f"--model {args.model} (checkpoint: {saved.get('model', 'cdsvae')})")
+    if saved.get("batch_size") != args.batch_size:
+        changed.append(f"--batch_size {args.batch_size} (checkpoint: {saved.get('batch_size')})")
+    if saved_world != world:
+        changed.append(f"{world} process(es) (checkpoint: {saved_world})")
+    if saved_sche != args.sche:
+        changed.append(f"--sche {args.sche} (checkpoint: {saved_sche})")
+    if args.sche != "const" and saved.get("nEpoch") != args.nEpoch:  # the schedule's length
+        changed.append(f"--nEpoch {args.nEpoch} with --sche {args.sche} (checkpoint: {saved.get('nEpoch')})")
+    return "; ".join(changed) or None
+
+
+@torch.no_grad()
+def validation_terms(model, loader, dataset_size, device, amp, args, weight_mi):
+    """Every loss term on the held-out videos (eval mode, the same augmentations and noise every epoch), the mean
+    over videos; the training run's random state is left as it was."""
+    was_training = model.training
+    model.eval()
+    sums, n = {}, 0
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(args.seed)
+        loader.set_epoch(0)
+        for batch in loader:
+            x = batch["x"].to(device)
+            with torch.autocast(device.type, dtype=amp_dtype(device), enabled=amp):
+                out = model(x, cycle=args.weight_cyc > 0, **augmented_views(batch, x, args, device))
+            _, terms = cdsvae_loss(out, x, dataset_size, args.weight_f, args.weight_z, args.weight_c_aug,
+                                   args.weight_m_aug, weight_mi, args.weight_rec, args.temperature, args.weight_cyc)
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + v.item() * len(x)
+            n += len(x)
+    model.train(was_training)
+    return {f"val_{k}": v / n for k, v in sums.items()}
 
 
 class Stop:
@@ -236,19 +330,22 @@ def main(argv=None):
     local_batch = args.batch_size // world
     if len(X) < args.batch_size:
         sys.exit(f"error: {len(X)} training videos are fewer than --batch_size {args.batch_size}")
-    loader = SpriteBatches(X, A, D, local_batch, shuffle=True, augment=True, seed=args.seed, drop_last=True,
+    augment = args.model == "cdsvae"  # DSVAE makes no augmented views
+    loader = SpriteBatches(X, A, D, local_batch, shuffle=True, augment=augment, seed=args.seed, drop_last=True,
                            rank=rank, world_size=world, content_view=False)  # the model shuffles x's features
+    val_loader = (SpriteBatches(*val, args.batch_size, augment=augment, seed=args.seed, content_view=False)
+                  if args.val_chars else None)
 
     torch.manual_seed(args.seed + rank)
     model_args = {k: getattr(args, k) for k in MODEL_ARGS if hasattr(args, k)}
     model_args["frames"] = X.shape[1]
+    model_args["deconv_normal"] = args.deconv_init == "normal"
     model = CDSVAE(**model_args).to(device)
     if device.type == "cpu":
         model = model.to(memory_format=torch.channels_last)  # oneDNN's bf16 convs are ~2x faster channels-last
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.999))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.sche, args.nEpoch, len(loader)))
-    amp_dtype = torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp and amp_dtype == torch.float16)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.sche, args.nEpoch, len(loader), args.lr))
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp and amp_dtype(device) == torch.float16)
 
     ckpt_path = os.path.join(args.model_dir, "model.pt")
     metrics_path = os.path.join(args.log_dir, "metrics.jsonl")
@@ -260,6 +357,10 @@ def main(argv=None):
             if changed:
                 raise CheckpointError(f"{ckpt_path} was trained with other settings: {', '.join(changed.values())}; "
                                       f"pass its {' '.join('--' + k for k in changed)} or start a new --log_dir")
+            other_run = resume_mismatch(ckpt, args, world)
+            if other_run:
+                raise CheckpointError(f"{ckpt_path} was trained as another run: {other_run}; resume with its "
+                                      f"settings or start a new --log_dir")
         except CheckpointError as e:
             sys.exit(f"error: cannot resume: {e}")
     elif os.path.exists(ckpt_path):
@@ -281,7 +382,9 @@ def main(argv=None):
         if "scaler" in ckpt:
             scaler.load_state_dict(ckpt["scaler"])
         start_epoch, step, skip_batches = ckpt["epoch"], ckpt["step"], ckpt["batches_done"]
-        torch.set_rng_state(ckpt["rng_cpu"][rank] if rank < len(ckpt["rng_cpu"]) else ckpt["rng_cpu"][0])
+        torch.set_rng_state(ckpt["rng_cpu"][rank])
+        if device.type == "cuda" and ckpt.get("rng_cuda"):
+            torch.cuda.set_rng_state(ckpt["rng_cuda"][rank], device)
         history = list(ckpt.get("history", []))
         # checkpoints older than these keys: the resumed epoch's row averages the batches after the resume only
         sums, n_batches = dict(ckpt.get("epoch_sums", {})), ckpt.get("epoch_batches", 0)
@@ -300,17 +403,18 @@ def main(argv=None):
 
     def save(epoch, batches_done, seconds):
         rng = [torch.get_rng_state()]
+        rng_cuda = [torch.cuda.get_rng_state(device)] if device.type == "cuda" else []
         if distributed:
             gathered = [None] * world
-            dist.all_gather_object(gathered, rng[0])
-            rng = gathered
+            dist.all_gather_object(gathered, (rng[0], rng_cuda))
+            rng, rng_cuda = [r for r, _ in gathered], [c[0] for _, c in gathered if c]
         if not main_proc:
             return
         save_atomic({"model": raw_model.state_dict(), "model_args": model_args, "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
                      "batches_done": batches_done, "step": step, "epoch_sums": sums, "epoch_batches": n_batches,
-                     "epoch_seconds": seconds, "args": vars(args), "rng_cpu": rng, "history": history,
-                     "git": git_revision()}, ckpt_path)
+                     "epoch_seconds": seconds, "args": vars(args), "rng_cpu": rng, "rng_cuda": rng_cuda,
+                     "world_size": world, "schedule": args.sche, "history": history, "git": git_revision()}, ckpt_path)
 
     def stop_signal():
         """The signal that asked to stop (0: none), the same in every process so that all stop at one step."""
@@ -341,19 +445,18 @@ def main(argv=None):
         bar = tqdm(loader, total=len(loader), initial=skip_batches, desc=f"epoch {epoch + 1}/{args.nEpoch}",
                    disable=not main_proc, leave=False)
         for b, batch in enumerate(bar, start=skip_batches):
-            weight_mi = args.weight_mi
-            if args.weight_mi_after and step >= args.weight_mi_after[0]:
-                weight_mi = args.weight_mi_after[1]
+            weight_mi = mi_weight(args, step)
             x = batch["x"].to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=args.amp):
-                if args.c_aug_flip:
-                    content = {"c_aug": content_augment(x, order=batch["c_aug_order"], mirror=True)}
-                else:
-                    content = {"c_aug_order": batch["c_aug_order"].to(device)}
-                out = model(x, m_aug=batch["m_aug"].to(device), cycle=args.weight_cyc > 0, **content)
+            with torch.autocast(device.type, dtype=amp_dtype(device), enabled=args.amp):
+                out = model(x, cycle=args.weight_cyc > 0, **augmented_views(batch, x, args, device))
             loss, terms = cdsvae_loss(out, x, len(X), args.weight_f, args.weight_z, args.weight_c_aug,
-                                      args.weight_m_aug, weight_mi, args.weight_rec, args.temperature, args.weight_cyc)
-            if not torch.isfinite(loss):
+                                      args.weight_m_aug, weight_mi, args.weight_rec, args.temperature, args.weight_cyc,
+                                      gather=gather_rows if distributed else None)
+            if distributed:  # the terms of the whole batch, the same in every process: a non-finite one stops all
+                values = torch.stack([v.detach() for v in terms.values()])
+                dist.all_reduce(values)
+                terms = dict(zip(terms, values / world))
+            if not all(torch.isfinite(v) for v in terms.values()):
                 kept = (f"the last good checkpoint {ckpt_path} is kept" if os.path.exists(ckpt_path)
                         else "no checkpoint was written yet")
                 log(f"error: non-finite loss at epoch {epoch + 1}, step {step} ({ {k: v.item() for k, v in terms.items()} }); "
@@ -380,11 +483,13 @@ def main(argv=None):
         row = {"epoch": epoch + 1, "step": step, "lr": scheduler.get_last_lr()[0], "seconds": round(time.time() - t0, 1),
                **{k: v / max(1, n_batches) for k, v in sums.items()}}
         skip_batches, sums, n_batches, seconds_before = 0, {}, 0, 0.0
+        if val_loader is not None and main_proc:
+            row.update(validation_terms(raw_model, val_loader, len(X), device, args.amp, args, mi_weight(args, step)))
         if judges and (epoch + 1) % args.evl_interval == 0:
             from test_sprite import evaluate
             scores = evaluate(raw_model, judges, data["test"], device, seeds=[0], amp=args.amp)["judges"]
             row.update({f"eval_{name}_{k}": v for name, s in scores.items() for k, v in s["mean"].items()
-                        if k.startswith(("A_", "B_", "swap_")) and not k.endswith("_n")})
+                        if k.startswith(("A_", "B_", "Bs_", "swap_")) and not k.endswith("_n")})
         history.append(row)
         save(epoch + 1, 0, 0.0)  # the checkpoint first: metrics.jsonl is its history, written again on resume
         if main_proc:

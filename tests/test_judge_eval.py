@@ -190,7 +190,7 @@ def test_latents_are_the_models_generators(files):
     state = torch.get_rng_state()
     latents, perm = ts.run_latents(model, post, seed=3)
     assert torch.equal(torch.get_rng_state(), state)  # the caller's random state is untouched
-    assert set(latents) == {"A", "B", "swap"}
+    assert set(latents) == {"A", "B", "Bs", "swap"}
     assert not (perm == torch.arange(5)).any()
     with torch.inference_mode():
         torch.manual_seed(3)
@@ -200,11 +200,14 @@ def test_latents_are_the_models_generators(files):
         ref_swap = model.swap(x, x[perm])[0]
         for key, ref in (("A", ref_a), ("B", ref_b), ("swap", ref_swap)):
             torch.testing.assert_close(model.decode(*latents[key]), ref, atol=1e-5, rtol=1e-4)
+        # B decodes the prior's means along the path whose samples Bs decodes (the paper's protocol B)
+        torch.testing.assert_close(model.prior(latents["Bs"][0])[0], latents["B"][0], atol=1e-6, rtol=1e-5)
+        assert not torch.allclose(latents["Bs"][0], latents["B"][0]) and torch.equal(latents["Bs"][1], latents["B"][1])
     other, perm1 = ts.run_latents(model, post, seed=4)  # another run: new f, new prior z, new pairing
     assert not torch.equal(other["A"][1], latents["A"][1]) and not torch.equal(other["B"][0], latents["B"][0])
     assert not torch.equal(perm, perm1) and torch.equal(ts.run_latents(model, post, seed=3)[1], perm)
     assert set(ts.run_latents(model, post, 0, "action")[0]) == {"A", "swap"}
-    assert set(ts.run_latents(model, post, 0, "static")[0]) == {"B", "swap"}
+    assert set(ts.run_latents(model, post, 0, "static")[0]) == {"B", "Bs", "swap"}
 
 
 def test_for_inference_changes_no_output():
@@ -238,7 +241,7 @@ def test_cli_end_to_end_every_video_scored(files, capsys):
                       "--niter", "2", "--batch_size", str(batch), "--device", "cpu", "--out", out,
                       "--f_dim", "8", "--z_dim", "4"])
     text = capsys.readouterr().out
-    for word in ("Protocol A", "Acc (%)", "IS", "H(y|x)", "H(y)", "C-DSVAE, paper", "protocol B", "swap",
+    for word in ("Protocol A", "Acc (%)", "IS", "H(y|x)", "H(y)", "C-DSVAE, paper", "protocol B", "protocol Bs", "swap",
                  "reconstruction MSE", "the swap's motion in parts"):
         assert word in text
     assert list(result["judges"]) == ["judge"] and result["agreement"] == {}  # one judge: no pair to agree
@@ -246,7 +249,7 @@ def test_cli_end_to_end_every_video_scored(files, capsys):
     result = {**result, **result["judges"]["judge"]}
     assert result["n_test"] == N and len(result["runs"]) == 2
     for run in result["runs"]:
-        assert run["A_n"] == run["B_n"] == run["swap_n"] == run["real_n"] == N
+        assert run["A_n"] == run["B_n"] == run["Bs_n"] == run["swap_n"] == run["real_n"] == N
         assert 1.0 - 1e-9 <= run["A_IS"] <= 9 + 1e-9
         assert 0 <= run["A_H_y_given_x"] <= math.log(9) + 1e-9 and 0 <= run["A_H_y"] <= math.log(9) + 1e-9
         assert run["A_KL_gen_vs_real_marginal"] >= -1e-12

@@ -29,7 +29,7 @@ def test_shapes_of_every_output(model):
         assert out[view]["f_mean"].shape == (B, 8) and out[view]["z_mean"].shape == (B, T, 4)
     assert 0 <= out["recon"].min() and out["recon"].max() <= 1
     model.eval()
-    assert model.sample_z_prior(5, 6).shape == (5, 6, 4)
+    assert [z.shape for z in model.sample_z_prior(5, 6)] == [(5, 6, 4), (5, 6, 4)]
     assert model.generate_fixed_motion(x).shape == x.shape
     assert model.generate_fixed_content(x).shape == x.shape
     a, b = model.swap(x, x.flip(0))
