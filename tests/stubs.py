@@ -46,7 +46,7 @@ def painted_test_set(n_characters=4, seed=0):
 class LabelPainter(nn.Module):
     """The interface of model.CDSVAE that test_sprite.evaluate uses, with z_t = (action, 0, 0) in every frame and
     f = (skin, pant, top, hair, 0, 0) read from a painted video, decode(z, f) painting the action of z and the
-    attributes of f, and a prior of N(0, 4 I) samples."""
+    attributes of f, and a prior path of N(0, 4 I) means and N(means, I) samples."""
 
     def encode(self, x, random=False):
         labels = read(x).float()
@@ -62,7 +62,8 @@ class LabelPainter(nn.Module):
         return paint(labels, frames=z.shape[1])
 
     def sample_z_prior(self, B, T=None, random=True, like=None):
-        return 2 * torch.randn(B, T or FRAMES, Z_DIM, dtype=like.dtype, device=like.device)
+        means = 2 * torch.randn(B, T or FRAMES, Z_DIM, dtype=like.dtype, device=like.device)
+        return means, means + torch.randn_like(means)
 
 
 class LabelReader(nn.Module):

@@ -139,7 +139,7 @@ def test_known_answers_with_a_model_and_judge_that_paint_and_read_the_labels():
         assert any(D[perm[i]] != D[i] for i in range(N)) and any((A[perm[i]] != A[i]).any() for i in range(N))
         perfect = ["A_action_acc", "A_type_from_z", "A_direction_from_z", "swap_action_acc", "swap_type_from_z",
                    "swap_direction_from_z", "real_action_acc", "real_attr_mean_acc", "B_attr_mean_acc",
-                   "swap_attr_mean_acc"] + [f"{p}_{a}_acc" for p in ("B", "swap", "real") for a in ts.ATTRIBUTES]
+                   "swap_attr_mean_acc"] + [f"{p}_{a}_acc" for p in ("B", "Bs", "swap", "real") for a in ts.ATTRIBUTES]
         assert {k: run[k] for k in perfect} == {k: 1.0 for k in perfect}
         # the swap's motion is all z's (video perm[i]'s); what it shares with f's video i is what the pairing gives
         same_direction = sum(int(D[perm[i]]) % 3 == int(D[i]) % 3 for i in range(N)) / N
