@@ -336,7 +336,8 @@ def test_run_test_sprite_sh_passes_arguments_through(files, tmp_path):
     assert "Protocol A" in r.stdout
     saved = json.load(open(out))
     # the arguments given override the script's own (--niter 5, the shipped judge); the others stay in effect
-    assert (saved["niter"], len(saved["runs"]), saved["judge"], saved["threads"]) == (1, 1, files["judge"], 1)
+    assert (saved["niter"], len(saved["judges"]["judge"]["runs"]), saved["threads"]) == (1, 1, 1)
+    assert {name: f["path"] for name, f in saved["judge_files"].items()} == {"judge": files["judge"]}
     assert (saved["amp"], saved["type_gt"], saved["batch_size"]) == (True, "all", 256)
     assert saved["model_dir"] == files["model"]
 
