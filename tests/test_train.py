@@ -50,7 +50,7 @@ def test_stop_and_resume_equals_uninterrupted(tiny_data, tmp_path, max_steps):
 def test_resume_mid_epoch_under_cosine_schedule_and_amp_equals_uninterrupted(tiny_data, tmp_path):
     """The shipped recipe's schedule and precision, stopped in the middle of epoch 2 (step 4 of 6) and resumed: the
     same parameters, optimizer state and schedule position as an uninterrupted run."""
-    common = TINY + ["--data_root", tiny_data, "--nEpoch", "2", "--sche", "cosine", "--amp"]
+    common = TINY + ["--data_root", tiny_data, "--nEpoch", "2", "--sche", "cosine_to_zero", "--amp"]
     train_cdsvae.main(common + ["--log_dir", str(tmp_path / "a")])
     train_cdsvae.main(common + ["--log_dir", str(tmp_path / "b"), "--max_steps", "4"])
     train_cdsvae.main(common + ["--log_dir", str(tmp_path / "b"), "--resume"])
