@@ -20,6 +20,16 @@ def sheets():
         pytest.skip(f"needs the Sprites sheets (set SPRITES_SHEETS=DIR): {e}")
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test, as it was after."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_data(sheets, tmp_path_factory):
     """A data.pkl in our format from 6 real train and 2 real test characters (54 / 18 videos)."""

@@ -25,12 +25,7 @@ TINY_MODEL = dict(f_dim=8, z_dim=4, g_dim=16, rnn_size=16, nf=8)
 TINY_JUDGE = dict(g_dim=16, rnn_size=16, hidden=16, nf=8)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.one_thread: tiny models run fastest on one thread
 
 
 @pytest.fixture(scope="module")

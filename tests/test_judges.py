@@ -22,12 +22,7 @@ TINY_CLIP = dict(nf=4, hidden=16)
 TINY_BILSTM = dict(g_dim=16, rnn_size=16, hidden=16, nf=8)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.one_thread: tiny models run fastest on one thread
 
 
 def save_judge(path, arch, args, seed):
