@@ -14,7 +14,8 @@ Protocol A (the paper's Table 1; --type_gt action): keep each video's dynamics (
     class-balanced set these scores ask for.
 Protocol B (--type_gt static): keep each video's content (posterior mean of f), draw a path of the learned prior
     and decode its per-step means, as the paper does (model.generate_fixed_content). The judge's accuracy on skin,
-    pant, top, hair and their mean. 'Bs' (not the paper's figure): the same, decoding the path's samples.
+    pant, top, hair and their mean. 'Bs' (not the paper's figure; --sampled_b): the same, decoding the path's
+    samples.
 Swaps (always): pair each video i with another video j = perm[i] (a seeded derangement: never itself), decode
     f of i with z of j (model.swap); the judge's accuracy on i's four attributes and on j's action. As a
     diagnosis, the predicted action in its two parts, action type and facing direction: how often each is j's
@@ -225,14 +226,14 @@ def encode_split(model, judges, X, device, batch_size=256, amp=False):
 
 
 @torch.inference_mode()
-def run_latents(model, post, seed, type_gt="all"):
+def run_latents(model, post, seed, type_gt="all", sampled_b=False):
     """The (z, f) to decode in run `seed` for each protocol, and the swap pairing perm (video i gets the z of
     video perm[i]). From the posterior means post['z'], post['f'] of encode_split:
 
     'A' (type_gt action/all): (z_mean, f ~ N(0, I)): model.generate_fixed_motion(x) after torch.manual_seed(seed)
     'B' (type_gt static/all): (prior means along a sampled path, f_mean): model.generate_fixed_content(x) after
         torch.manual_seed(seed), the paper's protocol B
-    'Bs' (type_gt static/all): (that path's samples, f_mean)
+    'Bs' (type_gt static/all, and sampled_b): (that path's samples, f_mean)
     'swap': (z_mean[perm], f_mean): model.swap(x, x[perm])[0]
     (computed from the posteriors once, instead of encoding the videos again for each protocol)."""
     N, T = post["z"].shape[:2]
@@ -246,7 +247,9 @@ def run_latents(model, post, seed, type_gt="all"):
         if type_gt in ("static", "all"):
             torch.manual_seed(seed)
             prior_means, prior_samples = model.sample_z_prior(N, T, like=post["f"])
-            out["B"], out["Bs"] = (prior_means, post["f"]), (prior_samples, post["f"])
+            out["B"] = (prior_means, post["f"])
+            if sampled_b:
+                out["Bs"] = (prior_samples, post["f"])
     perm = derangement(N, torch.Generator().manual_seed(seed))
     out["swap"] = (post["z"][perm.to(post["z"].device)], post["f"])
     return out, perm
@@ -325,12 +328,13 @@ def judge_pairs(names):
     return [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
 
 
-def evaluate(model, judges, test, device, seeds=(0,), amp=False, batch_size=256, type_gt="all"):
+def evaluate(model, judges, test, device, seeds=(0,), amp=False, batch_size=256, type_gt="all", sampled_b=False):
     """Every figure of the module docstring, for each seed and each judge of `judges` ({name: judge network}):
 
     {'judges': {name: {'runs': [{figure: value}], 'mean': {...}, 'std': {...}}},
      'agreement': {'a vs b': {'runs', 'mean', 'std'}} for each pair of judges, 'recon_mse_per_pixel': float}.
-    Figure keys: A_* (protocol A), B_* (protocol B, the prior's means), Bs_* (protocol B, its samples), swap_*,
+    Figure keys: A_* (protocol A), B_* (protocol B, the prior's means), Bs_* (protocol B, its samples; only with
+    sampled_b), swap_*,
     real_* (the judge on the real videos); *_n is the number of videos scored. Agreement keys:
     <A|B|Bs|swap|real>_<head>, the share of videos on which the pair's
     predictions for that head match. Every generated video is decoded once and shown to every judge."""
@@ -342,7 +346,7 @@ def evaluate(model, judges, test, device, seeds=(0,), amp=False, batch_size=256,
     names = list(judges)
     runs, agree = {name: [] for name in names}, {f"{a} vs {b}": [] for a, b in judge_pairs(names)}
     for seed in seeds:
-        latents, perm = run_latents(model, real, seed, type_gt)
+        latents, perm = run_latents(model, real, seed, type_gt, sampled_b)
         gen = {k: decode_and_judge(model, judges, z, f, batch_size, amp) for k, (z, f) in latents.items()}
         for name in names:
             runs[name].append({"seed": seed, **generated_scores({k: g[name] for k, g in gen.items()},
@@ -439,6 +443,9 @@ def main(argv=None):
     p.add_argument("--data_root", default="data/Sprite/data.pkl", help="the data pickle of make_sprites.py")
     p.add_argument("--type_gt", choices=("action", "static", "all"), default="all",
                    help="action: protocol A; static: protocol B; all: both (default). Swaps are always scored")
+    p.add_argument("--sampled_b", action="store_true",
+                   help="also score protocol Bs: decode the prior path's samples instead of its means (not the "
+                        "paper's figure; one more decode per run; default off)")
     p.add_argument("--test_stride", type=int, default=1,
                    help="score every this-many-th test video only, for quick probes (default 1: the whole split)")
     p.add_argument("--niter", type=int, default=5, help="runs, with seeds 0..niter-1 (default 5)")
@@ -473,7 +480,7 @@ def main(argv=None):
         sys.exit(f"error: {args.data_root}: the test split has {len(X)} video(s); swaps need at least 2")
     t0 = time.time()
     result = evaluate(model, judges, test, device, seeds=range(args.niter), amp=args.amp,
-                      batch_size=args.batch_size, type_gt=args.type_gt)
+                      batch_size=args.batch_size, type_gt=args.type_gt, sampled_b=args.sampled_b)
     seconds = time.time() - t0
     counts = torch.bincount(D, minlength=JUDGE_HEADS["action"]).tolist()
     judge_files = {name: {k: read_checkpoint(path).get(k) for k in ("arch", "test_accuracy", "robustness")}
@@ -482,7 +489,7 @@ def main(argv=None):
                   model_dir=args.model_dir, model_args=read_model_checkpoint(args.model_dir)["model_args"],
                   judge_files={name: {"path": judge_paths[name], **info} for name, info in judge_files.items()},
                   data_root=args.data_root, test_stride=args.test_stride,
-                  type_gt=args.type_gt, niter=args.niter, amp=args.amp, batch_size=args.batch_size,
+                  type_gt=args.type_gt, sampled_b=args.sampled_b, niter=args.niter, amp=args.amp, batch_size=args.batch_size,
                   device=str(device), threads=torch.get_num_threads(), seconds=round(seconds, 1),
                   git_revision=git_revision())
     print(format_table(result))

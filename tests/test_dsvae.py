@@ -53,7 +53,7 @@ def test_dsvae_trains_without_views_or_contrastive_terms(tiny_data, tmp_path, mo
         assert torch.equal(a, b.float())
     X, A, D = load_sprites(tiny_data)["test"]
     judges = {"j": SpriteJudge(g_dim=16, rnn_size=16, hidden=16, nf=8).eval()}
-    result = test_sprite.evaluate(loaded, judges, (X[:6], A[:6], D[:6]), torch.device("cpu"))
+    result = test_sprite.evaluate(loaded, judges, (X[:6], A[:6], D[:6]), torch.device("cpu"), sampled_b=True)
     assert {"A_action_acc", "B_attr_mean_acc", "Bs_attr_mean_acc", "swap_action_acc"} <= set(result["judges"]["j"]["mean"])
 
 

@@ -127,7 +127,7 @@ def test_known_answers_with_a_model_and_judge_that_paint_and_read_the_labels():
     X, A, D = stubs.painted_test_set(n_characters=4)
     N = len(D)
     result = ts.evaluate(stubs.LabelPainter(), {"stub": stubs.LabelReader()}, (X, A, D), torch.device("cpu"),
-                         seeds=(0, 1), batch_size=10)  # 36 videos: a last, partial batch
+                         seeds=(0, 1), batch_size=10, sampled_b=True)  # 36 videos: a last, partial batch
     assert result["recon_mse_per_pixel"] == pytest.approx(1 / (8 * 3 * 64 * 64), rel=1e-9)  # one wrong value a video
     for run in result["judges"]["stub"]["runs"]:
         perm = ts.derangement(N, torch.Generator().manual_seed(run["seed"])).tolist()
@@ -183,9 +183,10 @@ def test_latents_are_the_models_generators(files):
     x = to_float(X)
     post = ts.encode_split(model, {"judge": judge}, X, torch.device("cpu"), batch_size=2)
     state = torch.get_rng_state()
-    latents, perm = ts.run_latents(model, post, seed=3)
+    latents, perm = ts.run_latents(model, post, seed=3, sampled_b=True)
     assert torch.equal(torch.get_rng_state(), state)  # the caller's random state is untouched
     assert set(latents) == {"A", "B", "Bs", "swap"}
+    assert set(ts.run_latents(model, post, seed=3)[0]) == {"A", "B", "swap"}  # Bs only when asked
     assert not (perm == torch.arange(5)).any()
     with torch.inference_mode():
         torch.manual_seed(3)
@@ -202,7 +203,7 @@ def test_latents_are_the_models_generators(files):
     assert not torch.equal(other["A"][1], latents["A"][1]) and not torch.equal(other["B"][0], latents["B"][0])
     assert not torch.equal(perm, perm1) and torch.equal(ts.run_latents(model, post, seed=3)[1], perm)
     assert set(ts.run_latents(model, post, 0, "action")[0]) == {"A", "swap"}
-    assert set(ts.run_latents(model, post, 0, "static")[0]) == {"B", "Bs", "swap"}
+    assert set(ts.run_latents(model, post, 0, "static", sampled_b=True)[0]) == {"B", "Bs", "swap"}
 
 
 def test_for_inference_changes_no_output():
@@ -234,7 +235,7 @@ def test_cli_end_to_end_every_video_scored(files, capsys):
     assert N % batch  # a last, partial batch
     result = ts.main(["--model_dir", files["model"], "--judge", files["judge"], "--data_root", files["data"],
                       "--niter", "2", "--batch_size", str(batch), "--device", "cpu", "--out", out,
-                      "--f_dim", "8", "--z_dim", "4"])
+                      "--f_dim", "8", "--z_dim", "4", "--sampled_b"])
     text = capsys.readouterr().out
     for word in ("Protocol A", "Acc (%)", "IS", "H(y|x)", "H(y)", "C-DSVAE, paper", "protocol B", "protocol Bs", "swap",
                  "reconstruction MSE", "the swap's motion in parts"):
