@@ -285,11 +285,36 @@ def mutual_information(f, f_mean, f_logvar, z, z_mean, z_logvar, dataset_size):
     return F.relu(log_q_fz - log_q_f[:, None] - log_q_z).mean()
 
 
+class FZCritic(nn.Module):
+    """Tells a video's own pair (f, z_1:T) from pairs of f and another video's z. Trained with critic_loss, its
+    logit estimates the density ratio log q(f, z) / (q(f) q(z)), so its mean over own pairs estimates I(f; z)
+    (the density-ratio trick of FactorVAE, Kim & Mnih 2018). Unlike the minibatch estimate it does not saturate:
+    its gradient tells the encoders which shared information (the facing direction, say) to drop from f or z."""
+
+    def __init__(self, f_dim, z_dim, frames, hidden=512):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(f_dim + frames * z_dim, hidden), nn.LeakyReLU(0.2),
+                                 nn.Linear(hidden, hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, 1))
+
+    def forward(self, f, z):  # (B, f_dim), (B, T, z_dim) -> logits (B,)
+        return self.net(torch.cat([f, z.flatten(1)], dim=1)).squeeze(1)
+
+
+def critic_loss(critic, f, z, shift=1):
+    """The critic's binary cross-entropy: own pairs (f_i, z_i) are 1, pairs (f_i, z_{i+shift mod B}) are 0."""
+    own, other = critic(f, z), critic(f, z.roll(shift, dims=0))
+    return (F.binary_cross_entropy_with_logits(own, torch.ones_like(own))
+            + F.binary_cross_entropy_with_logits(other, torch.zeros_like(other)))
+
+
 def cdsvae_loss(out, x, dataset_size, weight_f=1.0, weight_z=1.0, weight_c_aug=10.0, weight_m_aug=10.0,
-                weight_mi=1.0, weight_rec=1.0, temperature=0.5, weight_cyc=0.0, gather=None):
+                weight_mi=1.0, weight_rec=1.0, temperature=0.5, weight_cyc=0.0, gather=None, critic=None,
+                weight_critic=0.0):
     """Total loss and every term from the outputs of CDSVAE.forward (per video: sums over frames and
     pixels divided by the batch size). Terms are computed in fp32 whatever the autocast.
 
+    mi_critic (with a critic): the FZCritic's estimate of I(f; z), the mean of its logits on the batch's own
+    (f, z) samples, weighted by weight_critic; the critic itself is trained apart (critic_loss).
     con_cyc (when forward ran with cycle=True): NT-Xent between z of the video decoded with a new f, encoded
     again, and the original z (held fixed): the decoder pays when the motion it draws follows f instead of z.
     gather: for k processes, a function of a local batch tensor to the whole batch's (all processes' rows in
@@ -316,6 +341,9 @@ def cdsvae_loss(out, x, dataset_size, weight_f=1.0, weight_z=1.0, weight_c_aug=1
     if "cyc_post" in out:
         terms["con_cyc"] = nt_xent(whole["z_mean"].detach(), gather(out["cyc_post"]["z_mean"]), temperature)
         total = total + weight_cyc * terms["con_cyc"]
+    if critic is not None:
+        terms["mi_critic"] = critic(whole["f"], whole["z"]).mean()
+        total = total + weight_critic * terms["mi_critic"]
     terms["loss"] = total
     return total, terms
 

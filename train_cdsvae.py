@@ -24,7 +24,7 @@ import torch.distributed.nn.functional as dist_nn
 from tqdm import tqdm
 
 from dataloader import DataError, SpriteBatches, content_augment, load_sprites, validation_split
-from model import CDSVAE, cdsvae_loss
+from model import CDSVAE, FZCritic, cdsvae_loss, critic_loss
 from utils import (MODEL_ARGS, CheckpointError, amp_dtype, check_sizes, git_revision, mismatched_model_args,
                    pick_device, read_checkpoint, save_atomic)
 
@@ -79,6 +79,12 @@ def get_args(argv=None):
     p.add_argument("--weight_f", type=float, default=1.0, help="weight of KL(q(f|x) || N(0, I)) (default 1)")
     p.add_argument("--weight_z", type=float, default=1.0, help="weight of KL(q(z|x) || p(z)) (default 1)")
     p.add_argument("--weight_mi", type=float, default=1.0, help="weight of the MI(f; z) penalty (default 1)")
+    p.add_argument("--weight_mi_critic", type=float, default=0.0,
+                   help="weight of a second I(f; z) penalty, the estimate of a density-ratio critic trained beside the "
+                        "model to tell own (f, z) pairs from shuffled ones; it does not saturate as the minibatch "
+                        "estimate does (default 0: off, as in the paper)")
+    p.add_argument("--lr_critic", type=float, default=1e-3,
+                   help="Adam learning rate of that critic, betas (0.5, 0.9) as FactorVAE's (default 1e-3)")
     p.add_argument("--weight_mi_after", nargs=2, type=float, metavar=("STEP", "WEIGHT"), default=None,
                    help="from step STEP on (steps of the whole run, counted from 0), the MI penalty's weight is WEIGHT "
                         "instead of --weight_mi; a resumed run takes the weight of its checkpoint's step "
@@ -120,12 +126,14 @@ def get_args(argv=None):
     for name in ("threads", "subset", "val_chars", "max_steps", "evl_interval", "snapshot_every"):
         if getattr(args, name) < 0:
             p.error(f"--{name} must be 0 or more, got {getattr(args, name)}")
-    for name in ("lr", "temperature"):
+    for name in ("lr", "temperature", "lr_critic"):
         if not (math.isfinite(getattr(args, name)) and getattr(args, name) > 0):
             p.error(f"--{name} must be a positive number, got {getattr(args, name)}")
-    if args.model == "dsvae" and (args.c_aug_flip or args.weight_cyc or args.weight_mi_after):
-        p.error("--model dsvae has no augmented views, InfoNCE or MI terms: --c_aug_flip, --weight_cyc and "
-                "--weight_mi_after do not apply")
+    if args.model == "dsvae" and (args.c_aug_flip or args.weight_cyc or args.weight_mi_after or args.weight_mi_critic):
+        p.error("--model dsvae has no augmented views, InfoNCE or MI terms: --c_aug_flip, --weight_cyc, "
+                "--weight_mi_after and --weight_mi_critic do not apply")
+    if not (math.isfinite(args.weight_mi_critic) and args.weight_mi_critic >= 0):
+        p.error(f"--weight_mi_critic must be 0 (off) or a positive number, got {args.weight_mi_critic}")
     if args.batch_size < 2:
         p.error(f"--batch_size must be at least 2, got {args.batch_size}: the InfoNCE terms contrast each video "
                 f"with the others of its batch")
@@ -155,7 +163,7 @@ def plot_curves(rows, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    keys = [k for k in ("recon", "kld_f", "kld_z", "mi_fz", "con_f", "con_z") if k in rows[-1]]
+    keys = [k for k in ("recon", "kld_f", "kld_z", "mi_fz", "mi_critic", "con_f", "con_z") if k in rows[-1]]
     fig, axes = plt.subplots(1, len(keys), figsize=(3 * len(keys), 2.6))
     for ax, k in zip(axes, keys):
         ax.plot([r["epoch"] for r in rows], [r[k] for r in rows])
@@ -223,6 +231,19 @@ def gather_rows(t):
     return torch.cat(dist_nn.all_gather(t.contiguous()))
 
 
+def train_critic(critic, optimizer, out, step, distributed):
+    """One step of the --weight_mi_critic critic on the whole batch's (f, z) samples, held fixed; the shuffled
+    pairs pair each video with the one `shift` places on, a shift that every process takes from the step."""
+    f, z = (out[k].detach().float() for k in ("f", "z"))
+    if distributed:
+        f, z = gather_rows(f), gather_rows(z)
+    optimizer.zero_grad(set_to_none=True)
+    loss = critic_loss(critic, f, z, shift=1 + step % (len(f) - 1))
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
 # checkpoints written before --sche cosine and step became the paper repo's named ours so
 OLD_SCHEDULES = {"cosine": "cosine_to_zero", "step": "x0.5 every nEpoch/4 epochs (no longer offered)"}
 
@@ -248,7 +269,7 @@ def resume_mismatch(ckpt, args, world):
 
 
 @torch.no_grad()
-def validation_terms(model, loader, dataset_size, device, amp, args, weight_mi):
+def validation_terms(model, loader, dataset_size, device, amp, args, weight_mi, critic=None):
     """Every loss term on the held-out videos (eval mode, the same augmentations and noise every epoch), the mean
     over videos; the training run's random state is left as it was."""
     was_training = model.training
@@ -262,7 +283,8 @@ def validation_terms(model, loader, dataset_size, device, amp, args, weight_mi):
             with torch.autocast(device.type, dtype=amp_dtype(device), enabled=amp):
                 out = model(x, cycle=args.weight_cyc > 0, **augmented_views(batch, x, args, device))
             _, terms = cdsvae_loss(out, x, dataset_size, args.weight_f, args.weight_z, args.weight_c_aug,
-                                   args.weight_m_aug, weight_mi, args.weight_rec, args.temperature, args.weight_cyc)
+                                   args.weight_m_aug, weight_mi, args.weight_rec, args.temperature, args.weight_cyc,
+                                   critic=critic, weight_critic=args.weight_mi_critic)
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v.item() * len(x)
             n += len(x)
@@ -336,6 +358,10 @@ def main(argv=None):
     val_loader = (SpriteBatches(*val, args.batch_size, augment=augment, seed=args.seed, content_view=False)
                   if args.val_chars else None)
 
+    torch.manual_seed(args.seed)  # the critic is trained on the whole batch in every process: one initialisation
+    critic = FZCritic(args.f_dim, args.z_dim, X.shape[1]).to(device) if args.weight_mi_critic else None
+    critic_optimizer = (torch.optim.Adam(critic.parameters(), lr=args.lr_critic, betas=(0.5, 0.9))
+                        if critic is not None else None)
     torch.manual_seed(args.seed + rank)
     model_args = {k: getattr(args, k) for k in MODEL_ARGS if hasattr(args, k)}
     model_args["frames"] = X.shape[1]
@@ -381,6 +407,11 @@ def main(argv=None):
         scheduler.load_state_dict(ckpt["scheduler"])
         if "scaler" in ckpt:
             scaler.load_state_dict(ckpt["scaler"])
+        if critic is not None and "critic" in ckpt:
+            critic.load_state_dict(ckpt["critic"])
+            critic_optimizer.load_state_dict(ckpt["critic_optimizer"])
+        elif critic is not None:
+            log(f"{ckpt_path} has no critic: the --weight_mi_critic critic starts anew")
         start_epoch, step, skip_batches = ckpt["epoch"], ckpt["step"], ckpt["batches_done"]
         torch.set_rng_state(ckpt["rng_cpu"][rank])
         if device.type == "cuda" and ckpt.get("rng_cuda"):
@@ -414,7 +445,9 @@ def main(argv=None):
                      "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
                      "batches_done": batches_done, "step": step, "epoch_sums": sums, "epoch_batches": n_batches,
                      "epoch_seconds": seconds, "args": vars(args), "rng_cpu": rng, "rng_cuda": rng_cuda,
-                     "world_size": world, "schedule": args.sche, "history": history, "git": git_revision()}, ckpt_path)
+                     "world_size": world, "schedule": args.sche, "history": history, "git": git_revision(),
+                     **({"critic": critic.state_dict(), "critic_optimizer": critic_optimizer.state_dict()}
+                        if critic is not None else {})}, ckpt_path)
 
     def stop_signal():
         """The signal that asked to stop (0: none), the same in every process so that all stop at one step."""
@@ -451,7 +484,8 @@ def main(argv=None):
                 out = model(x, cycle=args.weight_cyc > 0, **augmented_views(batch, x, args, device))
             loss, terms = cdsvae_loss(out, x, len(X), args.weight_f, args.weight_z, args.weight_c_aug,
                                       args.weight_m_aug, weight_mi, args.weight_rec, args.temperature, args.weight_cyc,
-                                      gather=gather_rows if distributed else None)
+                                      gather=gather_rows if distributed else None, critic=critic,
+                                      weight_critic=args.weight_mi_critic)
             if distributed:  # the terms of the whole batch, the same in every process: a non-finite one stops all
                 values = torch.stack([v.detach() for v in terms.values()])
                 dist.all_reduce(values)
@@ -467,11 +501,14 @@ def main(argv=None):
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
+            if critic is not None:
+                terms["critic_bce"] = train_critic(critic, critic_optimizer, out, step, distributed)
             step += 1
             n_batches += 1
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v.item()
-            bar.set_postfix({k: f"{sums[k] / n_batches:.3g}" for k in ("loss", "recon", "kld_z", "con_f", "con_z", "con_cyc")
+            bar.set_postfix({k: f"{sums[k] / n_batches:.3g}" for k in ("loss", "recon", "kld_z", "con_f", "con_z", "con_cyc",
+                                                                        "mi_critic")
                              if k in sums})
             if args.weight_mi_after and step == args.weight_mi_after[0]:
                 log(f"step {step}: the MI penalty's weight goes from {args.weight_mi:g} to {args.weight_mi_after[1]:g}")
@@ -484,7 +521,8 @@ def main(argv=None):
                **{k: v / max(1, n_batches) for k, v in sums.items()}}
         skip_batches, sums, n_batches, seconds_before = 0, {}, 0, 0.0
         if val_loader is not None and main_proc:
-            row.update(validation_terms(raw_model, val_loader, len(X), device, args.amp, args, mi_weight(args, step)))
+            row.update(validation_terms(raw_model, val_loader, len(X), device, args.amp, args, mi_weight(args, step),
+                                        critic))
         if judges and (epoch + 1) % args.evl_interval == 0:
             from test_sprite import evaluate
             scores = evaluate(raw_model, judges, data["test"], device, seeds=[0], amp=args.amp)["judges"]

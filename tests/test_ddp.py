@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import train_cdsvae
-from model import cdsvae_loss
+from model import FZCritic, cdsvae_loss
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 B, T, N = 6, 3, 100  # global batch, frames, dataset size
@@ -36,7 +36,9 @@ def batch_tensors():
 def loss_and_grads(out, views, x, rows, gather):
     leaves = {k: out[k][rows].clone().requires_grad_() for k in KEYS}
     view_leaves = {v: {k: t[rows].clone().requires_grad_() for k, t in d.items()} for v, d in views.items()}
-    total, terms = cdsvae_loss({**leaves, **view_leaves}, x[rows], N, weight_mi=2.0, weight_cyc=3.0, gather=gather)
+    torch.manual_seed(0)  # the same critic in every process
+    total, terms = cdsvae_loss({**leaves, **view_leaves}, x[rows], N, weight_mi=2.0, weight_cyc=3.0, gather=gather,
+                               critic=FZCritic(5, 4, T, hidden=8), weight_critic=4.0)
     total.backward()
     grads = {k: t.grad for k, t in leaves.items()}
     grads.update({f"{v}.{k}": t.grad for v, d in view_leaves.items() for k, t in d.items()})
@@ -58,7 +60,7 @@ def test_two_processes_compute_the_loss_and_gradients_of_one(tmp_path):
     out, views, x = batch_tensors()
     one_terms, one_grads = loss_and_grads(out, views, x, slice(None), None)
     ranks = [torch.load(tmp_path / f"{r}.pt") for r in range(world)]
-    for k in ("mi_fz", "con_f", "con_z", "con_cyc"):  # batch-wide terms: every process has the whole batch's
+    for k in ("mi_fz", "con_f", "con_z", "con_cyc", "mi_critic"):  # batch-wide terms: every process has the whole batch's
         for r in ranks:
             torch.testing.assert_close(r["terms"][k], one_terms[k])
     for k in ("recon", "kld_f", "kld_z", "loss"):  # per-video terms: local means, whose mean is the whole batch's

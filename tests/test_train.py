@@ -93,6 +93,21 @@ def test_cycle_term_is_trained_and_logged(tiny_data, tmp_path):
     assert "con_cyc" not in json.loads(open(without / "metrics.jsonl").readline())
 
 
+def test_critic_is_trained_logged_and_resumed(tiny_data, tmp_path):
+    """--weight_mi_critic: the critic's estimate and its own loss are logged; the critic and its optimizer travel
+    with the checkpoint, so a stopped and resumed run ends where an uninterrupted one does."""
+    common = TINY + ["--data_root", tiny_data, "--nEpoch", "2", "--weight_mi_critic", "5", "--lr_critic", "1e-3"]
+    train_cdsvae.main(common + ["--log_dir", str(tmp_path / "a")])
+    train_cdsvae.main(common + ["--log_dir", str(tmp_path / "b"), "--max_steps", "4"])
+    train_cdsvae.main(common + ["--log_dir", str(tmp_path / "b"), "--resume"])
+    whole, resumed = (torch.load(tmp_path / run / "model.pt", weights_only=True) for run in "ab")
+    for key in ("model", "critic", "critic_optimizer"):
+        torch.testing.assert_close(resumed[key], whole[key], rtol=0, atol=0)
+    row = json.loads(open(tmp_path / "a" / "metrics.jsonl").readline())
+    assert math.isfinite(row["mi_critic"]) and 0 < row["critic_bce"] < 3 * math.log(2)  # near 2 log 2 at the start
+    assert not any("critic" in k for k in whole["model"])  # the model file holds the model alone
+
+
 def test_export_writes_a_half_precision_copy_that_loads(tiny_data, tmp_path):
     model = train_cdsvae.main(TINY + ["--data_root", tiny_data, "--nEpoch", "1", "--log_dir", str(tmp_path)])
     r = subprocess.run([sys.executable, os.path.join(ROOT, "export_checkpoint.py"), str(tmp_path / "model.pt"),
