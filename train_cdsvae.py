@@ -57,9 +57,10 @@ def get_args(argv=None):
     p.add_argument("--z_input", choices=("bilstm", "frame_delta", "full"), default="bilstm",
                    help="what q(z|x) reads: the BiLSTM outputs (default, the paper), frame features minus the video's "
                         "mean (frame_delta), or DSVAE's full q(z_t | x, f), a BiLSTM over [frame features; f] (full)")
-    p.add_argument("--f_mirror", action="store_true",
+    p.add_argument("--f_mirror", action=argparse.BooleanOptionalAction, default=False,
                    help="q(f|x) reads the video and its left-right mirror image alike, so f cannot keep the facing "
-                        "direction (one more encoder pass per step; default off, as in the paper)")
+                        "direction (one more encoder pass per step; default off, as in the paper; the last of "
+                        "--f_mirror / --no-f_mirror given wins, so a recipe's choice can be overridden)")
     p.add_argument("--f_film", action="store_true",
                    help="decode with f only as a per-channel scale and shift of the feature maps, so that the frame's "
                         "layout (pose, facing) comes from z alone (default off: the paper's decoder of [z_t; f])")

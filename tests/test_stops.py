@@ -134,7 +134,9 @@ def test_the_cpu_recipe_script_stopped_in_stage_2_resumes_there(tiny_data, tmp_p
         assert r.returncode == 0, r.stderr[-2000:]
     a, b = (torch.load(tmp_path / d / "model.pt", weights_only=True) for d in "ab")
     assert a["args"]["f_mirror"] and a["args"]["weight_mi_after"] == [4, 10.0] and b["step"] == a["step"] == 6
+    assert a["args"]["weight_mi_critic"] == 10.0 and sorted(os.listdir(tmp_path / "a")).count("epoch_2.pt") == 1
     assert_identical(a["model"], b["model"], "model")
+    assert_identical(a["critic"], b["critic"], "critic")
     assert rows(tmp_path / "b") == rows(tmp_path / "a")
 
 

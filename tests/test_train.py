@@ -195,6 +195,12 @@ def test_resume_with_other_sizes_names_them(tiny_data, tmp_path):
         assert "other settings" in r.stderr and flag.split("=")[0] in r.stderr, r.stderr
 
 
+def test_a_recipes_f_mirror_is_overridden_by_a_later_no_f_mirror():
+    assert train_cdsvae.get_args(["--f_mirror", "--no-f_mirror"]).f_mirror is False
+    assert train_cdsvae.get_args(["--no-f_mirror", "--f_mirror"]).f_mirror is True
+    assert train_cdsvae.get_args([]).f_mirror is False
+
+
 def test_existing_run_is_not_overwritten_and_nan_loss_keeps_the_checkpoint(tiny_data, tmp_path):
     assert run(TINY + ["--data_root", tiny_data, "--nEpoch", "1", "--log_dir", str(tmp_path)]).returncode == 0
     digest = hashlib.sha256((tmp_path / "model.pt").read_bytes()).hexdigest()
