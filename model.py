@@ -200,26 +200,35 @@ class CDSVAE(nn.Module):
         return torch.stack(means, 1), torch.stack(zs, 1)
 
     # ---- generation -------------------------------------------------------------------------------------
-    def forward(self, x, c_aug=None, m_aug=None, c_aug_order=None, cycle=False):
+    def forward(self, x, c_aug=None, m_aug=None, c_aug_order=None, cycle=False, recon_m_aug=False):
         """Posterior, prior (teacher forced) and reconstruction of x; posteriors of the augmented views.
 
         c_aug_order (B, T): when c_aug is x with frames in that order, its frame features are x's shuffled
         (BatchNorm's batch statistics are over the same frames), which saves an encoder pass.
         The augmented views need only the encoder and posteriors: they are not decoded.
         cycle: also decode each video's z with a new f (even rows: f ~ N(0, I), odd rows: the previous video's
-        f) and encode that video again ('cyc_post'), so that a loss can ask its z to be the original z."""
+        f) and encode that video again ('cyc_post'), so that a loss can ask its z to be the original z.
+        recon_m_aug: the even rows are reconstructed from their f and the z of their motion view (recoloured and
+        blurred), so that colour which z carries is wrong there and the decoder must take the colours from f."""
         g = self.encoder(x)
         g_mirror = self.encoder(x.flip(-1)) if self.f_mirror else None
         out = self.encode_features(g, g_mirror=g_mirror)
         out["z_prior_mean"], out["z_prior_logvar"] = self.prior(out["z"])
-        out["recon"] = self.decode(out["z"], out["f"])
+        z_decoded = out["z"]
+        if recon_m_aug:
+            if m_aug is None:
+                raise ValueError("recon_m_aug needs the motion view m_aug")
+            out["m_post"] = self.encode(m_aug, need_f=False)
+            even_rows = (torch.arange(len(x), device=x.device) % 2 == 0)[:, None, None]
+            z_decoded = torch.where(even_rows, out["m_post"]["z"].to(z_decoded.dtype), z_decoded)
+        out["recon"] = self.decode(z_decoded, out["f"])
         if c_aug_order is not None:
             rows = torch.arange(len(g), device=g.device)[:, None]
             out["c_post"] = self.encode_features(g[rows, c_aug_order],
                                                  g_mirror=None if g_mirror is None else g_mirror[rows, c_aug_order])
         elif c_aug is not None:
             out["c_post"] = self.encode(c_aug)
-        if m_aug is not None:
+        if m_aug is not None and "m_post" not in out:
             out["m_post"] = self.encode(m_aug, need_f=False)  # the motion view's f is not used
         if cycle:
             f_other = out["f"].roll(1, dims=0)

@@ -76,6 +76,10 @@ def get_args(argv=None):
     p.add_argument("--weight_cyc", type=float, default=0.0,
                    help="weight of the cycle InfoNCE: decode z with a new f, encode again, match the original z "
                         "(one more decoder and encoder pass per step; default 0: off, as in the paper)")
+    p.add_argument("--recon_m_aug", action="store_true",
+                   help="reconstruct half of each batch (the even rows) from f of the video and z of its motion view, "
+                        "whose colours are changed, so that the decoder takes the colours from f alone (no extra pass; "
+                        "default off, as in the paper)")
     p.add_argument("--weight_rec", type=float, default=1.0, help="weight of the summed reconstruction (default 1)")
     p.add_argument("--weight_f", type=float, default=1.0, help="weight of KL(q(f|x) || N(0, I)) (default 1)")
     p.add_argument("--weight_z", type=float, default=1.0, help="weight of KL(q(z|x) || p(z)) (default 1)")
@@ -130,9 +134,10 @@ def get_args(argv=None):
     for name in ("lr", "temperature", "lr_critic"):
         if not (math.isfinite(getattr(args, name)) and getattr(args, name) > 0):
             p.error(f"--{name} must be a positive number, got {getattr(args, name)}")
-    if args.model == "dsvae" and (args.c_aug_flip or args.weight_cyc or args.weight_mi_after or args.weight_mi_critic):
+    if args.model == "dsvae" and (args.c_aug_flip or args.weight_cyc or args.weight_mi_after or args.weight_mi_critic
+                                  or args.recon_m_aug):
         p.error("--model dsvae has no augmented views, InfoNCE or MI terms: --c_aug_flip, --weight_cyc, "
-                "--weight_mi_after and --weight_mi_critic do not apply")
+                "--weight_mi_after, --weight_mi_critic and --recon_m_aug do not apply")
     if not (math.isfinite(args.weight_mi_critic) and args.weight_mi_critic >= 0):
         p.error(f"--weight_mi_critic must be 0 (off) or a positive number, got {args.weight_mi_critic}")
     if args.batch_size < 2:
@@ -282,7 +287,8 @@ def validation_terms(model, loader, dataset_size, device, amp, args, weight_mi, 
         for batch in loader:
             x = batch["x"].to(device)
             with torch.autocast(device.type, dtype=amp_dtype(device), enabled=amp):
-                out = model(x, cycle=args.weight_cyc > 0, **augmented_views(batch, x, args, device))
+                out = model(x, cycle=args.weight_cyc > 0, recon_m_aug=args.recon_m_aug,
+                            **augmented_views(batch, x, args, device))
             _, terms = cdsvae_loss(out, x, dataset_size, args.weight_f, args.weight_z, args.weight_c_aug,
                                    args.weight_m_aug, weight_mi, args.weight_rec, args.temperature, args.weight_cyc,
                                    critic=critic, weight_critic=args.weight_mi_critic)
@@ -482,7 +488,8 @@ def main(argv=None):
             weight_mi = mi_weight(args, step)
             x = batch["x"].to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=amp_dtype(device), enabled=args.amp):
-                out = model(x, cycle=args.weight_cyc > 0, **augmented_views(batch, x, args, device))
+                out = model(x, cycle=args.weight_cyc > 0, recon_m_aug=args.recon_m_aug,
+                            **augmented_views(batch, x, args, device))
             loss, terms = cdsvae_loss(out, x, len(X), args.weight_f, args.weight_z, args.weight_c_aug,
                                       args.weight_m_aug, weight_mi, args.weight_rec, args.temperature, args.weight_cyc,
                                       gather=gather_rows if distributed else None, critic=critic,

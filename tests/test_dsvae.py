@@ -58,9 +58,10 @@ def test_dsvae_trains_without_views_or_contrastive_terms(tiny_data, tmp_path, mo
 
 
 def test_dsvae_refuses_the_cdsvae_only_flags_and_a_cdsvae_checkpoint(tiny_data, tmp_path):
-    r = subprocess.run([sys.executable, "train_cdsvae.py", "--model", "dsvae", "--weight_cyc", "1"], capture_output=True,
-                       text=True, cwd=ROOT)
-    assert r.returncode == 2 and "--model dsvae" in r.stderr and r.stderr.strip().count("\n") == 0
+    for flag in (["--weight_cyc", "1"], ["--weight_mi_critic", "1"], ["--recon_m_aug"]):
+        r = subprocess.run([sys.executable, "train_cdsvae.py", "--model", "dsvae", *flag], capture_output=True,
+                           text=True, cwd=ROOT)
+        assert r.returncode == 2 and "--model dsvae" in r.stderr and r.stderr.strip().count("\n") == 0
     common = TINY + ["--data_root", tiny_data, "--nEpoch", "2", "--log_dir", str(tmp_path), "--max_steps", "1"]
     train_cdsvae.main(common)
     assert "--model dsvae" in train_cdsvae.resume_mismatch(torch.load(tmp_path / "model.pt", weights_only=True),

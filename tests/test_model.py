@@ -213,3 +213,18 @@ def test_critic_estimates_the_information_f_and_z_share(dependent, mi):
         optimizer.step()
     with torch.no_grad():
         assert critic(*pairs(4096)).mean().item() == pytest.approx(mi, abs=0.15)
+
+
+def test_recon_m_aug_decodes_the_even_rows_from_the_motion_views_z():
+    """--recon_m_aug: rows 0, 2, ... are decoded from their f and their motion view's z, rows 1, 3, ... from their own
+    z (eval mode, so that each row's decoding does not depend on the others)."""
+    torch.manual_seed(0)
+    model = stubs.spread_init(CDSVAE(**SIZES)).eval()
+    x, m_aug = torch.rand(5, 8, 3, 64, 64), torch.rand(5, 8, 3, 64, 64)
+    with torch.no_grad():
+        out = model(x, m_aug=m_aug, recon_m_aug=True)
+        torch.testing.assert_close(out["recon"][0::2], model.decode(out["m_post"]["z"][0::2], out["f"][0::2]))
+        torch.testing.assert_close(out["recon"][1::2], model.decode(out["z"][1::2], out["f"][1::2]))
+        assert not torch.allclose(out["m_post"]["z"][0], out["z"][0])
+    with pytest.raises(ValueError, match="m_aug"):
+        model(x, recon_m_aug=True)

@@ -108,6 +108,13 @@ def test_critic_is_trained_logged_and_resumed(tiny_data, tmp_path):
     assert not any("critic" in k for k in whole["model"])  # the model file holds the model alone
 
 
+def test_recon_m_aug_run_trains_and_records_the_flag(tiny_data, tmp_path):
+    train_cdsvae.main(TINY + ["--data_root", tiny_data, "--nEpoch", "1", "--recon_m_aug", "--log_dir", str(tmp_path)])
+    row = json.loads(open(tmp_path / "metrics.jsonl").readline())
+    assert math.isfinite(row["loss"]) and row["recon"] > 0
+    assert torch.load(tmp_path / "model.pt", weights_only=True)["args"]["recon_m_aug"] is True
+
+
 def test_export_writes_a_half_precision_copy_that_loads(tiny_data, tmp_path):
     model = train_cdsvae.main(TINY + ["--data_root", tiny_data, "--nEpoch", "1", "--log_dir", str(tmp_path)])
     r = subprocess.run([sys.executable, os.path.join(ROOT, "export_checkpoint.py"), str(tmp_path / "model.pt"),
