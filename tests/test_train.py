@@ -67,9 +67,9 @@ def test_mirrored_content_view_is_encoded_on_its_own(tiny_data, tmp_path, monkey
     import model as model_module
     seen, forward = [], model_module.CDSVAE.forward
 
-    def spy(self, x, c_aug=None, m_aug=None, c_aug_order=None, cycle=False):
+    def spy(self, x, c_aug=None, m_aug=None, c_aug_order=None, cycle=False, recon_m_aug=False):
         seen.append((x.detach().clone(), None if c_aug is None else c_aug.detach().clone(), c_aug_order))
-        return forward(self, x, c_aug, m_aug, c_aug_order, cycle)
+        return forward(self, x, c_aug, m_aug, c_aug_order, cycle, recon_m_aug)
 
     monkeypatch.setattr(model_module.CDSVAE, "forward", spy)
     trained = train_cdsvae.main(TINY + ["--data_root", tiny_data, "--nEpoch", "1", "--c_aug_flip",
