@@ -139,12 +139,17 @@ class CDSVAE(nn.Module):
         # the forward state at the last frame and the backward state at the first frame
         return torch.cat([lstm_out[:, -1, :self.rnn_size], lstm_out[:, 0, self.rnn_size:]], dim=1)
 
-    def encode_features(self, g, random=True, g_mirror=None):
-        """The posteriors from frame features g (B, T, g_dim) and, for f_mirror, those of the mirrored frames."""
-        lstm_out, _ = self.z_lstm(g)
+    def _f_input(self, lstm_out, g_mirror=None):
+        # q(f|x)'s input: the BiLSTM summary of the video, averaged with its mirror image's under f_mirror
         f_in = self._f_summary(lstm_out)
         if g_mirror is not None:
             f_in = 0.5 * (f_in + self._f_summary(self.z_lstm(g_mirror)[0]))
+        return f_in
+
+    def encode_features(self, g, random=True, g_mirror=None):
+        """The posteriors from frame features g (B, T, g_dim) and, for f_mirror, those of the mirrored frames."""
+        lstm_out, _ = self.z_lstm(g)
+        f_in = self._f_input(lstm_out, g_mirror)
         f_mean, f_logvar = self.f_mean(f_in), self.f_logvar(f_in)
         f = reparameterize(f_mean, f_logvar, random)
         if self.z_input == "frame_delta":
@@ -200,7 +205,7 @@ class CDSVAE(nn.Module):
         return torch.stack(means, 1), torch.stack(zs, 1)
 
     # ---- generation -------------------------------------------------------------------------------------
-    def forward(self, x, c_aug=None, m_aug=None, c_aug_order=None, cycle=False, recon_m_aug=False):
+    def forward(self, x, c_aug=None, m_aug=None, c_aug_order=None, cycle=False, recon_m_aug=False, swap=False):
         """Posterior, prior (teacher forced) and reconstruction of x; posteriors of the augmented views.
 
         c_aug_order (B, T): when c_aug is x with frames in that order, its frame features are x's shuffled
@@ -209,7 +214,11 @@ class CDSVAE(nn.Module):
         cycle: also decode each video's z with a new f (even rows: f ~ N(0, I), odd rows: the previous video's
         f) and encode that video again ('cyc_post'), so that a loss can ask its z to be the original z.
         recon_m_aug: the even rows are reconstructed from their f and the z of their motion view (recoloured and
-        blurred), so that colour which z carries is wrong there and the decoder must take the colours from f."""
+        blurred), so that colour which z carries is wrong there and the decoder must take the colours from f.
+        swap: rows 0, 4, 8, ... again, through a swap: decode their f means with a z not theirs (rows 0, 8, ...: a
+        prior path's means, as protocol B; rows 4, 12, ...: the previous video's z, as a swap), read f from that
+        video, and decode it with the row's own z ('swap_recon' of 'swap_x', the z's held fixed), so that
+        reconstructing x from it needs the swapped video to show x's content, whatever its motion."""
         g = self.encoder(x)
         g_mirror = self.encoder(x.flip(-1)) if self.f_mirror else None
         out = self.encode_features(g, g_mirror=g_mirror)
@@ -235,7 +244,20 @@ class CDSVAE(nn.Module):
             prior_rows = (torch.arange(len(x), device=x.device) % 2 == 0)[:, None]
             out["f_cyc"] = torch.where(prior_rows, torch.randn_like(f_other), f_other)
             out["cyc_post"] = self.encode(self.decode(out["z"], out["f_cyc"]))
+        if swap:
+            rows = torch.arange(0, len(x), 4, device=x.device)
+            out["swap_recon"], out["swap_x"] = self._swap_recon(out, rows), x[rows]
         return out
+
+    def _swap_recon(self, out, rows):
+        f_mean = out["f_mean"][rows]
+        z_prior = self.sample_z_prior(len(rows), like=f_mean)[0]
+        z_other = out["z"].roll(1, dims=0)[rows].to(z_prior.dtype)
+        prior_rows = (torch.arange(len(rows), device=rows.device) % 2 == 0)[:, None, None]
+        video = self.decode(torch.where(prior_rows, z_prior, z_other).detach(), f_mean)
+        g_mirror = self.encoder(video.flip(-1)) if self.f_mirror else None
+        f_again = self.f_mean(self._f_input(self.z_lstm(self.encoder(video))[0], g_mirror))
+        return self.decode(out["z"][rows].detach(), f_again)
 
     @torch.no_grad()
     def generate_fixed_motion(self, x):
@@ -318,12 +340,14 @@ def critic_loss(critic, f, z, shift=1):
 
 def cdsvae_loss(out, x, dataset_size, weight_f=1.0, weight_z=1.0, weight_c_aug=10.0, weight_m_aug=10.0,
                 weight_mi=1.0, weight_rec=1.0, temperature=0.5, weight_cyc=0.0, gather=None, critic=None,
-                weight_critic=0.0):
+                weight_critic=0.0, weight_swap=0.0):
     """Total loss and every term from the outputs of CDSVAE.forward (per video: sums over frames and
     pixels divided by the batch size). Terms are computed in fp32 whatever the autocast.
 
     mi_critic (with a critic): the FZCritic's estimate of I(f; z), the mean of its logits on the batch's own
     (f, z) samples, weighted by weight_critic; the critic itself is trained apart (critic_loss).
+    swap_rec (when forward ran with swap=True): the reconstruction of every 4th video from its own z and the f read
+    from its swapped video (per video, as recon).
     con_cyc (when forward ran with cycle=True): NT-Xent between z of the video decoded with a new f, encoded
     again, and the original z (held fixed): the decoder pays when the motion it draws follows f instead of z.
     gather: for k processes, a function of a local batch tensor to the whole batch's (all processes' rows in
@@ -350,6 +374,9 @@ def cdsvae_loss(out, x, dataset_size, weight_f=1.0, weight_z=1.0, weight_c_aug=1
     if "cyc_post" in out:
         terms["con_cyc"] = nt_xent(whole["z_mean"].detach(), gather(out["cyc_post"]["z_mean"]), temperature)
         total = total + weight_cyc * terms["con_cyc"]
+    if "swap_recon" in out:
+        terms["swap_rec"] = F.mse_loss(out["swap_recon"], out["swap_x"], reduction="sum") / len(out["swap_x"])
+        total = total + weight_swap * terms["swap_rec"]
     if critic is not None:
         terms["mi_critic"] = critic(whole["f"], whole["z"]).mean()
         total = total + weight_critic * terms["mi_critic"]

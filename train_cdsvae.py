@@ -80,6 +80,12 @@ def get_args(argv=None):
                    help="reconstruct half of each batch (the even rows) from f of the video and z of its motion view, "
                         "whose colours are changed, so that the decoder takes the colours from f alone (no extra pass; "
                         "default off, as in the paper)")
+    p.add_argument("--weight_swap", type=float, default=0.0,
+                   help="weight of the swap reconstruction: every 4th video of a batch is decoded from its f mean and "
+                        "a z not its own (a prior path, or another video's), f is read from that video and decoded "
+                        "with the video's own z, which must give the video back, so the decoder must draw f's content "
+                        "whatever the z (two decoder passes and one encoder pass more on a quarter of the batch; "
+                        "default 0: off, as in the paper)")
     p.add_argument("--weight_rec", type=float, default=1.0, help="weight of the summed reconstruction (default 1)")
     p.add_argument("--weight_f", type=float, default=1.0, help="weight of KL(q(f|x) || N(0, I)) (default 1)")
     p.add_argument("--weight_z", type=float, default=1.0, help="weight of KL(q(z|x) || p(z)) (default 1)")
@@ -135,9 +141,9 @@ def get_args(argv=None):
         if not (math.isfinite(getattr(args, name)) and getattr(args, name) > 0):
             p.error(f"--{name} must be a positive number, got {getattr(args, name)}")
     if args.model == "dsvae" and (args.c_aug_flip or args.weight_cyc or args.weight_mi_after or args.weight_mi_critic
-                                  or args.recon_m_aug):
+                                  or args.recon_m_aug or args.weight_swap):
         p.error("--model dsvae has no augmented views, InfoNCE or MI terms: --c_aug_flip, --weight_cyc, "
-                "--weight_mi_after, --weight_mi_critic and --recon_m_aug do not apply")
+                "--weight_mi_after, --weight_mi_critic, --recon_m_aug and --weight_swap do not apply")
     if not (math.isfinite(args.weight_mi_critic) and args.weight_mi_critic >= 0):
         p.error(f"--weight_mi_critic must be 0 (off) or a positive number, got {args.weight_mi_critic}")
     if args.batch_size < 2:
@@ -287,11 +293,11 @@ def validation_terms(model, loader, dataset_size, device, amp, args, weight_mi, 
         for batch in loader:
             x = batch["x"].to(device)
             with torch.autocast(device.type, dtype=amp_dtype(device), enabled=amp):
-                out = model(x, cycle=args.weight_cyc > 0, recon_m_aug=args.recon_m_aug,
+                out = model(x, cycle=args.weight_cyc > 0, recon_m_aug=args.recon_m_aug, swap=args.weight_swap > 0,
                             **augmented_views(batch, x, args, device))
             _, terms = cdsvae_loss(out, x, dataset_size, args.weight_f, args.weight_z, args.weight_c_aug,
                                    args.weight_m_aug, weight_mi, args.weight_rec, args.temperature, args.weight_cyc,
-                                   critic=critic, weight_critic=args.weight_mi_critic)
+                                   critic=critic, weight_critic=args.weight_mi_critic, weight_swap=args.weight_swap)
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v.item() * len(x)
             n += len(x)
@@ -488,12 +494,12 @@ def main(argv=None):
             weight_mi = mi_weight(args, step)
             x = batch["x"].to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=amp_dtype(device), enabled=args.amp):
-                out = model(x, cycle=args.weight_cyc > 0, recon_m_aug=args.recon_m_aug,
+                out = model(x, cycle=args.weight_cyc > 0, recon_m_aug=args.recon_m_aug, swap=args.weight_swap > 0,
                             **augmented_views(batch, x, args, device))
             loss, terms = cdsvae_loss(out, x, len(X), args.weight_f, args.weight_z, args.weight_c_aug,
                                       args.weight_m_aug, weight_mi, args.weight_rec, args.temperature, args.weight_cyc,
                                       gather=gather_rows if distributed else None, critic=critic,
-                                      weight_critic=args.weight_mi_critic)
+                                      weight_critic=args.weight_mi_critic, weight_swap=args.weight_swap)
             if distributed:  # the terms of the whole batch, the same in every process: a non-finite one stops all
                 values = torch.stack([v.detach() for v in terms.values()])
                 dist.all_reduce(values)
@@ -516,7 +522,7 @@ def main(argv=None):
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v.item()
             bar.set_postfix({k: f"{sums[k] / n_batches:.3g}" for k in ("loss", "recon", "kld_z", "con_f", "con_z", "con_cyc",
-                                                                        "mi_critic")
+                                                                        "mi_critic", "swap_rec")
                              if k in sums})
             if args.weight_mi_after and step == args.weight_mi_after[0]:
                 log(f"step {step}: the MI penalty's weight goes from {args.weight_mi:g} to {args.weight_mi_after[1]:g}")

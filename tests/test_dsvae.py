@@ -58,7 +58,7 @@ def test_dsvae_trains_without_views_or_contrastive_terms(tiny_data, tmp_path, mo
 
 
 def test_dsvae_refuses_the_cdsvae_only_flags_and_a_cdsvae_checkpoint(tiny_data, tmp_path):
-    for flag in (["--weight_cyc", "1"], ["--weight_mi_critic", "1"], ["--recon_m_aug"]):
+    for flag in (["--weight_cyc", "1"], ["--weight_mi_critic", "1"], ["--recon_m_aug"], ["--weight_swap", "1"]):
         r = subprocess.run([sys.executable, "train_cdsvae.py", "--model", "dsvae", *flag], capture_output=True,
                            text=True, cwd=ROOT)
         assert r.returncode == 2 and "--model dsvae" in r.stderr and r.stderr.strip().count("\n") == 0

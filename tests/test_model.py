@@ -228,3 +228,40 @@ def test_recon_m_aug_decodes_the_even_rows_from_the_motion_views_z():
         assert not torch.allclose(out["m_post"]["z"][0], out["z"][0])
     with pytest.raises(ValueError, match="m_aug"):
         model(x, recon_m_aug=True)
+
+
+def test_swap_recon_decodes_own_z_with_the_f_read_from_a_swapped_video():
+    """swap=True: rows 0, 4, 8 are decoded from their f mean and a prior path's means (rows 0, 8) or the previous
+    video's z (row 4), f is read from that video by encode, and 'swap_recon' decodes it with the row's own z;
+    swap_rec is its summed squared error to those rows of x per video (eval mode: rows do not interact)."""
+    torch.manual_seed(0)
+    model = stubs.spread_init(CDSVAE(**SIZES, f_mirror=True)).eval()
+    x = torch.rand(10, 8, 3, 64, 64)
+    rows = [0, 4, 8]
+    with torch.no_grad():
+        torch.manual_seed(1)
+        out = model(x, swap=True)
+        torch.manual_seed(1)
+        plain = model(x)  # the swap's random draws come last, so the rest is drawn alike
+        z_prior = model.sample_z_prior(3, like=plain["f_mean"])[0]
+        z_foreign = torch.stack([z_prior[0], plain["z"][3], z_prior[2]])
+        f_again = model.encode(model.decode(z_foreign, plain["f_mean"][rows]))["f_mean"]
+        expected = model.decode(plain["z"][rows], f_again)
+    torch.testing.assert_close(out["swap_recon"], expected)
+    torch.testing.assert_close(out["swap_x"], x[rows])
+    _, terms = cdsvae_loss(out, x, 100)
+    assert terms["swap_rec"].item() == pytest.approx(((expected - x[rows]) ** 2).sum().item() / 3, rel=1e-5)
+    assert "swap_rec" not in cdsvae_loss(plain, x, 100)[1]
+
+
+def test_swap_rec_trains_the_decoder_and_q_f_but_not_z_or_the_prior(model):
+    """The z's of the swap are held fixed: swap_rec's gradient reaches the decoder, the frame encoder and q(f|x)'s
+    mean, and nothing of q(z|x) beyond the shared BiLSTM, nor the prior, nor q(f|x)'s log-variance."""
+    x = torch.rand(8, 8, 3, 64, 64)
+    _, terms = cdsvae_loss(model(x, swap=True), x, 100, weight_swap=1.0)
+    terms["swap_rec"].backward()
+    grad = {n: p.grad is not None and p.grad.abs().sum().item() > 0 for n, p in model.named_parameters()}
+    for prefix in ("decoder.", "encoder.", "f_mean.", "z_lstm."):
+        assert all(g for n, g in grad.items() if n.startswith(prefix)), prefix
+    for prefix in ("z_rnn.", "z_mean.", "z_logvar.", "z_prior_", "f_logvar."):
+        assert not any(g for n, g in grad.items() if n.startswith(prefix)), prefix

@@ -67,9 +67,9 @@ def test_mirrored_content_view_is_encoded_on_its_own(tiny_data, tmp_path, monkey
     import model as model_module
     seen, forward = [], model_module.CDSVAE.forward
 
-    def spy(self, x, c_aug=None, m_aug=None, c_aug_order=None, cycle=False, recon_m_aug=False):
+    def spy(self, x, c_aug=None, m_aug=None, c_aug_order=None, cycle=False, recon_m_aug=False, swap=False):
         seen.append((x.detach().clone(), None if c_aug is None else c_aug.detach().clone(), c_aug_order))
-        return forward(self, x, c_aug, m_aug, c_aug_order, cycle, recon_m_aug)
+        return forward(self, x, c_aug, m_aug, c_aug_order, cycle, recon_m_aug, swap)
 
     monkeypatch.setattr(model_module.CDSVAE, "forward", spy)
     trained = train_cdsvae.main(TINY + ["--data_root", tiny_data, "--nEpoch", "1", "--c_aug_flip",
@@ -113,6 +113,19 @@ def test_recon_m_aug_run_trains_and_records_the_flag(tiny_data, tmp_path):
     row = json.loads(open(tmp_path / "metrics.jsonl").readline())
     assert math.isfinite(row["loss"]) and row["recon"] > 0
     assert torch.load(tmp_path / "model.pt", weights_only=True)["args"]["recon_m_aug"] is True
+
+
+def test_swap_reconstruction_is_trained_logged_and_resumed(tiny_data, tmp_path):
+    """--weight_swap: the swap reconstruction is logged; its prior paths are drawn from the run's random state,
+    so a stopped and resumed run still ends where an uninterrupted one does."""
+    common = TINY + ["--data_root", tiny_data, "--nEpoch", "2", "--weight_swap", "1"]
+    train_cdsvae.main(common + ["--log_dir", str(tmp_path / "a")])
+    train_cdsvae.main(common + ["--log_dir", str(tmp_path / "b"), "--max_steps", "4"])
+    train_cdsvae.main(common + ["--log_dir", str(tmp_path / "b"), "--resume"])
+    whole, resumed = (torch.load(tmp_path / run / "model.pt", weights_only=True) for run in "ab")
+    torch.testing.assert_close(resumed["model"], whole["model"], rtol=0, atol=0)
+    row = json.loads(open(tmp_path / "a" / "metrics.jsonl").readline())
+    assert row["swap_rec"] > 0 and math.isfinite(row["loss"]) and whole["args"]["weight_swap"] == 1.0
 
 
 def test_export_writes_a_half_precision_copy_that_loads(tiny_data, tmp_path):
