@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import test_sprite
@@ -75,3 +76,17 @@ def test_run_dsvae_script_trains_the_baseline(tiny_data, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     args = torch.load(tmp_path / "model.pt", weights_only=True)["args"]
     assert (args["model"], args["z_input"], args["amp"], args["sche"]) == ("dsvae", "full", True, "cosine_to_zero")
+
+
+@pytest.mark.parametrize("name, z_input", [("cdsvae_sprites_cpu", "frame_delta"), ("dsvae_sprites_cpu", "full")])
+def test_shipped_checkpoints_load_fit_25_mb_and_name_the_file_scored(name, z_input):
+    """Each shipped checkpoint is half precision, at most 25 MB, loads as the network its recipe trains, and its
+    results file scored that checkpoint (or a byte-identical copy, named in the README)."""
+    path = os.path.join(ROOT, "checkpoints", f"{name}.pt")
+    assert os.path.getsize(path) <= 25 * 2 ** 20
+    assert all(v.dtype == torch.float16 for v in torch.load(path, weights_only=True)["model"].values()
+               if v.is_floating_point())
+    model = load_model(path)
+    assert model.z_input == z_input and not model.training
+    results = json.load(open(os.path.join(ROOT, "checkpoints", f"{name}.results.json")))
+    assert results["niter"] == 5 and results["n_test"] == 2664 and set(results["judges"]) == {"sprite_judge", "clip_judge"}
