@@ -144,8 +144,9 @@ def get_args(argv=None):
                                   or args.recon_m_aug or args.weight_swap):
         p.error("--model dsvae has no augmented views, InfoNCE or MI terms: --c_aug_flip, --weight_cyc, "
                 "--weight_mi_after, --weight_mi_critic, --recon_m_aug and --weight_swap do not apply")
-    if not (math.isfinite(args.weight_mi_critic) and args.weight_mi_critic >= 0):
-        p.error(f"--weight_mi_critic must be 0 (off) or a positive number, got {args.weight_mi_critic}")
+    for name in ("weight_mi_critic", "weight_swap"):  # off at 0; a negative or NaN weight would be ignored silently
+        if not (math.isfinite(getattr(args, name)) and getattr(args, name) >= 0):
+            p.error(f"--{name} must be 0 (off) or a positive number, got {getattr(args, name)}")
     if args.batch_size < 2:
         p.error(f"--batch_size must be at least 2, got {args.batch_size}: the InfoNCE terms contrast each video "
                 f"with the others of its batch")

@@ -81,7 +81,7 @@ def test_run_dsvae_script_trains_the_baseline(tiny_data, tmp_path):
 @pytest.mark.parametrize("name, z_input", [("cdsvae_sprites_cpu", "frame_delta"), ("dsvae_sprites_cpu", "full")])
 def test_shipped_checkpoints_load_fit_25_mb_and_name_the_file_scored(name, z_input):
     """Each shipped checkpoint is half precision, at most 25 MB, loads as the network its recipe trains, and its
-    results file scored that checkpoint (or a byte-identical copy, named in the README)."""
+    results file scored a network of the same sizes and options, 5 runs on the whole test split under both judges."""
     path = os.path.join(ROOT, "checkpoints", f"{name}.pt")
     assert os.path.getsize(path) <= 25 * 2 ** 20
     assert all(v.dtype == torch.float16 for v in torch.load(path, weights_only=True)["model"].values()
@@ -89,4 +89,5 @@ def test_shipped_checkpoints_load_fit_25_mb_and_name_the_file_scored(name, z_inp
     model = load_model(path)
     assert model.z_input == z_input and not model.training
     results = json.load(open(os.path.join(ROOT, "checkpoints", f"{name}.results.json")))
+    assert results["model_args"] == torch.load(path, weights_only=True)["model_args"]
     assert results["niter"] == 5 and results["n_test"] == 2664 and set(results["judges"]) == {"sprite_judge", "clip_judge"}

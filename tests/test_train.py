@@ -232,10 +232,11 @@ def test_existing_run_is_not_overwritten_and_nan_loss_keeps_the_checkpoint(tiny_
     assert hashlib.sha256((tmp_path / "model.pt").read_bytes()).hexdigest() == digest
 
 
-@pytest.mark.parametrize("bad", [["--batch_size", "0"], ["--device", "tpu"]])
+@pytest.mark.parametrize("bad", [["--batch_size", "0"], ["--device", "tpu"], ["--weight_mi_critic", "-1"], ["--weight_swap", "-1"],
+                                 ["--weight_swap", "nan"]])
 def test_bad_flags_are_refused(bad, tmp_path):
     r = run(bad + ["--log_dir", str(tmp_path)])
-    assert r.returncode == 2 and "error" in r.stderr
+    assert r.returncode == 2 and "error" in r.stderr and r.stderr.strip().count("\n") == 0
 
 
 def test_periodic_scoring_under_each_judge_is_test_sprites(tiny_data, tmp_path):
