@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 python -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/dev/null ||
-  echo "note: no GPU here; run_cdsvae.sh is the paper's GPU recipe (about 20 h on a 2-core CPU); the CPU recipe is ./run_cdsvae_cpu.sh (about 75 min)"
+  echo "note: no GPU here; run_cdsvae.sh is the paper's GPU recipe (about 20 h on a 2-core CPU); the CPU recipe is ./run_cdsvae_cpu.sh (about 2 h)"
 DATA=${DATA:-data/Sprite/data.pkl}
 [ -f "$DATA" ] || python make_sprites.py --out "$DATA"
 python train_cdsvae.py --data_root "$DATA" \

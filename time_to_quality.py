@@ -76,6 +76,8 @@ def main(argv=None):
     p.add_argument("--test_stride", type=int, default=4, help="score every this-many-th test video (default 4)")
     p.add_argument("--reference", default=None,
                    help="JSON {'label': str, 'points': [[minutes, accuracy], ...]} drawn dashed beside the run")
+    p.add_argument("--epochs", type=int, nargs="+", default=None,
+                   help="score only the snapshots of these epochs (default: every snapshot of --run)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default 0: torch's choice)")
     args = p.parse_args(argv)
@@ -85,6 +87,11 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     snaps = snapshots(args.run)
+    if args.epochs:
+        missing = sorted(set(args.epochs) - {e for e, _ in snaps})
+        if missing:
+            sys.exit(f"error: {args.run} has no snapshot of epoch(s) {missing}; pick from {[e for e, _ in snaps]}")
+        snaps = [(e, path) for e, path in snaps if e in args.epochs]
     metrics = os.path.join(args.run, "metrics.jsonl")
     if not snaps or not os.path.isfile(metrics):
         sys.exit(f"error: {args.run} has no epoch_<N>.pt snapshots or no metrics.jsonl; train with --snapshot_every 1")

@@ -224,6 +224,13 @@ def test_time_to_quality_scores_each_snapshot_at_its_minutes(files, tmp_path, ca
     # the same snapshot scores the same under a judge, whatever its epoch
     accs = [a for _, a in saved["curves"]["second"]]
     assert accs[0] == accs[1] == accs[2]
+    ttq.main(["--run", str(run), "--out", str(tmp_path / "some.png"), "--judge", files["bilstm"], "--data_root",
+              files["data"], "--test_stride", "2", "--device", "cpu", "--epochs", "10", "1"])
+    some = json.loads((tmp_path / "some.json").read_text())
+    assert [m for m, _ in some["curves"]["first"]] == pytest.approx([0.5, 27.5])  # epochs 1 and 10, in order
+    with pytest.raises(SystemExit) as e:
+        ttq.main(["--run", str(run), "--data_root", files["data"], "--epochs", "3"])
+    assert "no snapshot of epoch(s) [3]" in str(e.value.code)
     with pytest.raises(SystemExit) as e:
         ttq.main(["--run", str(tmp_path), "--data_root", files["data"]])
     assert "no epoch_<N>.pt snapshots" in str(e.value.code)
