@@ -87,14 +87,15 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     snaps = snapshots(args.run)
-    if args.epochs:
-        missing = sorted(set(args.epochs) - {e for e, _ in snaps})
-        if missing:
-            sys.exit(f"error: {args.run} has no snapshot of epoch(s) {missing}; pick from {[e for e, _ in snaps]}")
-        snaps = [(e, path) for e, path in snaps if e in args.epochs]
     metrics = os.path.join(args.run, "metrics.jsonl")
     if not snaps or not os.path.isfile(metrics):
         sys.exit(f"error: {args.run} has no epoch_<N>.pt snapshots or no metrics.jsonl; train with --snapshot_every 1")
+    if args.epochs:
+        available = [e for e, _ in snaps]
+        missing = sorted(set(args.epochs) - set(available))
+        if missing:
+            sys.exit(f"error: {args.run} has no snapshot of epoch(s) {missing}; pick from {available}")
+        snaps = [(e, path) for e, path in snaps if e in args.epochs]
     try:
         judges = {judge_name(j): for_inference(load_judge(j, device)) for j in args.judge or SHIPPED_JUDGES}
         test = tuple(t[::args.test_stride] for t in load_sprites(args.data_root)["test"])

@@ -84,10 +84,10 @@ def test_shipped_checkpoints_load_fit_25_mb_and_name_the_file_scored(name, z_inp
     results file scored a network of the same sizes and options, 5 runs on the whole test split under both judges."""
     path = os.path.join(ROOT, "checkpoints", f"{name}.pt")
     assert os.path.getsize(path) <= 25 * 2 ** 20
-    assert all(v.dtype == torch.float16 for v in torch.load(path, weights_only=True)["model"].values()
-               if v.is_floating_point())
+    ckpt = torch.load(path, weights_only=True)
+    assert all(v.dtype == torch.float16 for v in ckpt["model"].values() if v.is_floating_point())
     model = load_model(path)
     assert model.z_input == z_input and not model.training
     results = json.load(open(os.path.join(ROOT, "checkpoints", f"{name}.results.json")))
-    assert results["model_args"] == torch.load(path, weights_only=True)["model_args"]
+    assert results["model_args"] == ckpt["model_args"]
     assert results["niter"] == 5 and results["n_test"] == 2664 and set(results["judges"]) == {"sprite_judge", "clip_judge"}
