@@ -1,4 +1,5 @@
-"""Sprites loading: a restricted unpickler, in-memory uint8 storage, and augmentations made per batch.
+"""Sprites: its factors and label maps, a restricted unpickler, in-memory uint8 storage, and augmentations
+made per batch.
 
 A batch is a dict of float tensors in [0, 1] of shape (B, 8, 3, 64, 64): `x`, its content-augmented view
 `c_aug` (frames shuffled: same character, motion destroyed) and its motion-augmented view `m_aug` (one colour
@@ -13,6 +14,29 @@ import pickle
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+# ---- the factors of a Sprites video ---------------------------------------------------------------------
+ATTRIBUTES = ("skin", "pant", "top", "hair")  # the columns of A, 6 values each
+ACTIONS = ("walk", "spellcard", "slash")
+DIRECTIONS = ("front", "left", "right")
+MOTION_NAMES = tuple(f"{a}-{d}" for a in ACTIONS for d in DIRECTIONS)  # D = 3 * action + direction
+FACTORS = {"action": len(MOTION_NAMES), **{a: 6 for a in ATTRIBUTES}}  # classes of each factor
+
+
+def character_id(A):
+    """The id 0..1295 of the character of attributes A (..., 4): skin, pant, top, hair in base 6."""
+    return A[..., 0] * 216 + A[..., 1] * 36 + A[..., 2] * 6 + A[..., 3]
+
+
+def character_attributes(c):
+    """(skin, pant, top, hair) of character id c."""
+    return c // 216, c // 36 % 6, c // 6 % 6, c % 6
+
+
+def factor_labels(A, D):
+    """The label of each factor: action is D; skin, pant, top, hair are the columns of A."""
+    return {"action": D, **{a: A[:, i] for i, a in enumerate(ATTRIBUTES)}}
+
 
 # Globals a data.pkl of numpy arrays may name; anything else is refused before it can run.
 _ALLOWED = {
@@ -101,7 +125,7 @@ def validation_split(X, A, D, n_characters, seed=0):
     """Hold out every sequence of `n_characters` train characters (all their motions) for model selection."""
     if n_characters <= 0:
         return (X, A, D), None
-    character = A[:, 0] * 216 + A[:, 1] * 36 + A[:, 2] * 6 + A[:, 3]
+    character = character_id(A)
     ids = torch.unique(character)
     if n_characters >= len(ids):
         raise ValueError(f"cannot hold out {n_characters} of only {len(ids)} train characters")

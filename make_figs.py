@@ -28,12 +28,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from dataloader import DataError, load_sprites, to_float
-from make_sprites import ACTIONS, DIRECTIONS
+from dataloader import ATTRIBUTES, MOTION_NAMES, DataError, character_id, load_sprites, to_float
 from utils import CheckpointError, load_model, pick_device
 
-MOTION_NAMES = [f"{a}-{d}" for a in ACTIONS for d in DIRECTIONS]  # indexed by the D label
-ATTRIBUTES = ("skin", "pant", "top", "hair")  # the columns of A
 
 # ---- the image-grid helper ------------------------------------------------------------------------------
 PAD, GROUP_GAP, LABEL_W, HEADER_H, CELL = 2, 8, 120, 16, 64
@@ -96,10 +93,6 @@ def image_grid(rows, row_labels=None, col_labels=None, group_size=None, scale=1)
 
 
 # ---- data and model helpers -----------------------------------------------------------------------------
-def character_ids(A):
-    return A[:, 0] * 216 + A[:, 1] * 36 + A[:, 2] * 6 + A[:, 3]
-
-
 def describe(i, A, D):
     """'#12 s1 p0 t3 h5 walk-left': index, attributes and motion of a test video."""
     s, p, t, h = (int(v) for v in A[i])
@@ -140,7 +133,7 @@ def pick_pairs(A, D, n, generator, distinct_action=True):
     `distinct_action`), no video used twice where the data allow; fewer conditions when they cannot be met."""
     N = len(D)
     perm = torch.randperm(N, generator=generator).tolist()
-    c, d = character_ids(A).tolist(), D.tolist()
+    c, d = character_id(A).tolist(), D.tolist()
     act = [v // 3 for v in d]
     conditions = [lambda i, j: c[i] != c[j] and (act[i] != act[j] if distinct_action else d[i] != d[j]),
                   lambda i, j: c[i] != c[j] or d[i] != d[j],
@@ -166,7 +159,7 @@ def pick_videos(A, D, n, generator):
     """Up to n test videos, of different characters and motions where possible."""
     N = len(D)
     perm = torch.randperm(N, generator=generator).tolist()
-    c, d = character_ids(A).tolist(), D.tolist()
+    c, d = character_id(A).tolist(), D.tolist()
     chosen = []
     for strict in (True, False):
         for i in perm:
@@ -192,7 +185,7 @@ PAIR_CATEGORIES = (
 
 def similarity_pairs(A, D, per_category, generator):
     """{category: [(i, j), ...]}, up to `per_category` random pairs i < j of test videos per category."""
-    c, act = character_ids(A), D // 3
+    c, act = character_id(A), D // 3
     same_c, same_a, same_m = c[:, None] == c[None], act[:, None] == act[None], D[:, None] == D[None]
     upper = torch.ones(len(D), len(D), dtype=torch.bool).triu(1)
     out = {}

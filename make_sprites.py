@@ -15,12 +15,13 @@ import time
 import numpy as np
 from PIL import Image
 
+from dataloader import ACTIONS, DIRECTIONS, character_attributes
+from utils import write_atomic
+
 FORMAT_VERSION = 1
 SPLIT_SEED = 423
 N_TRAIN_CHARACTERS = 1000
 LAYERS = ("body", "bottomwear", "topwear", "hair")  # indexed by skin, pant, top, hair
-ACTIONS = ("walk", "spellcard", "slash")
-DIRECTIONS = ("front", "left", "right")
 # sheet rows per action for the directions (front, left, right); LPC rows run up/left/down/right
 ACTION_ROWS = {"walk": (10, 9, 11), "spellcard": (2, 1, 3), "slash": (14, 13, 15)}
 ACTION_COLUMNS = {"walk": (8, 1, 2, 3, 4, 5, 6, 7), "spellcard": (0, 1, 2, 3, 4, 5, 4, 6),
@@ -29,14 +30,6 @@ ACTION_COLUMNS = {"walk": (8, 1, 2, 3, 4, 5, 6, 7), "spellcard": (0, 1, 2, 3, 4,
 MOTIONS = [(ACTION_ROWS[a][d], ACTION_COLUMNS[a]) for a in ACTIONS for d in range(len(DIRECTIONS))]
 SHEET_HELP = ("the sheets come from the public repository YingzhenLi/Sprites "
               "(folders body, bottomwear, topwear, hair, shoes): clone it and pass --sheets DIR")
-
-
-def character_id(skin, pant, top, hair):
-    return skin * 216 + pant * 36 + top * 6 + hair
-
-
-def character_attributes(c):
-    return c // 216, c // 36 % 6, c // 6 % 6, c % 6
 
 
 def split_characters(seed=SPLIT_SEED):
@@ -108,17 +101,9 @@ def build(sheets, characters_train, characters_test):
     return data
 
 
-def write_atomic(obj, path):
-    """Pickle to a temporary file beside `path`, then rename: a crash never leaves half a file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            pickle.dump(obj, f, protocol=4)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+def write_pickle(obj, path):
+    with open(path, "wb") as f:
+        pickle.dump(obj, f, protocol=4)
 
 
 def main():
@@ -134,7 +119,7 @@ def main():
     try:
         sheets = find_sheets(args.sheets)
         data = build(sheets, *split_characters())  # a sheet of the wrong size or format is refused here
-        write_atomic(data, args.out)
+        write_atomic(args.out, lambda tmp: write_pickle(data, tmp))
     except (FileNotFoundError, ValueError, OSError) as e:
         sys.exit(f"error: {e}")
     print(f"wrote {args.out}: {len(data['X_train'])} train and {len(data['X_test'])} test sequences, "

@@ -18,8 +18,9 @@ import sys
 import torch
 
 from dataloader import DataError, load_sprites
-from test_sprite import SHIPPED_JUDGES, evaluate, for_inference, judge_name, load_judge, write_json
-from utils import CheckpointError, load_model, pick_device
+from evaluation import evaluate
+from judges.networks import SHIPPED_JUDGES, judge_name, load_judge
+from utils import CheckpointError, for_inference, load_model, pick_device, write_json
 
 LEVELS = (0.90, 0.95, 0.99)
 

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dataloader import DataError, SpriteBatches, gaussian_blur, judge_corrupt, load_sprites, validation_split  # noqa: E402,E501
-from model import JUDGE_HEADS, JUDGES  # noqa: E402
+from judges.networks import JUDGES, load_judge  # noqa: E402
 from utils import CheckpointError, pick_device, read_checkpoint, save_atomic  # noqa: E402
 
 
@@ -65,7 +65,6 @@ def robustness_card(judge, X, A, D, device, amp):
 
 def card_only(args, data, device):
     """Add the robustness card to an existing judge file (its weights unchanged), print it."""
-    from test_sprite import load_judge
     try:
         ckpt, judge = read_checkpoint(args.out), load_judge(args.out, device)
     except CheckpointError as e:

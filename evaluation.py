@@ -1,0 +1,247 @@
+"""The evaluation of a sequential VAE on the Sprites test split under judges: the generation protocols'
+videos (protocol A, protocol B, swaps) decoded once and shown to every judge, the figures of each judge
+(accuracies, IS, entropies, which video the motion came from), and the agreement of every pair of judges.
+test_sprite.py prints and writes them; train_cdsvae.py scores along training; time_to_quality.py along
+snapshots.
+"""
+import math
+
+import torch
+
+from dataloader import ATTRIBUTES, DIRECTIONS, factor_labels, to_float
+from model import fixed_content, fixed_motion, swapped
+from utils import autocast
+
+
+# ---- metrics ----------------------------------------------------------------------------------------------
+def entropy(p, dim=-1):
+    """Shannon entropy in nats of the probability vectors p along `dim` (0 log 0 = 0)."""
+    p = p.double()
+    return -(p * torch.log(p.clamp_min(1e-30))).sum(dim)
+
+
+def inception_score(probs):
+    """IS = exp(E_x KL(p(y|x) || p(y))) of class probabilities probs (N, K), with p(y) the mean of probs over x.
+
+    1 when every prediction is the same; K when each prediction is one-hot and the classes are balanced."""
+    probs = probs.double()
+    marginal = probs.mean(0, keepdim=True)
+    kl = (probs * (torch.log(probs.clamp_min(1e-30)) - torch.log(marginal.clamp_min(1e-30)))).sum(1)
+    return math.exp(kl.mean().item())
+
+
+def conditional_entropy(probs):
+    """H(y|x) = E_x H(p(y|x)) in nats: the mean entropy of each prediction (0 when the judge is certain)."""
+    return entropy(probs).mean().item()
+
+
+def marginal_entropy(probs):
+    """H(y) = H(E_x p(y|x)) in nats: the entropy of the mean prediction (ln K for balanced classes).
+
+    log IS = H(y) - H(y|x)."""
+    return entropy(probs.double().mean(0)).item()
+
+
+def kl_marginals(probs_p, probs_q):
+    """KL(p(y) || q(y)) in nats between the mean predictions p(y) = E probs_p and q(y) = E probs_q: how far the
+    class mix of one set of videos is from that of another (0 when they are the same)."""
+    p, q = probs_p.double().mean(0), probs_q.double().mean(0)
+    return (p * (torch.log(p.clamp_min(1e-30)) - torch.log(q.clamp_min(1e-30)))).sum().item()
+
+
+def accuracy(probs, labels):
+    """Fraction of rows of probs (N, K) whose argmax is the label (N,)."""
+    return (probs.argmax(1) == labels).double().mean().item()
+
+
+def derangement(n, generator):
+    """A uniformly random permutation of 0..n-1 without a fixed point (n >= 2), from `generator`."""
+    if n < 2:
+        raise ValueError("a derangement needs n >= 2")
+    while True:  # about e tries on average
+        perm = torch.randperm(n, generator=generator)
+        if not (perm == torch.arange(n)).any():
+            return perm
+
+
+def mean_std(values):
+    """(mean, sample standard deviation) of a list of numbers; the std is None for a single value."""
+    m = sum(values) / len(values)
+    if len(values) < 2:
+        return m, None
+    return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
+
+
+# ---- one pass over the videos --------------------------------------------------------------------------
+def _cat(parts):
+    """Concatenate, along the videos, a list of (nested dicts of) tensors."""
+    if isinstance(parts[0], dict):
+        return {k: _cat([p[k] for p in parts]) for k in parts[0]}
+    return torch.cat(parts)
+
+
+def judge_all(judges, videos, amp):
+    """{judge name: {head: probabilities (CPU)}} of every judge on a batch of videos."""
+    out = {}
+    for name, judge in judges.items():
+        with autocast(videos.device, amp):
+            logits = judge(videos)
+        out[name] = {k: v.float().softmax(-1).cpu() for k, v in logits.items()}
+    return out
+
+
+@torch.inference_mode()
+def encode_videos(model, X, device, batch_size=256, amp=False, judges=None):
+    """Of every video of X (N, T, 64, 64, 3) uint8, in one pass: posterior means 'z' (N, T, z_dim) and 'f'
+    (N, f_dim) on `device`, 'se' the summed squared error of decode(z_mean, f_mean), and with judges
+    'probs': {judge name: {head: probabilities}} on the real videos."""
+    parts = []
+    for s in range(0, len(X), batch_size):
+        x = to_float(X[s:s + batch_size]).to(device)
+        with autocast(device, amp):
+            post = model.encode(x, random=False)
+            recon = model.decode(post["z_mean"], post["f_mean"])
+        part = {"z": post["z_mean"].float(), "f": post["f_mean"].float(),
+                "se": ((recon.float() - x) ** 2).flatten(1).sum(1, dtype=torch.float64).cpu()}
+        if judges:
+            part["probs"] = judge_all(judges, x, amp)
+        parts.append(part)
+    return _cat(parts)
+
+
+@torch.inference_mode()
+def run_latents(model, post, seed, type_gt="all", sampled_b=False):
+    """The (z, f) that run `seed` decodes for each protocol of model.py, from the posterior means post['z'],
+    post['f'], and the swap pairing perm (video i gets the z of video perm[i]): 'A' (type_gt action / all),
+    'B' and with sampled_b 'Bs' (type_gt static / all), and 'swap'. Each protocol's random draws are those
+    of the model's generate_* after torch.manual_seed(seed); the caller's random state is left as it was."""
+    out = {}
+    device = post["f"].device
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        if type_gt in ("action", "all"):
+            torch.manual_seed(seed)
+            out["A"] = fixed_motion(post["z"], post["f"])
+        if type_gt in ("static", "all"):
+            torch.manual_seed(seed)
+            out["B"], sampled = fixed_content(model, post["z"], post["f"])
+            if sampled_b:
+                out["Bs"] = sampled
+    perm = derangement(len(post["f"]), torch.Generator().manual_seed(seed))
+    out["swap"] = swapped(post["z"], post["f"], perm.to(device))
+    return out, perm
+
+
+@torch.inference_mode()
+def decode_and_judge(model, judges, z, f, batch_size=256, amp=False):
+    """{judge name: {head: probabilities (CPU)}} on decode(z, f), batch by batch: each video is decoded
+    once and shown to every judge."""
+    parts = []
+    for s in range(0, len(z), batch_size):
+        with autocast(z.device, amp):
+            videos = model.decode(z[s:s + batch_size], f[s:s + batch_size])
+        parts.append(judge_all(judges, videos, amp))
+    return _cat(parts)
+
+
+# ---- the figures of one judge ----------------------------------------------------------------------------
+def _action_scores(prefix, probs, D, real_action_probs):
+    return {f"{prefix}_n": len(probs), f"{prefix}_action_acc": accuracy(probs, D),
+            f"{prefix}_IS": inception_score(probs),
+            f"{prefix}_H_y_given_x": conditional_entropy(probs), f"{prefix}_H_y": marginal_entropy(probs),
+            f"{prefix}_KL_gen_vs_real_marginal": kl_marginals(probs, real_action_probs)}
+
+
+def motion_parts(prefix, probs, sources):
+    """Which video the judged motion came from, in its parts (D = 3 * action + direction): for each source
+    name and its labels, the share of videos whose predicted action type and direction are that source's."""
+    pred = probs.argmax(1)
+    out = {}
+    n = len(DIRECTIONS)
+    for name, D in sources.items():
+        D = D.to(pred.device)
+        out[f"{prefix}_type_from_{name}"] = (pred // n == D // n).double().mean().item()
+        out[f"{prefix}_direction_from_{name}"] = (pred % n == D % n).double().mean().item()
+    return out
+
+
+def _attribute_scores(prefix, probs, A):
+    accs = {f"{prefix}_{a}_acc": accuracy(probs[a], A[:, i]) for i, a in enumerate(ATTRIBUTES)}
+    return {f"{prefix}_n": len(probs["skin"]), **accs,
+            f"{prefix}_attr_mean_acc": sum(accs.values()) / len(accs)}
+
+
+def real_scores(probs, A, D):
+    """One judge's figures on the real test videos: accuracy per head, the attributes' mean, entropies."""
+    accs = {f"real_{k}_acc": accuracy(probs[k], y) for k, y in factor_labels(A, D).items()}
+    return {"real_n": len(D), **accs,
+            "real_attr_mean_acc": sum(accs[f"real_{a}_acc"] for a in ATTRIBUTES) / len(ATTRIBUTES),
+            "real_IS": inception_score(probs["action"]),
+            "real_H_y_given_x": conditional_entropy(probs["action"]),
+            "real_H_y": marginal_entropy(probs["action"])}
+
+
+def generated_scores(gen, real_probs, A, D, perm):
+    """One judge's figures on one run's generated videos gen = {'A' / 'B' / 'Bs' / 'swap': {head: probs}}."""
+    row = {}
+    if "A" in gen:
+        row.update(_action_scores("A", gen["A"]["action"], D, real_probs["action"]))
+        row.update(motion_parts("A", gen["A"]["action"], {"z": D}))
+    for kind in ("B", "Bs"):
+        if kind in gen:
+            row.update(_attribute_scores(kind, gen[kind], A))
+    row.update(_attribute_scores("swap", gen["swap"], A),
+               swap_action_acc=accuracy(gen["swap"]["action"], D[perm]))
+    row.update(motion_parts("swap", gen["swap"]["action"], {"z": D[perm], "f": D}))
+    return row
+
+
+def agreement(probs_a, probs_b):
+    """{head: share of videos on which two judges' predictions (argmax) are the same}."""
+    return {k: (probs_a[k].argmax(1) == probs_b[k].argmax(1)).double().mean().item() for k in probs_a}
+
+
+def _summary(runs):
+    stats = {k: mean_std([r[k] for r in runs]) for k in runs[0] if k != "seed"}
+    return {"runs": runs, "mean": {k: v[0] for k, v in stats.items()},
+            "std": {k: v[1] for k, v in stats.items()}}
+
+
+def judge_pairs(names):
+    return [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
+
+
+def evaluate(model, judges, test, device, seeds=(0,), amp=False, batch_size=256, type_gt="all",
+             sampled_b=False):
+    """Every figure, for each seed and each judge of `judges` ({name: judge network}):
+
+    {'judges': {name: {'runs': [{figure: value}], 'mean': {...}, 'std': {...}}},
+     'agreement': {'a vs b': {'runs', 'mean', 'std'}} for each pair of judges,
+     'recon_mse_per_pixel': float}.
+    Figure keys: A_* (protocol A), B_* (protocol B, the prior's means), Bs_* (its samples; sampled_b only),
+    swap_*, real_* (the real videos); *_n is the number of videos scored. Agreement keys:
+    <A|B|Bs|swap|real>_<head>. `model` needs encode(x, random=False) -> {'f_mean', 'z_mean'},
+    decode(z, f) and sample_z_prior(N, T, like=)."""
+    X, A, D = test
+    model.eval()
+    for judge in judges.values():
+        judge.eval()
+    real = encode_videos(model, X, device, batch_size, amp, judges)
+    names = list(judges)
+    runs = {name: [] for name in names}
+    agree = {f"{a} vs {b}": [] for a, b in judge_pairs(names)}
+    for seed in seeds:
+        latents, perm = run_latents(model, real, seed, type_gt, sampled_b)
+        gen = {k: decode_and_judge(model, judges, z, f, batch_size, amp)
+               for k, (z, f) in latents.items()}
+        for name in names:
+            runs[name].append({"seed": seed, **generated_scores({k: g[name] for k, g in gen.items()},
+                                                                real["probs"][name], A, D, perm),
+                               **real_scores(real["probs"][name], A, D)})
+        kinds = {**gen, "real": real["probs"]}
+        for a, b in judge_pairs(names):
+            agree[f"{a} vs {b}"].append({"seed": seed, **{
+                f"{kind}_{head}": v for kind, p in kinds.items()
+                for head, v in agreement(p[a], p[b]).items()}})
+    return {"judges": {name: _summary(r) for name, r in runs.items()},
+            "agreement": {pair: _summary(r) for pair, r in agree.items()},
+            "recon_mse_per_pixel": real["se"].sum().item() / X[:1].numel() / len(X)}

@@ -1,0 +1,114 @@
+"""The judges: classifiers of a Sprites video's factors (action, skin, pant, top, hair), two families, and
+the loading of a judge file (ours, or the paper repo's judges/Sprite/sprite_judge.tar)."""
+import os
+import re
+
+import torch
+from torch import nn
+
+from dataloader import FACTORS
+from model import FrameEncoder
+from utils import CheckpointError, paper_encoder_names, read_checkpoint
+
+SHIPPED_JUDGES = ("judges/sprite_judge.pt", "judges/clip_judge.pt")
+
+
+class SpriteJudge(nn.Module):
+    """Frame encoder, BiLSTM, and one MLP head per factor (the paper's classifier_Sprite_all design)."""
+
+    def __init__(self, g_dim=128, rnn_size=256, hidden=256, nf=64):
+        super().__init__()
+        self.encoder = FrameEncoder(g_dim, nf)
+        self.lstm = nn.LSTM(g_dim, rnn_size, batch_first=True, bidirectional=True)
+        self.rnn_size = rnn_size
+        self.heads = nn.ModuleDict({k: nn.Sequential(nn.Linear(2 * rnn_size, hidden), nn.ReLU(),
+                                                     nn.Linear(hidden, n))
+                                    for k, n in FACTORS.items()})
+
+    def forward(self, x):
+        """(B, T, 3, 64, 64) in [0, 1] -> {head: logits (B, classes)}."""
+        out, _ = self.lstm(self.encoder(x))
+        h = torch.cat([out[:, -1, :self.rnn_size], out[:, 0, self.rnn_size:]], dim=1)
+        return {k: head(h) for k, head in self.heads.items()}
+
+
+class ClipJudge(nn.Module):
+    """The second family: 3D convolutions over the whole clip (space and time together from the first
+    layer; no per-frame encoder, no recurrence), average-pooled to a 2x2x2 grid of (time, height, width)
+    cells, and one MLP head per factor."""
+
+    def __init__(self, nf=32, hidden=256):
+        super().__init__()
+
+        def block(c_in, c_out, kernel, stride, padding):
+            return [nn.Conv3d(c_in, c_out, kernel, stride, padding, bias=False),
+                    nn.BatchNorm3d(c_out), nn.ReLU()]
+
+        self.net = nn.Sequential(
+            *block(3, nf, (3, 5, 5), (1, 2, 2), (1, 2, 2)),   # 8 x 32 x 32
+            *block(nf, 2 * nf, 3, (1, 2, 2), 1),              # 8 x 16 x 16
+            *block(2 * nf, 4 * nf, 3, 2, 1),                  # 4 x 8 x 8
+            *block(4 * nf, 8 * nf, 3, 2, 1),                  # 2 x 4 x 4
+            nn.AdaptiveAvgPool3d(2), nn.Flatten())
+        self.heads = nn.ModuleDict({k: nn.Sequential(nn.Linear(64 * nf, hidden), nn.ReLU(),
+                                                     nn.Linear(hidden, n))
+                                    for k, n in FACTORS.items()})
+
+    def forward(self, x):
+        """(B, T, 3, 64, 64) in [0, 1] -> {head: logits (B, classes)}."""
+        h = self.net(x.transpose(1, 2))
+        return {k: head(h) for k, head in self.heads.items()}
+
+
+JUDGES = {"bilstm": SpriteJudge, "conv3d": ClipJudge}  # a judge file's 'arch' names its network
+
+
+def judge_name(path):
+    """A judge's name in tables and in the JSON: its file name without the extension."""
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+def paper_judge(state, path):
+    """The paper repo's judge (the state_dict of its classifier_Sprite_all) as a judge file of ours: the
+    same network as SpriteJudge, names mapped."""
+    renamed = {}
+    for k, v in paper_encoder_names(state).items():
+        head = re.fullmatch(r"cls_(\w+?)\.(\d\..+)", k)
+        renamed[f"heads.{head[1]}.{head[2]}" if head else re.sub(r"^bilstm\.", "lstm.", k)] = v
+    try:
+        judge_args = dict(g_dim=state["bilstm.weight_ih_l0"].shape[1],
+                          rnn_size=state["bilstm.weight_hh_l0"].shape[1],
+                          hidden=state["cls_action.0.weight"].shape[0],
+                          nf=state["encoder.c1.main.0.weight"].shape[0])
+    except KeyError as e:
+        raise CheckpointError(f"{path} looks like the paper repo's judge but has no {e}") from None
+    return {"model": renamed, "judge_args": judge_args, "arch": "bilstm",
+            "source": "the paper repo's judge"}
+
+
+def load_judge(path, device="cpu"):
+    """The judge network of a file of judges/train_judge.py or of the paper repo, in fp32, in eval mode;
+    CheckpointError if it is neither."""
+    ckpt = read_checkpoint(path)
+    if (isinstance(ckpt, dict) and isinstance(ckpt.get("state_dict"), dict)
+            and "cls_action.0.weight" in ckpt["state_dict"]):
+        ckpt = paper_judge(ckpt["state_dict"], path)
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "judge_args" not in ckpt:
+        raise CheckpointError(f"{path} is not a judge of judges/train_judge.py (no 'model' / "
+                              f"'judge_args') nor the paper repo's (no 'state_dict' of its "
+                              f"classifier_Sprite_all)")
+    heads = dict(ckpt.get("heads", FACTORS))
+    if heads != FACTORS:
+        raise CheckpointError(f"{path} has judge heads {heads}, expected {FACTORS}")
+    arch = ckpt.get("arch", "bilstm")  # the first shipped judge files name no arch
+    if arch not in JUDGES:
+        raise CheckpointError(f"{path} is a judge of network {arch!r}, which this code does not know "
+                              f"({', '.join(JUDGES)})")
+    try:
+        judge = JUDGES[arch](**ckpt["judge_args"])
+        judge.load_state_dict({k: v.float() if v.is_floating_point() else v
+                               for k, v in ckpt["model"].items()})
+    except (TypeError, RuntimeError) as e:
+        raise CheckpointError(f"{path} does not fit {JUDGES[arch].__name__} "
+                              f"({str(e).splitlines()[0][:200]})") from None
+    return judge.to(device).eval()
