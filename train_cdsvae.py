@@ -1,13 +1,17 @@
 """Train C-DSVAE on Sprites (or, with --model dsvae, the DSVAE baseline).
 
-    python train_cdsvae.py --data_root data/Sprite/data.pkl --log_dir runs/paper          # one process
-    torchrun --nproc_per_node=2 train_cdsvae.py ...                                       # DDP
-    python train_cdsvae.py --log_dir runs/paper --resume                                  # continue a run
+    python train_cdsvae.py --data_root data/Sprite/data.pkl --log_dir runs/paper   # one process
+    torchrun --nproc_per_node=2 train_cdsvae.py ...                                # DDP
+    python train_cdsvae.py --log_dir runs/paper --resume                           # continue a run
 
-Writes to --log_dir: log.txt, metrics.jsonl (one JSON line of every loss term per epoch, rewritten whole from
-the checkpoint's history), loss_curves.png; to --model_dir (default: --log_dir): model.pt, the latest checkpoint
-(atomic; resumable). SIGINT, SIGTERM and SIGHUP finish the step, write a checkpoint and exit with 128 + the
-signal's number (130, 143, 129).
+Writes to --log_dir: log.txt, metrics.jsonl (one JSON line of every loss term per epoch, rewritten
+whole from the checkpoint's history), loss_curves.png; to --model_dir (default: --log_dir):
+model.pt, the latest checkpoint (atomic; resumable). SIGINT, SIGTERM and SIGHUP finish the step,
+write a checkpoint and exit with 128 + the signal's number (130, 143, 129).
+
+The script reads top to bottom as the run goes: arguments, set-up (processes, judges, data,
+networks, resume), one epoch (train_one_epoch, train_step), the end of an epoch (end_of_epoch), and
+main.
 """
 import argparse
 import json
@@ -17,18 +21,23 @@ import re
 import signal
 import sys
 import time
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
 from tqdm import tqdm
 
-from dataloader import DataError, SpriteBatches, content_augment, load_sprites, validation_split
+from dataloader import DataError, SpriteBatches, load_sprites, validation_split
+from evaluation import evaluate
+from judges.networks import SHIPPED_JUDGES, judge_name, load_judge
 from model import CDSVAE, FZCritic, cdsvae_loss, critic_loss
-from utils import (MODEL_ARGS, CheckpointError, amp_dtype, check_sizes, git_revision, mismatched_model_args,
-                   pick_device, read_checkpoint, save_atomic)
+from utils import (MODEL_ARGS, REMOVED_AT, REMOVED_TRAIN_ARGS, CheckpointError, amp_dtype, autocast,
+                   check_sizes, git_revision, half_precision, mismatched_model_args, pick_device,
+                   plot_loss_curves, read_checkpoint, save_atomic, write_text)
 
 
+# ---- arguments -----------------------------------------------------------------------------------
 class OneLineErrors(argparse.ArgumentParser):
     """A bad flag is one line on stderr, not the usage of every flag followed by it."""
     def error(self, message):
@@ -36,101 +45,74 @@ class OneLineErrors(argparse.ArgumentParser):
 
 
 def get_args(argv=None):
-    p = OneLineErrors(description="Train C-DSVAE on Sprites")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
-    p.add_argument("--batch_size", type=int, default=128,
-                   help="videos per step, over all processes, at least 2 per process (default 128)")
-    p.add_argument("--nEpoch", type=int, default=100, help="epochs to train in all (default 100)")
-    p.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
-    p.add_argument("--evl_interval", type=int, default=10,
-                   help="score with the judge every this many epochs, when the judge file exists "
-                        "(default 10; 0: never)")
-    p.add_argument("--f_dim", type=int, default=256, help="size of the static latent f (default 256)")
-    p.add_argument("--z_dim", type=int, default=32, help="size of each dynamic latent z_t (default 32)")
-    p.add_argument("--g_dim", type=int, default=128, help="size of the per-frame encoder feature (default 128)")
-    p.add_argument("--rnn_size", type=int, default=256, help="hidden size of the LSTMs / RNN (default 256)")
-    p.add_argument("--nf", type=int, default=64,
-                   help="conv width: the encoder has nf, 2nf, 4nf, 8nf channels (default 64, the paper's)")
-    p.add_argument("--model", choices=("cdsvae", "dsvae"), default="cdsvae",
-                   help="cdsvae (default): the paper's objective; dsvae: the DSVAE baseline (Li & Mandt 2018), the "
-                        "same network without augmented views, InfoNCE or MI terms (MI is still logged, weight 0)")
-    p.add_argument("--z_input", choices=("bilstm", "frame_delta", "full"), default="bilstm",
-                   help="what q(z|x) reads: the BiLSTM outputs (default, the paper), frame features minus the video's "
-                        "mean (frame_delta), or DSVAE's full q(z_t | x, f), a BiLSTM over [frame features; f] (full)")
-    p.add_argument("--f_mirror", action=argparse.BooleanOptionalAction, default=False,
-                   help="q(f|x) reads the video and its left-right mirror image alike, so f cannot keep the facing "
-                        "direction (one more encoder pass per step; default off, as in the paper; the last of "
-                        "--f_mirror / --no-f_mirror given wins, so a recipe's choice can be overridden)")
-    p.add_argument("--f_film", action="store_true",
-                   help="decode with f only as a per-channel scale and shift of the feature maps, so that the frame's "
-                        "layout (pose, facing) comes from z alone (default off: the paper's decoder of [z_t; f])")
-    p.add_argument("--f_head_leaky", action="store_true",
-                   help="q(f|x)'s mean and log-variance heads end in LeakyReLU(0.2), as the paper's "
-                        "LinearUnit(..., batchnorm=False) (default off: plain Linear, as our earlier checkpoints)")
-    p.add_argument("--deconv_init", choices=("normal", "default"), default="normal",
-                   help="initial ConvTranspose2d weights: normal, N(0, 0.01) as the other layers (default, ours), or "
-                        "default, PyTorch's own initialisation (the paper's)")
-    p.add_argument("--c_aug_flip", action="store_true",
-                   help="content view also mirrored left-right, so f cannot keep the facing direction "
-                        "(one more encoder pass per step; default off, the paper's shuffled frames only)")
-    p.add_argument("--weight_cyc", type=float, default=0.0,
-                   help="weight of the cycle InfoNCE: decode z with a new f, encode again, match the original z "
-                        "(one more decoder and encoder pass per step; default 0: off, as in the paper)")
-    p.add_argument("--recon_m_aug", action="store_true",
-                   help="reconstruct half of each batch (the even rows) from f of the video and z of its motion view, "
-                        "whose colours are changed, so that the decoder takes the colours from f alone (no extra pass; "
-                        "default off, as in the paper)")
-    p.add_argument("--weight_swap", type=float, default=0.0,
-                   help="weight of the swap reconstruction: every 4th video of a batch is decoded from its f mean and "
-                        "a z not its own (a prior path, or another video's), f is read from that video and decoded "
-                        "with the video's own z, which must give the video back, so the decoder must draw f's content "
-                        "whatever the z (two decoder passes and one encoder pass more on a quarter of the batch; "
-                        "default 0: off, as in the paper)")
-    p.add_argument("--weight_rec", type=float, default=1.0, help="weight of the summed reconstruction (default 1)")
-    p.add_argument("--weight_f", type=float, default=1.0, help="weight of KL(q(f|x) || N(0, I)) (default 1)")
-    p.add_argument("--weight_z", type=float, default=1.0, help="weight of KL(q(z|x) || p(z)) (default 1)")
-    p.add_argument("--weight_mi", type=float, default=1.0, help="weight of the MI(f; z) penalty (default 1)")
-    p.add_argument("--weight_mi_critic", type=float, default=0.0,
-                   help="weight of a second I(f; z) penalty, the estimate of a density-ratio critic trained beside the "
-                        "model to tell own (f, z) pairs from shuffled ones; it does not saturate as the minibatch "
-                        "estimate does (default 0: off, as in the paper)")
-    p.add_argument("--lr_critic", type=float, default=1e-3,
-                   help="Adam learning rate of that critic, betas (0.5, 0.9) as FactorVAE's (default 1e-3)")
-    p.add_argument("--weight_mi_after", nargs=2, type=float, metavar=("STEP", "WEIGHT"), default=None,
-                   help="from step STEP on (steps of the whole run, counted from 0), the MI penalty's weight is WEIGHT "
-                        "instead of --weight_mi; a resumed run takes the weight of its checkpoint's step "
-                        "(default: none, --weight_mi throughout)")
-    p.add_argument("--weight_c_aug", type=float, default=10.0, help="weight of the content InfoNCE (default 10)")
-    p.add_argument("--weight_m_aug", type=float, default=10.0, help="weight of the motion InfoNCE (default 10)")
-    p.add_argument("--temperature", type=float, default=0.5, help="NT-Xent temperature (default 0.5)")
-    p.add_argument("--sche", choices=("const", "cosine", "step", "cosine_to_zero"), default="const",
-                   help="learning-rate schedule (default const). cosine and step are the paper repo's, changed once "
-                        "an epoch: cosine with warm restarts every (nEpoch+1)//2 epochs down to 2e-4, and x0.5 every "
-                        "nEpoch//2 epochs; cosine_to_zero (ours, the CPU recipe's) is cosine to 0 over the run, "
-                        "changed every step")
-    p.add_argument("--data_root", default="data/Sprite/data.pkl", help="the data pickle (make_sprites.py)")
-    p.add_argument("--log_dir", default="runs/cdsvae", help="folder of logs and curves (default runs/cdsvae)")
-    p.add_argument("--model_dir", default=None, help="folder of the checkpoint model.pt (default: --log_dir)")
-    p.add_argument("--judge", action="append", default=None,
-                   help="judge weights for periodic scoring; repeatable (default: both shipped judges, "
-                        "judges/sprite_judge.pt and judges/clip_judge.pt; a missing file is left out, and scoring "
-                        "is off without any)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default auto: cuda if any")
-    p.add_argument("--amp", action="store_true", help="mixed precision: bf16 autocast on CPU, bf16/fp16 on CUDA")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads per process (default 0: torch's choice)")
-    p.add_argument("--resume", action="store_true", help="continue from model_dir/model.pt")
-    p.add_argument("--subset", type=int, default=0,
-                   help="train on the first N train videos only, for smoke runs (default 0: all)")
-    p.add_argument("--val_chars", type=int, default=0,
-                   help="hold out this many train characters for validation, and log every loss term on their "
-                        "videos after each epoch as val_* in metrics.jsonl (default 0: none)")
-    p.add_argument("--sync_bn", action="store_true", help="SyncBatchNorm across processes under torchrun")
-    p.add_argument("--snapshot_every", type=int, default=0,
-                   help="also keep a half-precision copy of the model every this many epochs, as "
-                        "model_dir/epoch_<N>.pt, for scoring along the run afterwards (default 0: none)")
-    p.add_argument("--max_steps", type=int, default=0, help="stop after this many steps in all (0: no limit)")
+    p = OneLineErrors(description="Train C-DSVAE on Sprites. Each option's reasoning: README.md.")
+    arg = p.add_argument
+    # optimisation
+    arg("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
+    arg("--batch_size", type=int, default=128,
+        help="videos per step over all processes, at least 2 per process (default 128)")
+    arg("--nEpoch", type=int, default=100, help="epochs to train in all (default 100)")
+    arg("--sche", choices=("const", "cosine", "step", "cosine_to_zero"), default="const",
+        help="learning-rate schedule; cosine and step are the paper repo's (default const)")
+    arg("--seed", type=int, default=1, help="random seed (default 1)")
+    arg("--max_steps", type=int, default=0, help="stop after this many steps (default 0: none)")
+    # the network
+    arg("--model", choices=("cdsvae", "dsvae"), default="cdsvae",
+        help="cdsvae: the paper's objective; dsvae: the DSVAE baseline, no views (default cdsvae)")
+    arg("--f_dim", type=int, default=256, help="size of the static latent f (default 256)")
+    arg("--z_dim", type=int, default=32, help="size of each dynamic latent z_t (default 32)")
+    arg("--g_dim", type=int, default=128, help="size of the per-frame feature (default 128)")
+    arg("--rnn_size", type=int, default=256, help="hidden size of the LSTMs and RNN (default 256)")
+    arg("--nf", type=int, default=64, help="conv width: nf, 2nf, 4nf, 8nf channels (default 64)")
+    arg("--z_input", choices=("bilstm", "frame_delta", "full"), default="bilstm",
+        help="what q(z|x) reads (default bilstm, the paper's)")
+    arg("--f_mirror", action=argparse.BooleanOptionalAction, default=False,
+        help="q(f|x) reads the video and its mirror image alike (default off)")
+    arg("--f_head_leaky", action="store_true",
+        help="q(f|x)'s heads end in LeakyReLU(0.2), as the paper's (default off)")
+    arg("--deconv_init", choices=("normal", "default"), default="normal",
+        help="ConvTranspose2d init: N(0, 0.01) (normal) or PyTorch's (default, the paper's)")
+    # the loss
+    arg("--weight_rec", type=float, default=1.0, help="weight of the reconstruction (default 1)")
+    arg("--weight_f", type=float, default=1.0, help="weight of KL(q(f|x) || N(0, I)) (default 1)")
+    arg("--weight_z", type=float, default=1.0, help="weight of KL(q(z|x) || p(z)) (default 1)")
+    arg("--weight_mi", type=float, default=1.0, help="weight of the MI(f; z) penalty (default 1)")
+    arg("--weight_mi_after", nargs=2, type=float, metavar=("STEP", "WEIGHT"), default=None,
+        help="from step STEP of the run on, the MI weight is WEIGHT (default: none)")
+    arg("--weight_mi_critic", type=float, default=0.0,
+        help="weight of a density-ratio critic's I(f; z) estimate (default 0: off)")
+    arg("--lr_critic", type=float, default=1e-3, help="Adam learning rate of the critic (1e-3)")
+    arg("--weight_c_aug", type=float, default=10.0, help="weight of the content InfoNCE (10)")
+    arg("--weight_m_aug", type=float, default=10.0, help="weight of the motion InfoNCE (10)")
+    arg("--temperature", type=float, default=0.5, help="NT-Xent temperature (default 0.5)")
+    # data and outputs
+    arg("--data_root", default="data/Sprite/data.pkl", help="the data pickle of make_sprites.py")
+    arg("--subset", type=int, default=0, help="the first N train videos only (default 0: all)")
+    arg("--val_chars", type=int, default=0,
+        help="train characters held out; their loss terms are logged as val_* (default 0)")
+    arg("--log_dir", default="runs/cdsvae", help="folder of logs and curves (default runs/cdsvae)")
+    arg("--model_dir", default=None, help="folder of the checkpoint model.pt (default: --log_dir)")
+    arg("--snapshot_every", type=int, default=0,
+        help="keep a half-precision epoch_<N>.pt every this many epochs (default 0: none)")
+    arg("--resume", action="store_true", help="continue from model_dir/model.pt")
+    # periodic scoring
+    arg("--evl_interval", type=int, default=10,
+        help="score with the judges every this many epochs (default 10; 0: never)")
+    arg("--judge", action="append", default=None,
+        help="judge file, repeatable (default: the shipped judges that exist)")
+    # hardware
+    arg("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: cuda if any")
+    arg("--amp", action="store_true", help="autocast: bf16, or fp16 where bf16 is not native")
+    arg("--threads", type=int, default=0, help="CPU threads per process (default 0: torch's)")
+    arg("--sync_bn", action="store_true", help="SyncBatchNorm across processes under torchrun")
     args = p.parse_args(argv)
+    check_args(p, args)
     args.model_dir = args.model_dir or args.log_dir
+    return args
+
+
+def check_args(p, args):
+    """Refuse, in one line, numbers the run cannot mean."""
     for name in ("batch_size", "nEpoch", "f_dim", "z_dim", "g_dim", "rnn_size", "nf"):
         if getattr(args, name) <= 0:
             p.error(f"--{name} must be positive, got {getattr(args, name)}")
@@ -140,65 +122,272 @@ def get_args(argv=None):
     for name in ("lr", "temperature", "lr_critic"):
         if not (math.isfinite(getattr(args, name)) and getattr(args, name) > 0):
             p.error(f"--{name} must be a positive number, got {getattr(args, name)}")
-    if args.model == "dsvae" and (args.c_aug_flip or args.weight_cyc or args.weight_mi_after or args.weight_mi_critic
-                                  or args.recon_m_aug or args.weight_swap):
-        p.error("--model dsvae has no augmented views, InfoNCE or MI terms: --c_aug_flip, --weight_cyc, "
-                "--weight_mi_after, --weight_mi_critic, --recon_m_aug and --weight_swap do not apply")
-    for name in ("weight_mi_critic", "weight_swap"):  # off at 0; a negative or NaN weight would be ignored silently
-        if not (math.isfinite(getattr(args, name)) and getattr(args, name) >= 0):
-            p.error(f"--{name} must be 0 (off) or a positive number, got {getattr(args, name)}")
+    if args.model == "dsvae" and (args.weight_mi_after or args.weight_mi_critic):
+        p.error("--model dsvae has no augmented views, InfoNCE or MI terms: "
+                "--weight_mi_after and --weight_mi_critic do not apply")
+    # off at 0; a negative or NaN weight would be ignored silently
+    if not (math.isfinite(args.weight_mi_critic) and args.weight_mi_critic >= 0):
+        p.error(f"--weight_mi_critic must be 0 (off) or positive, got {args.weight_mi_critic}")
     if args.batch_size < 2:
-        p.error(f"--batch_size must be at least 2, got {args.batch_size}: the InfoNCE terms contrast each video "
-                f"with the others of its batch")
+        p.error(f"--batch_size must be at least 2, got {args.batch_size}: the InfoNCE terms "
+                f"contrast each video with the others of its batch")
     if args.weight_mi_after:
         after, weight = args.weight_mi_after
         if not (after >= 0 and after.is_integer() and math.isfinite(weight)):
             p.error(f"--weight_mi_after takes a step (a whole number, 0 or more) and a weight, "
                     f"got {after:g} {weight:g}")
         args.weight_mi_after = [int(after), weight]
-    return args
 
 
 def lr_lambda(sche, n_epoch, steps_per_epoch, lr):
-    """The learning rate's factor at each step for --sche (the paper repo steps its schedulers once an epoch)."""
+    """The learning rate's factor at each step (the paper repo steps its schedulers once an
+    epoch)."""
     total = max(1, n_epoch * steps_per_epoch)
     if sche == "cosine_to_zero":
         return lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
     if sche == "cosine":  # CosineAnnealingWarmRestarts(T_0=(nEpoch+1)//2, eta_min=2e-4)
         period, floor = max(1, (n_epoch + 1) // 2), 2e-4 / lr
-        return lambda step: floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * (step // steps_per_epoch % period) / period))
+        return lambda step: floor + (1 - floor) * 0.5 * (
+            1 + math.cos(math.pi * (step // steps_per_epoch % period) / period))
     if sche == "step":  # StepLR(step_size=nEpoch//2, gamma=0.5)
         return lambda step: 0.5 ** (step // steps_per_epoch // max(1, n_epoch // 2))
     return lambda step: 1.0
 
 
-def plot_curves(rows, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    keys = [k for k in ("recon", "kld_f", "kld_z", "mi_fz", "mi_critic", "con_f", "con_z") if k in rows[-1]]
-    fig, axes = plt.subplots(1, len(keys), figsize=(3 * len(keys), 2.6))
-    for ax, k in zip(axes, keys):
-        ax.plot([r["epoch"] for r in rows], [r[k] for r in rows])
-        ax.set_title(k)
-        ax.set_xlabel("epoch")
-        if k == "recon":
-            ax.set_yscale("log")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+def loss_weights(args, step):
+    """cdsvae_loss's weights at a step of the run: the MI weight changes with --weight_mi_after, and
+    DSVAE has no MI penalty (its estimate is still logged) and no views to contrast."""
+    after = args.weight_mi_after
+    weight_mi = after[1] if after and step >= after[0] else args.weight_mi
+    return {"weight_rec": args.weight_rec, "weight_f": args.weight_f, "weight_z": args.weight_z,
+            "weight_mi": 0.0 if args.model == "dsvae" else weight_mi,
+            "weight_c_aug": args.weight_c_aug, "weight_m_aug": args.weight_m_aug,
+            "weight_critic": args.weight_mi_critic, "temperature": args.temperature}
 
 
-def write_metrics(rows, path):
-    """metrics.jsonl, rewritten whole through a temporary file: it never holds half a row, nor a row twice."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.writelines(json.dumps(row) + "\n" for row in rows)
-    os.replace(tmp, path)
+# ---- set-up --------------------------------------------------------------------------------------
+class Stop:
+    """SIGINT / SIGTERM / SIGHUP: finish the step, write a checkpoint, exit with 128 + the
+    signal."""
+    signum = 0
+
+    @classmethod
+    def install(cls):
+        def handler(signum, frame):
+            cls.signum = signum
+        cls.signum = 0
+        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(s, handler)
 
 
-# the temporary files of save_atomic and write_metrics, named <file>.tmp<PID of the writer>
-TEMPORARY = re.compile(r"(model\.pt|epoch_\d+\.pt|metrics\.jsonl)\.tmp(\d+)")
+def setup_processes(args):
+    """(device, rank, world): one process, or one of torchrun's (NCCL on GPUs, gloo on CPUs)."""
+    device = pick_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return device, 0, 1
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device, dist.get_rank(), dist.get_world_size()
+
+
+def gather_rows(t):
+    """The whole batch's rows of t, all processes' in rank order; the gradient reaches each
+    process's own rows (summed over the processes' losses, which DDP's averaging then divides by
+    their number)."""
+    return torch.cat(dist_nn.all_gather(t.contiguous()))
+
+
+def load_judges(args, device):
+    """({name: judge} for periodic scoring, [paths of judge files that do not exist])."""
+    judges, missing = {}, []
+    for path in args.judge or SHIPPED_JUDGES:
+        if not os.path.isfile(path):
+            missing.append(path)
+            continue
+        try:
+            judges[judge_name(path)] = load_judge(path, device)
+        except CheckpointError as e:
+            sys.exit(f"error: --judge: {e}")
+    return judges, missing
+
+
+def load_data(run):
+    """The train split (or --subset), less the --val_chars characters; its loaders; the test
+    split."""
+    args = run.args
+    try:
+        data = load_sprites(args.data_root)
+    except DataError as e:
+        sys.exit(f"error: {e}")
+    X, A, D = data["train"]
+    if args.subset:
+        X, A, D = X[:args.subset], A[:args.subset], D[:args.subset]
+    (X, A, D), val = validation_split(X, A, D, args.val_chars, seed=args.seed)
+    if len(X) < args.batch_size:
+        sys.exit(f"error: {len(X)} training videos are fewer than --batch_size {args.batch_size}")
+    augment = args.model == "cdsvae"
+    # the model shuffles x's frame features for the content view, so its tensor is not made
+    run.loader = SpriteBatches(X, A, D, args.batch_size // run.world, shuffle=True, augment=augment,
+                               seed=args.seed, drop_last=True, rank=run.rank, world_size=run.world,
+                               content_view=False)
+    run.val_loader = (SpriteBatches(*val, args.batch_size, augment=augment, seed=args.seed,
+                                    content_view=False) if args.val_chars else None)
+    run.n_train, run.frames, run.test = len(X), X.shape[1], data["test"]
+
+
+def build_networks(run):
+    """The model, its optimizer, schedule and grad scaler; the --weight_mi_critic critic and its
+    own."""
+    args, device = run.args, run.device
+    torch.manual_seed(args.seed)  # the critic is trained on the whole batch in every process
+    run.critic = (FZCritic(args.f_dim, args.z_dim, run.frames).to(device)
+                  if args.weight_mi_critic else None)
+    run.critic_optimizer = (torch.optim.Adam(run.critic.parameters(), lr=args.lr_critic,
+                                             betas=(0.5, 0.9)) if run.critic is not None else None)
+    torch.manual_seed(args.seed + run.rank)
+    run.model_args = {k: getattr(args, k) for k in MODEL_ARGS if hasattr(args, k)}
+    run.model_args.update(frames=run.frames, deconv_normal=args.deconv_init == "normal")
+    model = CDSVAE(**run.model_args).to(device)
+    if device.type == "cpu":
+        model = model.to(memory_format=torch.channels_last)  # oneDNN's bf16 convs: ~2x faster
+    run.raw_model = run.model = model
+    run.optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.999))
+    run.scheduler = torch.optim.lr_scheduler.LambdaLR(
+        run.optimizer, lr_lambda(args.sche, args.nEpoch, len(run.loader), args.lr))
+    run.scaler = torch.amp.GradScaler(device.type,
+                                      enabled=args.amp and amp_dtype(device) == torch.float16)
+
+
+def resume_mismatch(ckpt, args, world):
+    """What of the run's shape differs between the checkpoint and this invocation (a resumed run
+    would train on another schedule or other batches), as one phrase; None when nothing does."""
+    saved = ckpt.get("args", {})
+    changed = [f"--{k} {saved[k]} (removed after its experiment lost: resume with the code of "
+               f"commit {REMOVED_AT})"
+               for k, off in REMOVED_TRAIN_ARGS.items() if saved.get(k, off) != off]
+    saved_world = ckpt.get("world_size", len(ckpt.get("rng_cpu", [None])))
+    if saved.get("model", "cdsvae") != args.model:
+        changed.append(f"--model {args.model} (checkpoint: {saved.get('model', 'cdsvae')})")
+    if saved.get("batch_size") != args.batch_size:
+        changed.append(f"--batch_size {args.batch_size} (checkpoint: {saved.get('batch_size')})")
+    if saved_world != world:
+        changed.append(f"{world} process(es) (checkpoint: {saved_world})")
+    if saved.get("sche") != args.sche:
+        changed.append(f"--sche {args.sche} (checkpoint: {saved.get('sche')})")
+    if args.sche != "const" and saved.get("nEpoch") != args.nEpoch:  # the schedule's length
+        changed.append(f"--nEpoch {args.nEpoch} with --sche {args.sche} "
+                       f"(checkpoint: {saved.get('nEpoch')})")
+    return "; ".join(changed) or None
+
+
+def read_resumable(run):
+    """The checkpoint to continue, refused in one line if it is another run's."""
+    args, path = run.args, run.ckpt_path
+    try:
+        ckpt = read_checkpoint(path)
+        check_sizes(run.model, ckpt["model"], path)
+        changed = mismatched_model_args(ckpt, run.model_args)
+        if changed:
+            raise CheckpointError(f"{path} was trained with other settings: "
+                                  f"{', '.join(changed.values())}; pass its "
+                                  f"{' '.join('--' + k for k in changed)} or start a new --log_dir")
+        other_run = resume_mismatch(ckpt, args, run.world)
+        if other_run:
+            raise CheckpointError(f"{path} was trained as another run: {other_run}; resume with "
+                                  f"its settings or start a new --log_dir")
+    except CheckpointError as e:
+        sys.exit(f"error: cannot resume: {e}")
+    return ckpt
+
+
+def resume(run):
+    """Continue from model_dir/model.pt: weights, optimizers, random state, and the epoch in
+    progress (its running sums travel with the checkpoint, so a resumed epoch's row is whole)."""
+    ckpt = read_resumable(run)
+    run.model.load_state_dict(ckpt["model"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    run.scheduler.load_state_dict(ckpt["scheduler"])
+    run.scaler.load_state_dict(ckpt["scaler"])
+    if run.critic is not None and "critic" in ckpt:
+        run.critic.load_state_dict(ckpt["critic"])
+        run.critic_optimizer.load_state_dict(ckpt["critic_optimizer"])
+    elif run.critic is not None:
+        log(run, f"{run.ckpt_path} has no critic: the --weight_mi_critic critic starts anew")
+    run.epoch, run.step, run.skip_batches = ckpt["epoch"], ckpt["step"], ckpt["batches_done"]
+    torch.set_rng_state(ckpt["rng_cpu"][run.rank])
+    if run.device.type == "cuda" and ckpt["rng_cuda"]:
+        torch.cuda.set_rng_state(ckpt["rng_cuda"][run.rank], run.device)
+    run.history = list(ckpt["history"])
+    run.sums, run.n_batches = dict(ckpt["epoch_sums"]), ckpt["epoch_batches"]
+    run.seconds_before = ckpt["epoch_seconds"]
+    if run.main_proc:  # the checkpoint is the record: a row written after it, before a kill, goes
+        write_metrics(run)
+    where = (f"in epoch {run.epoch + 1} after batch {run.skip_batches}/{len(run.loader)}"
+             if run.skip_batches else f"after epoch {run.epoch}")
+    log(run, f"resumed {run.ckpt_path} {where}, step {run.step}")
+
+
+def setup(args):
+    """Everything a run needs, in one namespace: processes, judges, data, networks, its progress."""
+    run = SimpleNamespace(args=args)
+    run.device, run.rank, run.world = setup_processes(args)
+    run.distributed, run.main_proc = run.world > 1, run.rank == 0
+    if args.batch_size % run.world or args.batch_size // run.world < 2:
+        sys.exit(f"error: --batch_size {args.batch_size} must be a multiple of the {run.world} "
+                 f"processes with at least 2 videos each (the InfoNCE terms contrast each video "
+                 f"with the others of its batch)")
+    run.judges, missing = (load_judges(args, run.device) if args.evl_interval and run.main_proc
+                           else ({}, []))
+    load_data(run)
+    build_networks(run)
+    run.ckpt_path = os.path.join(args.model_dir, "model.pt")
+    run.metrics_path = os.path.join(args.log_dir, "metrics.jsonl")
+    if not args.resume:
+        for path in (run.ckpt_path, run.metrics_path):
+            if os.path.exists(path):
+                sys.exit(f"error: {path} exists, of another run; pass --resume to continue it or "
+                         f"choose another --log_dir / --model_dir")
+    if run.main_proc:
+        for folder in (args.log_dir, args.model_dir):
+            os.makedirs(folder, exist_ok=True)
+            remove_stale_temporaries(folder)
+    run.epoch, run.step, run.skip_batches, run.history = 0, 0, 0, []
+    run.sums, run.n_batches, run.seconds_before, run.stop = {}, 0, 0.0, None
+    if args.resume:
+        resume(run)
+    if run.distributed:
+        if args.sync_bn:
+            run.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(run.model)
+        run.model = torch.nn.parallel.DistributedDataParallel(
+            run.model, device_ids=[run.device] if run.device.type == "cuda" else None)
+    log(run, f"training on {run.device} x{run.world}: {run.n_train} videos, {len(run.loader)} "
+             f"steps/epoch, args {json.dumps(vars(args))}")
+    if missing:
+        log(run, f"no judge file at {', '.join(missing)} (--judge): " + (
+            f"periodic scoring uses {', '.join(run.judges)} only" if run.judges else
+            "periodic scoring is off; score the checkpoint with test_sprite.py afterwards"))
+    return run
+
+
+# ---- files ---------------------------------------------------------------------------------------
+def log(run, msg):
+    if run.main_proc:
+        tqdm.write(msg)
+        with open(os.path.join(run.args.log_dir, "log.txt"), "a") as f:
+            f.write(msg + "\n")
+
+
+def write_metrics(run):
+    """metrics.jsonl, rewritten whole: it never holds half a row, nor a row twice."""
+    write_text("".join(json.dumps(row) + "\n" for row in run.history), run.metrics_path)
+
+
+# the temporary files of write_atomic, named <file>.tmp<PID of the writer>
+TEMPORARY = re.compile(r"(model\.pt|epoch_\d+\.pt|metrics\.jsonl|loss_curves\.png)\.tmp(\d+)")
 
 
 def process_alive(pid):
@@ -212,354 +401,234 @@ def process_alive(pid):
 
 
 def remove_stale_temporaries(folder):
-    """Delete the temporary files in `folder` of writes whose process is gone (killed while writing)."""
+    """Delete the temporary files in `folder` of writes whose process is gone (killed while
+    writing)."""
     for entry in os.listdir(folder):
         match = TEMPORARY.fullmatch(entry)
         if match and not process_alive(int(match[2])):
             os.remove(os.path.join(folder, entry))
 
 
-def mi_weight(args, step):
-    """The MI penalty's weight at a step of the run (--weight_mi, then --weight_mi_after's; 0 for DSVAE)."""
-    if args.model == "dsvae":
-        return 0.0
-    return args.weight_mi_after[1] if args.weight_mi_after and step >= args.weight_mi_after[0] else args.weight_mi
+def save_checkpoint(run, epoch, batches_done, seconds):
+    """model.pt: everything a resumed run needs to go on as if it had not stopped."""
+    rng, rng_cuda = [torch.get_rng_state()], []
+    if run.device.type == "cuda":
+        rng_cuda = [torch.cuda.get_rng_state(run.device)]
+    if run.distributed:
+        gathered = [None] * run.world
+        dist.all_gather_object(gathered, (rng[0], rng_cuda))
+        rng, rng_cuda = [r for r, _ in gathered], [c[0] for _, c in gathered if c]
+    if not run.main_proc:
+        return
+    extra = {}
+    if run.critic is not None:
+        extra = {"critic": run.critic.state_dict(),
+                 "critic_optimizer": run.critic_optimizer.state_dict()}
+    save_atomic({"model": run.raw_model.state_dict(), "model_args": run.model_args,
+                 "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+                 "scaler": run.scaler.state_dict(), "epoch": epoch, "batches_done": batches_done,
+                 "step": run.step, "epoch_sums": run.sums, "epoch_batches": run.n_batches,
+                 "epoch_seconds": seconds, "args": vars(run.args), "rng_cpu": rng,
+                 "rng_cuda": rng_cuda, "world_size": run.world, "history": run.history,
+                 "git": git_revision(), **extra}, run.ckpt_path)
 
 
-def augmented_views(batch, x, args, device):
-    """The forward pass's augmented views of a batch: the motion view and the content view (x's frame features
-    shuffled, or with --c_aug_flip its own mirrored video); none for DSVAE."""
-    if args.model == "dsvae":
-        return {}
-    if args.c_aug_flip:
-        content = {"c_aug": content_augment(x, order=batch["c_aug_order"], mirror=True)}
-    else:
-        content = {"c_aug_order": batch["c_aug_order"].to(device)}
-    return {"m_aug": batch["m_aug"].to(device), **content}
-
-
-def gather_rows(t):
-    """The whole batch's rows of t, all processes' in rank order; the gradient reaches each process's own rows
-    (summed over the processes' losses, which DDP's averaging then divides by their number)."""
-    return torch.cat(dist_nn.all_gather(t.contiguous()))
-
-
-def train_critic(critic, optimizer, out, step, distributed):
-    """One step of the --weight_mi_critic critic on the whole batch's (f, z) samples, held fixed; the shuffled
-    pairs pair each video with the one `shift` places on, a shift that every process takes from the step."""
+# ---- one epoch -----------------------------------------------------------------------------------
+def train_critic(run, out):
+    """One step of the --weight_mi_critic critic on the whole batch's (f, z) samples, held fixed;
+    the shuffled pairs pair each video with the one `shift` places on, a shift every process takes
+    from the step."""
     f, z = (out[k].detach().float() for k in ("f", "z"))
-    if distributed:
+    if run.distributed:
         f, z = gather_rows(f), gather_rows(z)
-    optimizer.zero_grad(set_to_none=True)
-    loss = critic_loss(critic, f, z, shift=1 + step % (len(f) - 1))
+    run.critic_optimizer.zero_grad(set_to_none=True)
+    loss = critic_loss(run.critic, f, z, shift=1 + run.step % (len(f) - 1))
     loss.backward()
-    optimizer.step()
+    run.critic_optimizer.step()
     return loss.detach()
 
 
-# checkpoints written before --sche cosine and step became the paper repo's named ours so
-OLD_SCHEDULES = {"cosine": "cosine_to_zero", "step": "x0.5 every nEpoch/4 epochs (no longer offered)"}
+def forward_and_loss(run, model, batch, step, gather=None):
+    """CDSVAE.forward on a batch and its views, and cdsvae_loss: (outputs, loss, {term: value})."""
+    x = batch["x"].to(run.device, non_blocking=True)
+    views = {}
+    if run.args.model == "cdsvae":
+        views = {"m_aug": batch["m_aug"].to(run.device, non_blocking=True),
+                 "c_aug_order": batch["c_aug_order"].to(run.device, non_blocking=True)}
+    with autocast(run.device, run.args.amp):
+        out = model(x, **views)
+    loss, terms = cdsvae_loss(out, x, run.n_train, **loss_weights(run.args, step), gather=gather,
+                              critic=run.critic)
+    return out, loss, terms
 
 
-def resume_mismatch(ckpt, args, world):
-    """What of the run's shape differs between the checkpoint and this invocation (a resumed run would train on
-    another schedule or other batches), as one phrase; None when nothing does."""
-    saved = ckpt.get("args", {})
-    saved_sche = ckpt.get("schedule") or OLD_SCHEDULES.get(saved.get("sche"), saved.get("sche"))
-    saved_world = ckpt.get("world_size", len(ckpt.get("rng_cpu", [None])))
-    changed = []
-    if saved.get("model", "cdsvae") != args.model:
-        changed.append(f"--model {args.model} (checkpoint: {saved.get('model', 'cdsvae')})")
-    if saved.get("batch_size") != args.batch_size:
-        changed.append(f"--batch_size {args.batch_size} (checkpoint: {saved.get('batch_size')})")
-    if saved_world != world:
-        changed.append(f"{world} process(es) (checkpoint: {saved_world})")
-    if saved_sche != args.sche:
-        changed.append(f"--sche {args.sche} (checkpoint: {saved_sche})")
-    if args.sche != "const" and saved.get("nEpoch") != args.nEpoch:  # the schedule's length
-        changed.append(f"--nEpoch {args.nEpoch} with --sche {args.sche} (checkpoint: {saved.get('nEpoch')})")
-    return "; ".join(changed) or None
+def train_step(run, batch):
+    """One step of the model (and the critic). Returns the terms as one fp32 device tensor, nothing
+    read to the host; under DDP, the whole batch's, with the stop signal folded in as two
+    entries."""
+    gather = gather_rows if run.distributed else None
+    out, loss, terms = forward_and_loss(run, run.model, batch, run.step, gather)
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.scheduler.step()
+    if run.critic is not None:
+        terms["critic_bce"] = train_critic(run, out)
+    run.keys = list(terms)
+    values = torch.stack([v.detach() for v in terms.values()])
+    if run.distributed:  # one collective: the terms, and whether any process was asked to stop
+        signum = torch.tensor([Stop.signum, Stop.signum > 0], dtype=values.dtype,
+                              device=values.device)
+        values = torch.cat([values, signum])
+        dist.all_reduce(values)
+        values[:-2] /= run.world
+    return values
 
 
+def accumulate(run, values):
+    """Add a step's terms to the epoch's running sums on the device, in float64 as Python sums them,
+    and note the first non-finite step and its terms: nothing is read to the host. run.progress:
+    [sums of each term, first non-finite step (-1: none), signal sum, signal count]."""
+    n = len(run.keys)
+    terms = values[:n].double()
+    if run.progress is None:
+        start = [run.sums.get(k, 0.0) for k in run.keys] + [-1.0, 0.0, 0.0]
+        run.progress = torch.tensor(start, dtype=torch.float64, device=values.device)
+        run.bad_terms = terms.clone()
+    bad = ~torch.isfinite(terms).all() & (run.progress[n] < 0)
+    run.progress[n] = torch.where(bad, run.step, run.progress[n])
+    run.bad_terms = torch.where(bad, terms, run.bad_terms)
+    run.progress[:n] += terms
+    if run.distributed:
+        run.progress[n + 1:] = values[n:].double()
+
+
+def read_progress(run):
+    """The one host read of a step: the running sums, whether a term was ever non-finite (then the
+    run stops, before any checkpoint is written), and under DDP the signal that asked a process to
+    stop."""
+    *sums, first_bad, signal_sum, signal_count = run.progress.tolist()
+    run.sums = dict(zip(run.keys, sums))
+    if first_bad >= 0:
+        kept = (f"the last good checkpoint {run.ckpt_path} is kept" if os.path.exists(run.ckpt_path)
+                else "no checkpoint was written yet")
+        log(run, f"error: non-finite loss at epoch {run.epoch + 1}, step {int(first_bad) + 1} "
+                 f"({dict(zip(run.keys, run.bad_terms.tolist()))}); {kept}; "
+                 f"try a lower --lr or --amp off")
+        sys.exit(1)
+    return round(signal_sum / signal_count) if signal_count else Stop.signum
+
+
+def train_one_epoch(run, epoch):
+    """The steps of one epoch from batch run.skip_batches on. A signal or --max_steps sets run.stop;
+    inside the epoch, the checkpoint is written here and True returned."""
+    args, loader = run.args, run.loader
+    loader.set_epoch(epoch, start=run.skip_batches)  # a resumed epoch's done batches are not made
+    run.model.train()
+    run.epoch, run.t0, run.progress = epoch, time.time() - run.seconds_before, None
+    bar = tqdm(loader, total=len(loader), initial=run.skip_batches, leave=False,
+               desc=f"epoch {epoch + 1}/{args.nEpoch}", disable=not run.main_proc)
+    for b, batch in enumerate(bar, start=run.skip_batches):
+        accumulate(run, train_step(run, batch))
+        run.step += 1
+        run.n_batches += 1
+        signum = read_progress(run)
+        shown = ("loss", "recon", "kld_z", "con_f", "con_z", "mi_critic")
+        bar.set_postfix({k: f"{run.sums[k] / run.n_batches:.3g}" for k in shown if k in run.sums})
+        if args.weight_mi_after and run.step == args.weight_mi_after[0]:
+            log(run, f"step {run.step}: the MI penalty's weight goes from {args.weight_mi:g} to "
+                     f"{args.weight_mi_after[1]:g}")
+        if signum or (args.max_steps and run.step >= args.max_steps):
+            run.stop = signum
+            if b + 1 < len(loader):
+                save_checkpoint(run, epoch, b + 1, time.time() - run.t0)
+                stopped(run, f"in epoch {epoch + 1} after batch {b + 1}/{len(loader)}")
+                return True
+            break
+    return False
+
+
+def stopped(run, where):
+    """Log why the run stopped; a signal ends the process with 128 + its number."""
+    why = signal.Signals(run.stop).name if run.stop else f"--max_steps {run.args.max_steps}"
+    log(run, f"stopped by {why} {where}, step {run.step}; checkpoint {run.ckpt_path} "
+             f"(continue with --resume)")
+    if run.stop:
+        sys.exit(128 + run.stop)
+
+
+# ---- the end of an epoch -------------------------------------------------------------------------
 @torch.no_grad()
-def validation_terms(model, loader, dataset_size, device, amp, args, weight_mi, critic=None):
-    """Every loss term on the held-out videos (eval mode, the same augmentations and noise every epoch), the mean
-    over videos; the training run's random state is left as it was."""
+def validation_terms(run):
+    """Every loss term on the held-out videos (eval mode, the same augmentations and noise every
+    epoch), the mean over videos; the training run's random state is left as it was."""
+    model, loader, device = run.raw_model, run.val_loader, run.device
     was_training = model.training
     model.eval()
     sums, n = {}, 0
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(args.seed)
+        torch.manual_seed(run.args.seed)
         loader.set_epoch(0)
         for batch in loader:
-            x = batch["x"].to(device)
-            with torch.autocast(device.type, dtype=amp_dtype(device), enabled=amp):
-                out = model(x, cycle=args.weight_cyc > 0, recon_m_aug=args.recon_m_aug, swap=args.weight_swap > 0,
-                            **augmented_views(batch, x, args, device))
-            _, terms = cdsvae_loss(out, x, dataset_size, args.weight_f, args.weight_z, args.weight_c_aug,
-                                   args.weight_m_aug, weight_mi, args.weight_rec, args.temperature, args.weight_cyc,
-                                   critic=critic, weight_critic=args.weight_mi_critic, weight_swap=args.weight_swap)
+            _, _, terms = forward_and_loss(run, model, batch, run.step)
             for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + v.item() * len(x)
-            n += len(x)
+                sums[k] = sums.get(k, 0.0) + v.item() * len(batch["x"])
+            n += len(batch["x"])
     model.train(was_training)
     return {f"val_{k}": v / n for k, v in sums.items()}
 
 
-class Stop:
-    """SIGINT / SIGTERM / SIGHUP: finish the step, write a checkpoint, exit with 128 + the signal's number."""
-    signum = 0
-
-    @classmethod
-    def install(cls):
-        def handler(signum, frame):
-            cls.signum = signum
-        cls.signum = 0
-        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(s, handler)
+def end_of_epoch(run, epoch):
+    """The epoch's row (means of every term, validation, periodic scores), the checkpoint first,
+    then metrics.jsonl, the curves and the half-precision snapshot."""
+    args = run.args
+    row = {"epoch": epoch + 1, "step": run.step, "lr": run.scheduler.get_last_lr()[0],
+           "seconds": round(time.time() - run.t0, 1),
+           **{k: v / max(1, run.n_batches) for k, v in run.sums.items()}}
+    run.skip_batches, run.sums, run.n_batches, run.seconds_before = 0, {}, 0, 0.0
+    if run.val_loader is not None and run.main_proc:
+        row.update(validation_terms(run))
+    if run.judges and (epoch + 1) % args.evl_interval == 0:
+        scores = evaluate(run.raw_model, run.judges, run.test, run.device, seeds=[0],
+                          amp=args.amp)["judges"]
+        row.update({f"eval_{name}_{k}": v for name, s in scores.items()
+                    for k, v in s["mean"].items()
+                    if k.startswith(("A_", "B_", "Bs_", "swap_")) and not k.endswith("_n")})
+    run.history.append(row)
+    save_checkpoint(run, epoch + 1, 0, 0.0)  # metrics.jsonl is its history, written again on resume
+    if not run.main_proc:
+        return
+    write_metrics(run)
+    plot_loss_curves(run.history, os.path.join(args.log_dir, "loss_curves.png"))
+    log(run, " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                      for k, v in row.items()))
+    if args.snapshot_every and (epoch + 1) % args.snapshot_every == 0:
+        save_atomic({"model": half_precision(run.raw_model.state_dict()),
+                     "model_args": run.model_args, "epoch": epoch + 1, "step": run.step,
+                     "args": vars(args), "history": run.history, "git": git_revision()},
+                    os.path.join(args.model_dir, f"epoch_{epoch + 1}.pt"))
 
 
 def main(argv=None):
     args = get_args(argv)
     Stop.install()
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    device = pick_device(args.device)
-    rank, world = 0, 1
-    if distributed:
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.batch_size % world or args.batch_size // world < 2:
-        sys.exit(f"error: --batch_size {args.batch_size} must be a multiple of the {world} processes with at least 2 "
-                 f"videos each (the InfoNCE terms contrast each video with the others of its batch)")
-    main_proc = rank == 0
-
-    def log(msg):
-        if main_proc:
-            tqdm.write(msg)
-            with open(os.path.join(args.log_dir, "log.txt"), "a") as f:
-                f.write(msg + "\n")
-
-    judges, missing_judges = {}, []
-    if args.evl_interval and main_proc:
-        from test_sprite import SHIPPED_JUDGES, judge_name, load_judge
-        for path in args.judge or SHIPPED_JUDGES:
-            if not os.path.isfile(path):
-                missing_judges.append(path)
-                continue
-            try:
-                judges[judge_name(path)] = load_judge(path, device)
-            except CheckpointError as e:
-                sys.exit(f"error: --judge: {e}")
     try:
-        data = load_sprites(args.data_root)
-    except DataError as e:
-        sys.exit(f"error: {e}")
-    X, A, D = data["train"]
-    if args.subset:
-        X, A, D = X[:args.subset], A[:args.subset], D[:args.subset]
-    (X, A, D), val = validation_split(X, A, D, args.val_chars, seed=args.seed)
-    local_batch = args.batch_size // world
-    if len(X) < args.batch_size:
-        sys.exit(f"error: {len(X)} training videos are fewer than --batch_size {args.batch_size}")
-    augment = args.model == "cdsvae"  # DSVAE makes no augmented views
-    loader = SpriteBatches(X, A, D, local_batch, shuffle=True, augment=augment, seed=args.seed, drop_last=True,
-                           rank=rank, world_size=world, content_view=False)  # the model shuffles x's features
-    val_loader = (SpriteBatches(*val, args.batch_size, augment=augment, seed=args.seed, content_view=False)
-                  if args.val_chars else None)
-
-    torch.manual_seed(args.seed)  # the critic is trained on the whole batch in every process: one initialisation
-    critic = FZCritic(args.f_dim, args.z_dim, X.shape[1]).to(device) if args.weight_mi_critic else None
-    critic_optimizer = (torch.optim.Adam(critic.parameters(), lr=args.lr_critic, betas=(0.5, 0.9))
-                        if critic is not None else None)
-    torch.manual_seed(args.seed + rank)
-    model_args = {k: getattr(args, k) for k in MODEL_ARGS if hasattr(args, k)}
-    model_args["frames"] = X.shape[1]
-    model_args["deconv_normal"] = args.deconv_init == "normal"
-    model = CDSVAE(**model_args).to(device)
-    if device.type == "cpu":
-        model = model.to(memory_format=torch.channels_last)  # oneDNN's bf16 convs are ~2x faster channels-last
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.999))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.sche, args.nEpoch, len(loader), args.lr))
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp and amp_dtype(device) == torch.float16)
-
-    ckpt_path = os.path.join(args.model_dir, "model.pt")
-    metrics_path = os.path.join(args.log_dir, "metrics.jsonl")
-    if args.resume:
-        try:
-            ckpt = read_checkpoint(ckpt_path)
-            check_sizes(model, ckpt["model"], ckpt_path)
-            changed = mismatched_model_args(ckpt, model_args)
-            if changed:
-                raise CheckpointError(f"{ckpt_path} was trained with other settings: {', '.join(changed.values())}; "
-                                      f"pass its {' '.join('--' + k for k in changed)} or start a new --log_dir")
-            other_run = resume_mismatch(ckpt, args, world)
-            if other_run:
-                raise CheckpointError(f"{ckpt_path} was trained as another run: {other_run}; resume with its "
-                                      f"settings or start a new --log_dir")
-        except CheckpointError as e:
-            sys.exit(f"error: cannot resume: {e}")
-    elif os.path.exists(ckpt_path):
-        sys.exit(f"error: {ckpt_path} exists; pass --resume to continue it or choose another --model_dir")
-    elif os.path.exists(metrics_path):
-        sys.exit(f"error: {metrics_path} exists, of another run; pass --resume to continue it "
-                 f"or choose another --log_dir")
-    if main_proc:
-        for folder in (args.log_dir, args.model_dir):
-            os.makedirs(folder, exist_ok=True)
-            remove_stale_temporaries(folder)
-
-    # the running sums of the epoch in progress travel with the checkpoint, so a resumed epoch's row is whole
-    start_epoch, step, skip_batches, history, sums, n_batches, seconds_before = 0, 0, 0, [], {}, 0, 0.0
-    if args.resume:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        if "scaler" in ckpt:
-            scaler.load_state_dict(ckpt["scaler"])
-        if critic is not None and "critic" in ckpt:
-            critic.load_state_dict(ckpt["critic"])
-            critic_optimizer.load_state_dict(ckpt["critic_optimizer"])
-        elif critic is not None:
-            log(f"{ckpt_path} has no critic: the --weight_mi_critic critic starts anew")
-        start_epoch, step, skip_batches = ckpt["epoch"], ckpt["step"], ckpt["batches_done"]
-        torch.set_rng_state(ckpt["rng_cpu"][rank])
-        if device.type == "cuda" and ckpt.get("rng_cuda"):
-            torch.cuda.set_rng_state(ckpt["rng_cuda"][rank], device)
-        history = list(ckpt.get("history", []))
-        # checkpoints older than these keys: the resumed epoch's row averages the batches after the resume only
-        sums, n_batches = dict(ckpt.get("epoch_sums", {})), ckpt.get("epoch_batches", 0)
-        seconds_before = ckpt.get("epoch_seconds", 0.0)
-        if main_proc:  # the checkpoint is the record: a row written after it, before a kill, is dropped
-            write_metrics(history, metrics_path)
-        where = (f"in epoch {start_epoch + 1} after batch {skip_batches}/{len(loader)}" if skip_batches
-                 else f"after epoch {start_epoch}")
-        log(f"resumed {ckpt_path} {where}, step {step}")
-
-    if distributed:
-        if args.sync_bn:
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    raw_model = model.module if distributed else model
-
-    def save(epoch, batches_done, seconds):
-        rng = [torch.get_rng_state()]
-        rng_cuda = [torch.cuda.get_rng_state(device)] if device.type == "cuda" else []
-        if distributed:
-            gathered = [None] * world
-            dist.all_gather_object(gathered, (rng[0], rng_cuda))
-            rng, rng_cuda = [r for r, _ in gathered], [c[0] for _, c in gathered if c]
-        if not main_proc:
-            return
-        save_atomic({"model": raw_model.state_dict(), "model_args": model_args, "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
-                     "batches_done": batches_done, "step": step, "epoch_sums": sums, "epoch_batches": n_batches,
-                     "epoch_seconds": seconds, "args": vars(args), "rng_cpu": rng, "rng_cuda": rng_cuda,
-                     "world_size": world, "schedule": args.sche, "history": history, "git": git_revision(),
-                     **({"critic": critic.state_dict(), "critic_optimizer": critic_optimizer.state_dict()}
-                        if critic is not None else {})}, ckpt_path)
-
-    def stop_signal():
-        """The signal that asked to stop (0: none), the same in every process so that all stop at one step."""
-        if not distributed:
-            return Stop.signum
-        signum = torch.tensor([Stop.signum], device=device)
-        dist.all_reduce(signum, op=dist.ReduceOp.MAX)
-        return int(signum)
-
-    def stopped(where, signum):
-        why = signal.Signals(signum).name if signum else f"--max_steps {args.max_steps}"
-        log(f"stopped by {why} {where}, step {step}; checkpoint {ckpt_path} (continue with --resume)")
-        if signum:
-            sys.exit(128 + signum)
-        return raw_model
-
-    log(f"training on {device} x{world}: {len(X)} videos, {len(loader)} steps/epoch, args {json.dumps(vars(args))}")
-    if missing_judges:
-        log(f"no judge file at {', '.join(missing_judges)} (--judge): "
-            + ("periodic scoring is off; score the checkpoint with test_sprite.py afterwards" if not judges
-               else f"periodic scoring uses {', '.join(judges)} only"))
-    if Stop.signum:  # asked to stop while loading: nothing trained, nothing to keep
-        sys.exit(128 + Stop.signum)
-    for epoch in range(start_epoch, args.nEpoch):
-        loader.set_epoch(epoch, start=skip_batches)  # resuming mid-epoch: the batches done are not made again
-        model.train()
-        t0 = time.time() - seconds_before
-        bar = tqdm(loader, total=len(loader), initial=skip_batches, desc=f"epoch {epoch + 1}/{args.nEpoch}",
-                   disable=not main_proc, leave=False)
-        for b, batch in enumerate(bar, start=skip_batches):
-            weight_mi = mi_weight(args, step)
-            x = batch["x"].to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=amp_dtype(device), enabled=args.amp):
-                out = model(x, cycle=args.weight_cyc > 0, recon_m_aug=args.recon_m_aug, swap=args.weight_swap > 0,
-                            **augmented_views(batch, x, args, device))
-            loss, terms = cdsvae_loss(out, x, len(X), args.weight_f, args.weight_z, args.weight_c_aug,
-                                      args.weight_m_aug, weight_mi, args.weight_rec, args.temperature, args.weight_cyc,
-                                      gather=gather_rows if distributed else None, critic=critic,
-                                      weight_critic=args.weight_mi_critic, weight_swap=args.weight_swap)
-            if distributed:  # the terms of the whole batch, the same in every process: a non-finite one stops all
-                values = torch.stack([v.detach() for v in terms.values()])
-                dist.all_reduce(values)
-                terms = dict(zip(terms, values / world))
-            if not all(torch.isfinite(v) for v in terms.values()):
-                kept = (f"the last good checkpoint {ckpt_path} is kept" if os.path.exists(ckpt_path)
-                        else "no checkpoint was written yet")
-                log(f"error: non-finite loss at epoch {epoch + 1}, step {step} ({ {k: v.item() for k, v in terms.items()} }); "
-                    f"{kept}; try a lower --lr or --amp off")
-                sys.exit(1)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            if critic is not None:
-                terms["critic_bce"] = train_critic(critic, critic_optimizer, out, step, distributed)
-            step += 1
-            n_batches += 1
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + v.item()
-            bar.set_postfix({k: f"{sums[k] / n_batches:.3g}" for k in ("loss", "recon", "kld_z", "con_f", "con_z", "con_cyc",
-                                                                        "mi_critic", "swap_rec")
-                             if k in sums})
-            if args.weight_mi_after and step == args.weight_mi_after[0]:
-                log(f"step {step}: the MI penalty's weight goes from {args.weight_mi:g} to {args.weight_mi_after[1]:g}")
-            signum = stop_signal()
-            stop = signum or (args.max_steps and step >= args.max_steps)
-            if stop and b + 1 < len(loader):
-                save(epoch, b + 1, time.time() - t0)
-                return stopped(f"in epoch {epoch + 1} after batch {b + 1}/{len(loader)}", signum)
-        row = {"epoch": epoch + 1, "step": step, "lr": scheduler.get_last_lr()[0], "seconds": round(time.time() - t0, 1),
-               **{k: v / max(1, n_batches) for k, v in sums.items()}}
-        skip_batches, sums, n_batches, seconds_before = 0, {}, 0, 0.0
-        if val_loader is not None and main_proc:
-            row.update(validation_terms(raw_model, val_loader, len(X), device, args.amp, args, mi_weight(args, step),
-                                        critic))
-        if judges and (epoch + 1) % args.evl_interval == 0:
-            from test_sprite import evaluate
-            scores = evaluate(raw_model, judges, data["test"], device, seeds=[0], amp=args.amp)["judges"]
-            row.update({f"eval_{name}_{k}": v for name, s in scores.items() for k, v in s["mean"].items()
-                        if k.startswith(("A_", "B_", "Bs_", "swap_")) and not k.endswith("_n")})
-        history.append(row)
-        save(epoch + 1, 0, 0.0)  # the checkpoint first: metrics.jsonl is its history, written again on resume
-        if main_proc:
-            write_metrics(history, metrics_path)
-            plot_curves(history, os.path.join(args.log_dir, "loss_curves.png"))
-            log(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
-        if main_proc and args.snapshot_every and (epoch + 1) % args.snapshot_every == 0:
-            save_atomic({"model": {k: v.half() if v.is_floating_point() else v for k, v in raw_model.state_dict().items()},
-                         "model_args": model_args, "epoch": epoch + 1, "step": step, "args": vars(args),
-                         "history": history, "git": git_revision()},
-                        os.path.join(args.model_dir, f"epoch_{epoch + 1}.pt"))
-        if stop:  # the stop came at the last batch of the epoch: the epoch is complete and logged
-            return stopped(f"after epoch {epoch + 1}", signum)
-    return raw_model
+        run = setup(args)
+        if Stop.signum:  # asked to stop while loading: nothing trained, nothing to keep
+            sys.exit(128 + Stop.signum)
+        for epoch in range(run.epoch, args.nEpoch):
+            if train_one_epoch(run, epoch):
+                break
+            end_of_epoch(run, epoch)
+            if run.stop is not None:  # the stop came at the last batch: the epoch is complete
+                stopped(run, f"after epoch {epoch + 1}")
+                break
+        return run.raw_model
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main()
-    if dist.is_initialized():
-        dist.destroy_process_group()

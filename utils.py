@@ -110,7 +110,10 @@ def save_atomic(obj, path):
 
 
 def write_json(obj, path):
-    write_text(json.dumps(obj, indent=1), path)
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+    write_atomic(path, write)
 
 
 def half_precision(state):

@@ -9,7 +9,7 @@ the squares back. So a decoded video shows the action of the z it was given and 
 import torch
 from torch import nn
 
-from model import JUDGE_HEADS
+from dataloader import FACTORS as JUDGE_HEADS
 
 HEADS = tuple(JUDGE_HEADS)  # action, skin, pant, top, hair: the order of the painted squares
 BLOCK, LEVELS = 8, 17       # 255 = 15 * 17: every painted intensity is a whole uint8 value

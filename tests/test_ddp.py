@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -28,8 +30,7 @@ def batch_tensors():
                                                                 "z_prior_logvar")})
     out["recon"] = torch.rand(B, T, 3, 4, 4, generator=g)
     views = {"c_post": {"f_mean": torch.randn(B, 5, generator=g)},
-             "m_post": {"z_mean": torch.randn(B, T, 4, generator=g)},
-             "cyc_post": {"z_mean": torch.randn(B, T, 4, generator=g)}}
+             "m_post": {"z_mean": torch.randn(B, T, 4, generator=g)}}
     return out, views, torch.rand(B, T, 3, 4, 4, generator=g)
 
 
@@ -37,7 +38,7 @@ def loss_and_grads(out, views, x, rows, gather):
     leaves = {k: out[k][rows].clone().requires_grad_() for k in KEYS}
     view_leaves = {v: {k: t[rows].clone().requires_grad_() for k, t in d.items()} for v, d in views.items()}
     torch.manual_seed(0)  # the same critic in every process
-    total, terms = cdsvae_loss({**leaves, **view_leaves}, x[rows], N, weight_mi=2.0, weight_cyc=3.0, gather=gather,
+    total, terms = cdsvae_loss({**leaves, **view_leaves}, x[rows], N, weight_mi=2.0, gather=gather,
                                critic=FZCritic(5, 4, T, hidden=8), weight_critic=4.0)
     total.backward()
     grads = {k: t.grad for k, t in leaves.items()}
@@ -60,7 +61,7 @@ def test_two_processes_compute_the_loss_and_gradients_of_one(tmp_path):
     out, views, x = batch_tensors()
     one_terms, one_grads = loss_and_grads(out, views, x, slice(None), None)
     ranks = [torch.load(tmp_path / f"{r}.pt") for r in range(world)]
-    for k in ("mi_fz", "con_f", "con_z", "con_cyc", "mi_critic"):  # batch-wide terms: every process has the whole batch's
+    for k in ("mi_fz", "con_f", "con_z", "mi_critic"):  # batch-wide terms: every process has the whole batch's
         for r in ranks:
             torch.testing.assert_close(r["terms"][k], one_terms[k])
     for k in ("recon", "kld_f", "kld_z", "loss"):  # per-video terms: local means, whose mean is the whole batch's
@@ -92,16 +93,21 @@ def test_resume_refuses_another_schedule_length_but_not_a_longer_constant_run(ti
     train_cdsvae.main(common + ["--log_dir", str(tmp_path / "b"), "--nEpoch", "3", "--resume", "--max_steps", "2"])
 
 
-def test_old_checkpoints_cosine_is_ours_and_another_process_count_is_refused(tiny_data, tmp_path):
+def test_another_schedule_process_count_or_a_removed_option_is_refused(tiny_data, tmp_path):
     common = TINY + ["--data_root", tiny_data, "--log_dir", str(tmp_path), "--nEpoch", "2", "--max_steps", "1"]
     train_cdsvae.main(common + ["--sche", "cosine_to_zero"])
     ckpt = torch.load(tmp_path / "model.pt", weights_only=True)
-    old = {k: v for k, v in ckpt.items() if k not in ("schedule", "world_size", "rng_cuda")}
-    old["args"] = {**ckpt["args"], "sche": "cosine"}  # as written before the paper's cosine existed
-    torch.save(old, tmp_path / "model.pt")
-    assert train_cdsvae.resume_mismatch(old, train_cdsvae.get_args(common + ["--sche", "cosine_to_zero"]), 1) is None
-    assert "--sche cosine " in train_cdsvae.resume_mismatch(old, train_cdsvae.get_args(common + ["--sche", "cosine"]), 1)
-    assert "2 process(es) (checkpoint: 1)" in train_cdsvae.resume_mismatch(ckpt, train_cdsvae.get_args(common), 2)
+    get_args = train_cdsvae.get_args
+    assert train_cdsvae.resume_mismatch(ckpt, get_args(common + ["--sche", "cosine_to_zero"]), 1) is None
+    assert "--sche cosine " in train_cdsvae.resume_mismatch(ckpt, get_args(common + ["--sche", "cosine"]), 1)
+    assert "2 process(es) (checkpoint: 1)" in train_cdsvae.resume_mismatch(ckpt, get_args(common), 2)
+    # a run of a removed option (at its off value, the key is accepted) names the commit that had it
+    for k, v in (("weight_swap", 0.0), ("recon_m_aug", False)):
+        assert train_cdsvae.resume_mismatch({**ckpt, "args": {**ckpt["args"], k: v}},
+                                            get_args(common + ["--sche", "cosine_to_zero"]), 1) is None
+    swapped = {**ckpt, "args": {**ckpt["args"], "weight_swap": 1.0}}
+    said = train_cdsvae.resume_mismatch(swapped, get_args(common + ["--sche", "cosine_to_zero"]), 1)
+    assert "--weight_swap 1.0" in said and "commit 7544b94" in said
 
 
 def test_validation_terms_are_logged_each_epoch_and_leave_training_as_it_was(tiny_data, tmp_path):
@@ -116,11 +122,11 @@ def test_validation_terms_are_logged_each_epoch_and_leave_training_as_it_was(tin
     state = torch.get_rng_state()
     loader = train_cdsvae.SpriteBatches(*train_cdsvae.load_sprites(tiny_data)["test"], 4, augment=True,
                                         content_view=False)
-    args = train_cdsvae.get_args(common)
-    terms = train_cdsvae.validation_terms(with_val, loader, 100, torch.device("cpu"), False, args, 1.0)
+    run = SimpleNamespace(args=train_cdsvae.get_args(common), raw_model=with_val, val_loader=loader,
+                          n_train=100, device=torch.device("cpu"), step=0, critic=None)
+    terms = train_cdsvae.validation_terms(run)
     assert torch.equal(torch.get_rng_state(), state) and with_val.training
-    assert terms == train_cdsvae.validation_terms(with_val, loader, 100, torch.device("cpu"), False,
-                                                  args, 1.0)
+    assert terms == train_cdsvae.validation_terms(run)
 
 
 @pytest.mark.parametrize("trouble, code, said", [("nan", 1, "non-finite loss at epoch 1, step 1"),

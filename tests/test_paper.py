@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+from judges.networks import load_judge
 from model import CDSVAE
 from train_cdsvae import lr_lambda
 from utils import load_model, save_atomic
@@ -40,7 +41,7 @@ def test_paper_init_leaves_transposed_convs_at_pytorch_default():
 def test_old_checkpoint_without_the_new_args_loads_as_before(tmp_path):
     torch.manual_seed(0)
     model = CDSVAE(**SIZES).eval()
-    args = dict(SIZES, frames=8, z_input="bilstm", f_mirror=False, f_film=False)  # model_args before this change
+    args = dict(SIZES, frames=8, z_input="bilstm", f_mirror=False, f_film=False)  # f_film: removed, off
     save_atomic({"model": model.state_dict(), "model_args": args}, str(tmp_path / "old.pt"))
     loaded = load_model(str(tmp_path / "old.pt"))
     x = torch.rand(2, 8, 3, 64, 64)
@@ -172,7 +173,7 @@ def test_the_paper_repos_judge_loads_and_computes_the_same(tmp_path):
     torch.manual_seed(0)
     paper = randomise_batchnorm(PaperJudge())
     torch.save({"state_dict": paper.state_dict(), "epoch": 3}, tmp_path / "sprite_judge.tar")
-    ours = test_sprite.load_judge(str(tmp_path / "sprite_judge.tar"))
+    ours = load_judge(str(tmp_path / "sprite_judge.tar"))
     x = torch.rand(3, 8, 3, 64, 64)
     with torch.no_grad():
         want, got = paper(x), ours(x)
@@ -193,7 +194,7 @@ def test_files_that_do_not_fit_are_refused_in_one_line(tmp_path):
     torch.save({"state_dict": judge}, tmp_path / "judge7.tar")
     for name, loader, words in (("cut.pth", load_model, "z_mean"), ("extra.pth", load_model, "extra.weight"),
                                 ("old_form.pth", load_model, "pickles a whole object of class test_paper.PaperCDSVAE"),
-                                ("judge7.tar", test_sprite.load_judge, "does not fit")):
+                                ("judge7.tar", load_judge, "does not fit")):
         with pytest.raises(CheckpointError) as e:
             loader(str(tmp_path / name))
         assert words in str(e.value) and "\n" not in str(e.value), str(e.value)

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 import make_sprites
-import test_sprite
 import utils
-from model import CDSVAE, SpriteJudge
+from judges.networks import SpriteJudge
+from model import CDSVAE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_MODEL = dict(f_dim=8, z_dim=4, g_dim=16, rnn_size=16, nf=8)
@@ -25,8 +25,9 @@ TINY_JUDGE = dict(g_dim=16, rnn_size=16, hidden=16, nf=8)
 # ---- atomic writes ----------------------------------------------------------------------------------------
 # the writer, the file it writes, and the serialiser it calls (module, name) to make the file's bytes
 WRITERS = {"utils.save_atomic": (utils.save_atomic, "model.pt", torch, "save"),
-           "test_sprite.write_json": (test_sprite.write_json, "results.json", json, "dump"),
-           "make_sprites.write_atomic": (make_sprites.write_atomic, "data.pkl", pickle, "dump")}
+           "utils.write_json": (utils.write_json, "results.json", json, "dump"),
+           "make_sprites' data.pkl": (lambda obj, path: utils.write_atomic(
+               path, lambda tmp: make_sprites.write_pickle(obj, tmp)), "data.pkl", pickle, "dump")}
 
 
 @pytest.mark.parametrize("error", [OSError("No space left on device"), KeyboardInterrupt()])
