@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 import make_sprites
-from dataloader import (DataError, SpriteBatches, _make_batch, content_augment, content_order, load_sprites,
-                        motion_augment, to_float, validation_split)
+from dataloader import (ACTIONS, DIRECTIONS, DataError, SpriteBatches, _make_batch, character_attributes,
+                        character_id, content_augment, content_order, load_sprites, motion_augment, to_float,
+                        validation_split)
 
 torch.set_num_threads(1)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -82,20 +83,22 @@ def full_sheet_composite(sheets, skin, pant, top, hair):
 
 @pytest.mark.parametrize("c, attributes", [(1116, (5, 1, 0, 0)), (1295, (5, 5, 5, 5))])
 def test_strip_shortcut_equals_full_sheet_composite(sheets, rendered, c, attributes):
-    assert make_sprites.character_id(*attributes) == c
+    assert character_id(torch.tensor(attributes)) == c
     np.testing.assert_array_equal(rendered[c], full_sheet_composite(sheets, *attributes))
 
 
 def test_label_map():
-    assert make_sprites.ACTIONS == ("walk", "spellcard", "slash")
-    assert make_sprites.DIRECTIONS == ("front", "left", "right")
+    assert ACTIONS == ("walk", "spellcard", "slash")
+    assert DIRECTIONS == ("front", "left", "right")
     assert make_sprites.MOTIONS == [(SPEC_ROWS[a][d], tuple(SPEC_COLUMNS[a])) for a, d in SPEC_D]
     assert make_sprites.LAYERS == ("body", "bottomwear", "topwear", "hair")
-    ids = [make_sprites.character_id(*make_sprites.character_attributes(c)) for c in range(1296)]
+    ids = [int(character_id(torch.tensor(character_attributes(c)))) for c in range(1296)]
     assert ids == list(range(1296))
-    assert make_sprites.character_id(1, 2, 3, 4) == 216 + 2 * 36 + 3 * 6 + 4
-    assert make_sprites.character_attributes(1116) == (5, 1, 0, 0)
-    assert {make_sprites.character_attributes(c) for c in range(1296)} == {
+    assert character_id(torch.tensor([1, 2, 3, 4])) == 216 + 2 * 36 + 3 * 6 + 4
+    every = torch.tensor([character_attributes(c) for c in range(1296)])
+    assert character_id(every).tolist() == list(range(1296))  # (..., 4) at once, as one row at a time
+    assert character_attributes(1116) == (5, 1, 0, 0)
+    assert {character_attributes(c) for c in range(1296)} == {
         (s, p, t, h) for s in range(6) for p in range(6) for t in range(6) for h in range(6)}
 
 
@@ -336,21 +339,20 @@ def test_rank_shares_are_disjoint_and_cover_the_epoch(n, world):
 def test_validation_split_holds_out_whole_characters():
     train, _ = make_sprites.split_characters()
     chars = train[:12]
-    A = torch.tensor([make_sprites.character_attributes(int(c)) for c in chars]).repeat_interleave(9, 0)
+    A = torch.tensor([character_attributes(int(c)) for c in chars]).repeat_interleave(9, 0)
     D = torch.arange(9).repeat(12)
     perm = torch.randperm(len(A), generator=torch.Generator().manual_seed(0))
     A0, D0 = A, D
     X, A, D = perm, A[perm], D[perm]  # X: the row of (A0, D0) that each row came from
 
     def ids(A):
-        return {make_sprites.character_id(*a) for a in A.tolist()}
+        return set(character_id(A).tolist())
 
     (Xt, At, Dt), (Xv, Av, Dv) = validation_split(X, A, D, 4, seed=1)
     assert len(ids(Av)) == 4 and len(Xv) == 36 and len(Xt) == 72
     assert not ids(At) & ids(Av) and ids(At) | ids(Av) == set(chars.tolist())
     for c in ids(Av):  # every motion of a held-out character is held out
-        assert sorted(Dv[torch.tensor([make_sprites.character_id(*a) == c for a in Av.tolist()])].tolist()) == \
-            list(range(9))
+        assert sorted(Dv[character_id(Av) == c].tolist()) == list(range(9))
     assert sorted(torch.cat([Xt, Xv]).tolist()) == list(range(108))
     assert torch.equal(A0[Xv], Av) and torch.equal(D0[Xt], Dt) and torch.equal(A0[Xt], At)
     assert validation_split(X, A, D, 0)[1] is None
