@@ -1,21 +1,21 @@
 """Qualitative figures of one C-DSVAE checkpoint on the Sprites test videos.
 
     python make_figs.py --model_dir runs/e1/model.pt [--data_root data/Sprite/data.pkl]
-                        [--metrics runs/e1/metrics.jsonl] [--out figs] [--seed 0] [--device auto]
+        [--metrics runs/e1/metrics.jsonl] [--out figs] [--seed 0] [--device auto]
 
 Writes to --out (the same files for the same checkpoint, data and --seed):
   swap_grid.png          pairs of videos: A, B, f(A)+z(B), f(B)+z(A), 8 frames each
   swap.gif               the same for a few pairs, animated (8 frames, 2x nearest)
   fixed_content.png      f of a few videos kept, z drawn from the learned prior
   fixed_motion.png       z of a few videos kept, f ~ N(0, I)
-  cosine_similarity.md   cosine similarity of f_mean and of flattened z_mean for 4 categories x 3 pairs
+  cosine_similarity.md   cosine similarity of f_mean and of flattened z_mean, 4 categories x 3 pairs
   cosine_similarity.png  the same table as an image
   proj_f.png             2-D PCA of f_mean, coloured by skin, pant, top, hair
   proj_z.png             2-D PCA of flattened z_mean, coloured by motion (action-direction)
-  loss_curves.png        every loss term per epoch, from --metrics (default: metrics.jsonl beside the checkpoint)
+  loss_curves.png        every loss term per epoch, from --metrics
 
-Image grids are made by one helper (`image_grid`): cells of 64x64 (times --scale), 2 px apart, row labels in a
-120 px left margin, an 8 px gap between groups of rows.
+Image grids are made by one helper (`image_grid`): cells of 64x64 (times --scale), 2 px apart, row
+labels in a 120 px left margin, an 8 px gap between groups of rows.
 """
 import argparse
 import json
@@ -29,24 +29,24 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 from dataloader import ATTRIBUTES, MOTION_NAMES, DataError, character_id, load_sprites, to_float
-from utils import CheckpointError, load_model, pick_device
+from evaluation import encode_videos
+from utils import (CheckpointError, load_model, pick_device, plot_loss_curves, write_atomic,
+                   write_text)
+
+ENCODE_BATCH = 32  # videos per encoder pass
 
 
-# ---- the image-grid helper ------------------------------------------------------------------------------
+# ---- the image-grid helper -----------------------------------------------------------------------
 PAD, GROUP_GAP, LABEL_W, HEADER_H, CELL = 2, 8, 120, 16, 64
-_FONT = None
 
 
-def _font():
-    global _FONT
-    if _FONT is None:
-        _FONT = ImageFont.load_default()
-    return _FONT
+FONT = ImageFont.load_default()
 
 
 def to_uint8(img):
     """(3, H, W) float in [0, 1] -> (H, W, 3) uint8 array."""
-    return (img.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    img = img.detach().float().cpu().clamp(0, 1)
+    return (img * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
 
 
 def grid_size(n_rows, n_cols, n_groups=1, row_labels=True, col_labels=False, scale=1):
@@ -60,16 +60,15 @@ def grid_size(n_rows, n_cols, n_groups=1, row_labels=True, col_labels=False, sca
 def image_grid(rows, row_labels=None, col_labels=None, group_size=None, scale=1):
     """A PIL image of rows of images: rows[i] is an (n_cols, 3, 64, 64) float tensor in [0, 1].
 
-    row_labels: one (possibly multi-line) string per row, drawn in a left margin; col_labels: one string per
-    column, drawn above; group_size: rows per group, with an extra gap between groups; scale: integer
-    nearest-neighbour upscaling of every cell."""
+    row_labels: one (possibly multi-line) string per row, drawn in a left margin; col_labels: one
+    string per column, drawn above; group_size: rows per group, with an extra gap between groups;
+    scale: integer nearest-neighbour upscaling of every cell."""
     n_rows, n_cols = len(rows), max(len(r) for r in rows)
     group_size = group_size or n_rows
-    n_groups = math.ceil(n_rows / group_size)
-    w, h = grid_size(n_rows, n_cols, n_groups, row_labels is not None, col_labels is not None, scale)
+    has_rows, has_cols = row_labels is not None, col_labels is not None
+    w, h = grid_size(n_rows, n_cols, math.ceil(n_rows / group_size), has_rows, has_cols, scale)
     canvas = np.full((h, w, 3), 255, np.uint8)
-    x0 = LABEL_W if row_labels is not None else 0
-    y0 = HEADER_H if col_labels is not None else 0
+    x0, y0 = LABEL_W if has_rows else 0, HEADER_H if has_cols else 0
     cell = CELL * scale
     tops = []
     for i, row in enumerate(rows):
@@ -83,16 +82,27 @@ def image_grid(rows, row_labels=None, col_labels=None, group_size=None, scale=1)
             canvas[y:y + cell, x:x + cell] = a
     im = Image.fromarray(canvas)
     draw = ImageDraw.Draw(im)
-    if row_labels is not None:
-        for y, text in zip(tops, row_labels):
-            draw.multiline_text((3, y + 2), str(text), fill=(0, 0, 0), font=_font(), spacing=2)
-    if col_labels is not None:
-        for j, text in enumerate(col_labels):
-            draw.text((x0 + PAD + j * (cell + PAD) + 2, 2), str(text), fill=(0, 0, 0), font=_font())
+    for y, text in zip(tops, row_labels or ()):
+        draw.multiline_text((3, y + 2), str(text), fill=(0, 0, 0), font=FONT, spacing=2)
+    for j, text in enumerate(col_labels or ()):
+        draw.text((x0 + PAD + j * (cell + PAD) + 2, 2), str(text), fill=(0, 0, 0), font=FONT)
     return im
 
 
-# ---- data and model helpers -----------------------------------------------------------------------------
+def save_image(im, path, **kwargs):
+    """PIL save, atomically: an interrupted run leaves the previous figure whole."""
+    fmt = os.path.splitext(path)[1][1:].upper()
+    write_atomic(path, lambda tmp: im.save(tmp, format=fmt, **kwargs))
+
+
+def save_figure(fig, path, **kwargs):
+    """matplotlib savefig, atomically, then the figure is closed."""
+    import matplotlib.pyplot as plt
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", **kwargs))
+    plt.close(fig)
+
+
+# ---- data and model helpers ----------------------------------------------------------------------
 def describe(i, A, D):
     """'#12 s1 p0 t3 h5 walk-left': index, attributes and motion of a test video."""
     s, p, t, h = (int(v) for v in A[i])
@@ -110,16 +120,10 @@ def videos(X, idx, device):
     return to_float(X[torch.as_tensor(idx, dtype=torch.long)]).to(device)
 
 
-@torch.no_grad()
-def encode_means(model, X, idx, device, batch_size=32):
-    """Posterior means f_mean (n, f_dim) and z_mean (n, T, z_dim) of the videos X[idx], on the cpu."""
-    fs, zs = [], []
-    idx = list(idx)
-    for s in range(0, len(idx), batch_size):
-        post = model.encode(videos(X, idx[s:s + batch_size], device), random=False)
-        fs.append(post["f_mean"].float().cpu())
-        zs.append(post["z_mean"].float().cpu())
-    return torch.cat(fs), torch.cat(zs)
+def posterior_means(model, X, idx, device):
+    """f_mean (n, f_dim) and z_mean (n, T, z_dim) of the videos X[idx], on the CPU."""
+    post = encode_videos(model, X[torch.as_tensor(idx, dtype=torch.long)], device, ENCODE_BATCH)
+    return post["f"].cpu(), post["z"].cpu()
 
 
 def cosine(a, b):
@@ -129,15 +133,16 @@ def cosine(a, b):
 
 
 def pick_pairs(A, D, n, generator, distinct_action=True):
-    """Up to n pairs (i, j) of test videos of different characters and different motions (actions, when
-    `distinct_action`), no video used twice where the data allow; fewer conditions when they cannot be met."""
-    N = len(D)
-    perm = torch.randperm(N, generator=generator).tolist()
+    """Up to n pairs (i, j) of test videos of different characters and different motions (actions,
+    when `distinct_action`), no video used twice where the data allow; fewer conditions when they
+    cannot be met."""
+    perm = torch.randperm(len(D), generator=generator).tolist()
     c, d = character_id(A).tolist(), D.tolist()
     act = [v // 3 for v in d]
-    conditions = [lambda i, j: c[i] != c[j] and (act[i] != act[j] if distinct_action else d[i] != d[j]),
-                  lambda i, j: c[i] != c[j] or d[i] != d[j],
-                  lambda i, j: True]
+    conditions = [
+        lambda i, j: c[i] != c[j] and (act[i] != act[j] if distinct_action else d[i] != d[j]),
+        lambda i, j: c[i] != c[j] or d[i] != d[j],
+        lambda i, j: True]
     pairs, used = [], set()
     for cond in conditions:
         for reuse in (False, True):
@@ -157,8 +162,7 @@ def pick_pairs(A, D, n, generator, distinct_action=True):
 
 def pick_videos(A, D, n, generator):
     """Up to n test videos, of different characters and motions where possible."""
-    N = len(D)
-    perm = torch.randperm(N, generator=generator).tolist()
+    perm = torch.randperm(len(D), generator=generator).tolist()
     c, d = character_id(A).tolist(), D.tolist()
     chosen = []
     for strict in (True, False):
@@ -184,7 +188,7 @@ PAIR_CATEGORIES = (
 
 
 def similarity_pairs(A, D, per_category, generator):
-    """{category: [(i, j), ...]}, up to `per_category` random pairs i < j of test videos per category."""
+    """{category: [(i, j), ...]}, up to `per_category` random pairs i < j of test videos each."""
     c, act = character_id(A), D // 3
     same_c, same_a, same_m = c[:, None] == c[None], act[:, None] == act[None], D[:, None] == D[None]
     upper = torch.ones(len(D), len(D), dtype=torch.bool).triu(1)
@@ -197,8 +201,9 @@ def similarity_pairs(A, D, per_category, generator):
 
 
 def pca_2d(X):
-    """First two principal-component scores (n, 2) of the rows of X and their explained-variance ratios;
-    the sign of each component is fixed (its largest loading positive), so the result is deterministic."""
+    """First two principal-component scores (n, 2) of the rows of X and their explained-variance
+    ratios; each component's sign is fixed (largest loading positive), so the result is
+    deterministic."""
     X = X.double().flatten(1)
     Xc = X - X.mean(0, keepdim=True)
     if len(X) < 2 or float(Xc.abs().max()) == 0.0:
@@ -209,13 +214,14 @@ def pca_2d(X):
     Vh = Vh * torch.where(sign == 0, 1.0, sign)
     scores = Xc @ Vh.t()
     if scores.shape[1] < 2:
-        scores = torch.cat([scores, torch.zeros(len(X), 2 - scores.shape[1], dtype=scores.dtype)], 1)
+        pad = torch.zeros(len(X), 2 - scores.shape[1], dtype=scores.dtype)
+        scores = torch.cat([scores, pad], 1)
     var = S ** 2 / (S ** 2).sum()
     ratios = [float(var[k]) if k < len(var) else 0.0 for k in range(2)]
     return scores.float(), ratios
 
 
-# ---- the figures ----------------------------------------------------------------------------------------
+# ---- the figures ---------------------------------------------------------------------------------
 @torch.no_grad()
 def fig_swaps(model, X, A, D, device, out, seed, n_grid=4, n_gif=3):
     g = torch.Generator().manual_seed(seed)
@@ -227,14 +233,15 @@ def fig_swaps(model, X, A, D, device, out, seed, n_grid=4, n_gif=3):
     for k in range(min(n_grid, len(pairs))):
         rows += [xa[k], xb[k], ab[k], ba[k]]
         labels += [label(i[k], A, D, "A "), label(j[k], A, D, "B "), "f(A) + z(B)", "f(B) + z(A)"]
-    image_grid(rows, labels, group_size=4).save(os.path.join(out, "swap_grid.png"))
+    save_image(image_grid(rows, labels, group_size=4), os.path.join(out, "swap_grid.png"))
     n = min(n_gif, len(pairs))
     frames = [image_grid([torch.stack([xa[k, t], xb[k, t], ab[k, t], ba[k, t]]) for k in range(n)],
                          [f"pair {k + 1}\n#{i[k]} / #{j[k]}" for k in range(n)],
-                         ["A", "B", "f(A) + z(B)", "f(B) + z(A)"], scale=2) for t in range(X.shape[1])]
+                         ["A", "B", "f(A) + z(B)", "f(B) + z(A)"], scale=2)
+              for t in range(X.shape[1])]
     frames = [f.convert("P", palette=Image.Palette.ADAPTIVE, colors=255) for f in frames]
-    frames[0].save(os.path.join(out, "swap.gif"), save_all=True, append_images=frames[1:], duration=200, loop=0,
-                   optimize=False, disposal=1)
+    save_image(frames[0], os.path.join(out, "swap.gif"), save_all=True, append_images=frames[1:],
+               duration=200, loop=0, optimize=False, disposal=1)
     return pairs
 
 
@@ -243,46 +250,53 @@ def fig_fixed(model, X, A, D, device, out, seed, n_videos=3, n_samples=4):
     g = torch.Generator().manual_seed(seed + 1)
     idx = pick_videos(A, D, n_videos, g)
     x = videos(X, idx, device)
-    recon = model.decode(*(lambda p: (p["z_mean"], p["f_mean"]))(model.encode(x, random=False)))
+    post = model.encode(x, random=False)
+    recon = model.decode(post["z_mean"], post["f_mean"])
     xr = x.repeat_interleave(n_samples, 0)
     torch.manual_seed(seed + 2)
     content = model.generate_fixed_content(xr)
     torch.manual_seed(seed + 3)
     motion = model.generate_fixed_motion(xr)
-    for name, gen, what in (("fixed_content", content, "z: prior means"), ("fixed_motion", motion, "f ~ N(0,I)")):
+    for name, gen, what in (("fixed_content", content, "z: prior means"),
+                            ("fixed_motion", motion, "f ~ N(0,I)")):
         rows, labels = [], []
         for k, i in enumerate(idx):
             rows += [x[k], recon[k]] + [gen[k * n_samples + s] for s in range(n_samples)]
-            labels += [label(i, A, D), "reconstruction"] + \
-                      [f"{what} #{s + 1}" for s in range(n_samples)]
-        image_grid(rows, labels, group_size=2 + n_samples).save(os.path.join(out, f"{name}.png"))
+            labels += [label(i, A, D), "reconstruction"]
+            labels += [f"{what} #{s + 1}" for s in range(n_samples)]
+        grid = image_grid(rows, labels, group_size=2 + n_samples)
+        save_image(grid, os.path.join(out, f"{name}.png"))
     return idx
 
 
 def similarity_table(model, X, A, D, device, seed, per_category=3):
-    """Rows (category, i, j, cos f, cos z) of the similarity table."""
+    """Rows (category, i, j, cos f, cos z) of the similarity table, and the categories short of
+    pairs."""
     g = torch.Generator().manual_seed(seed + 4)
     pairs = similarity_pairs(A, D, per_category, g)
     idx = sorted({v for ps in pairs.values() for p in ps for v in p})
     rows = []
     if idx:
-        f, z = encode_means(model, X, idx, device)
+        f, z = posterior_means(model, X, idx, device)
         pos = {v: k for k, v in enumerate(idx)}
         for name, ps in pairs.items():
             for i, j in ps:
-                rows.append((name, i, j, cosine(f[pos[i]], f[pos[j]]), cosine(z[pos[i]], z[pos[j]])))
+                i_, j_ = pos[i], pos[j]
+                rows.append((name, i, j, cosine(f[i_], f[j_]), cosine(z[i_], z[j_])))
     missing = [name for name, ps in pairs.items() if len(ps) < per_category]
     return rows, missing
 
 
 def _fmt(v):
-    return f"{round(v, 3) + 0.0:.3f}"  # no '-0.000'
+    return f"{round(v, 3) + 0.0:.3f}"  # + 0.0: no '-0.000'
 
 
-def write_similarity(rows, missing, A, D, out, per_category):
+def similarity_markdown(rows, missing, A, D, per_category):
+    """The similarity table, each category's means and a legend, as markdown."""
     lines = ["| # | category | video A | video B | cos f | cos z |", "|---|---|---|---|---|---|"]
     for k, (name, i, j, cf, cz) in enumerate(rows):
-        lines.append(f"| {k + 1} | {name} | {describe(i, A, D)} | {describe(j, A, D)} | {_fmt(cf)} | {_fmt(cz)} |")
+        lines.append(f"| {k + 1} | {name} | {describe(i, A, D)} | {describe(j, A, D)} | "
+                     f"{_fmt(cf)} | {_fmt(cz)} |")
     lines += ["", "| category | pairs | mean cos f | mean cos z |", "|---|---|---|---|"]
     for name, _ in PAIR_CATEGORIES:
         sel = [r for r in rows if r[0] == name]
@@ -293,19 +307,21 @@ def write_similarity(rows, missing, A, D, out, per_category):
             lines.append(f"| {name} | 0 | n/a | n/a |")
     if missing:
         lines += ["", f"Fewer than {per_category} pairs in the test set for: {', '.join(missing)}."]
-    lines += ["", "f: posterior mean of the static factor; z: posterior means of the 8 dynamic factors, "
-              "flattened. Video: test index, skin / pant / top / hair, action-direction."]
-    text = "\n".join(lines) + "\n"
-    with open(os.path.join(out, "cosine_similarity.md"), "w") as fh:
-        fh.write(text)
+    lines += ["", "f: posterior mean of the static factor; z: posterior means of the 8 dynamic "
+              "factors, flattened. Video: test index, skin / pant / top / hair, action-direction."]
+    return "\n".join(lines) + "\n"
 
+
+def plot_similarity(rows, A, D, path):
+    """The similarity table as an image, the cosines shaded from blue (-1) to red (1)."""
     import matplotlib.pyplot as plt
     cells = [[str(k + 1), name, describe(i, A, D), describe(j, A, D), _fmt(cf), _fmt(cz)]
              for k, (name, i, j, cf, cz) in enumerate(rows)] or [["", "no pairs", "", "", "", ""]]
     fig, ax = plt.subplots(figsize=(11, 0.3 * len(cells) + 0.8))
     ax.axis("off")
-    table = ax.table(cellText=cells, colLabels=["#", "category", "video A", "video B", "cos f", "cos z"],
-                     loc="center", cellLoc="left", colWidths=[0.04, 0.34, 0.22, 0.22, 0.08, 0.08])
+    header = ["#", "category", "video A", "video B", "cos f", "cos z"]
+    table = ax.table(cellText=cells, colLabels=header, loc="center", cellLoc="left",
+                     colWidths=[0.04, 0.34, 0.22, 0.22, 0.08, 0.08])
     table.auto_set_font_size(False)
     table.set_fontsize(8)
     for (r, c), cell in table.get_celld().items():
@@ -314,16 +330,14 @@ def write_similarity(rows, missing, A, D, out, per_category):
             cell.set_facecolor(plt.cm.RdBu_r(0.5 + 0.4 * v))
     ax.set_title("Cosine similarity of posterior means", fontsize=10)
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "cosine_similarity.png"), dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return text
+    save_figure(fig, path, dpi=110, bbox_inches="tight")
 
 
 def fig_projections(model, X, A, D, device, out, seed, n=900):
     import matplotlib.pyplot as plt
     g = torch.Generator().manual_seed(seed + 5)
     idx = torch.randperm(len(X), generator=g)[:n].sort().values.tolist()
-    f, z = encode_means(model, X, idx, device)
+    f, z = posterior_means(model, X, idx, device)
     a, d = A[idx], D[idx]
     colours = plt.cm.tab10.colors
 
@@ -340,32 +354,28 @@ def fig_projections(model, X, A, D, device, out, seed, n=900):
         ax.legend(fontsize=6, markerscale=2, loc="best")
     fig.suptitle(f"PCA of f_mean, {len(idx)} test videos")
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "proj_f.png"), dpi=100)
-    plt.close(fig)
+    save_figure(fig, os.path.join(out, "proj_f.png"), dpi=100)
 
     pz, rz = pca_2d(z)
     fig, ax = plt.subplots(figsize=(7, 6))
-    markers = ("o", "^", "s")
+    markers = ("o", "^", "s")  # one per action; colour tells the motion
     for v, name in enumerate(MOTION_NAMES):
         m = d == v
         if m.any():
-            ax.scatter(pz[m, 0], pz[m, 1], s=8, color=colours[v], marker=markers[v // 3], label=name)
+            ax.scatter(pz[m, 0], pz[m, 1], s=8, color=colours[v], marker=markers[v // 3],
+                       label=name)
     ax.set_title(f"PCA of flattened z_mean, {len(idx)} test videos, coloured by motion")
     ax.set_xlabel(f"PC1 ({100 * rz[0]:.0f}%)")
     ax.set_ylabel(f"PC2 ({100 * rz[1]:.0f}%)")
     ax.legend(fontsize=7, markerscale=2, loc="best")
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "proj_z.png"), dpi=100)
-    plt.close(fig)
+    save_figure(fig, os.path.join(out, "proj_z.png"), dpi=100)
     return len(idx)
 
 
-LOSS_TERMS = ("recon", "kld_f", "kld_z", "mi_fz", "con_f", "con_z", "loss")
-NOT_LOSSES = ("epoch", "step", "lr", "seconds")
-
-
 def read_metrics(path):
-    """Rows of a metrics.jsonl, the last one per epoch, in epoch order; unreadable lines are skipped."""
+    """Rows of a metrics.jsonl, the last one per epoch, in epoch order; unreadable lines (one being
+    written by a running training) are skipped."""
     rows = {}
     with open(path) as fh:
         for line in fh:
@@ -379,47 +389,39 @@ def read_metrics(path):
 
 
 def fig_loss_curves(path, out):
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
+    """loss_curves.png from the metrics.jsonl at `path`; the number of epochs it holds."""
     rows = read_metrics(path)
-    if not rows:
-        return 0
-    present = {k for r in rows for k, v in r.items() if isinstance(v, (int, float)) and k not in NOT_LOSSES}
-    keys = [k for k in LOSS_TERMS if k in present] + sorted(present - set(LOSS_TERMS))
-    if not keys:
-        return 0
-    cols = min(4, len(keys))
-    nr = math.ceil(len(keys) / cols)
-    fig, axes = plt.subplots(nr, cols, figsize=(3.2 * cols, 2.6 * nr), squeeze=False)
-    for ax, k in zip(axes.flat, keys):
-        pts = [(r["epoch"], r[k]) for r in rows if isinstance(r.get(k), (int, float))]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if len(pts) < 20 else None, ms=3)
-        ax.set_title(k)
-        ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        if k in ("recon", "loss") and all(p[1] > 0 for p in pts):
-            ax.set_yscale("log")
-    for ax in list(axes.flat)[len(keys):]:
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "loss_curves.png"), dpi=100)
-    plt.close(fig)
+    if rows:
+        plot_loss_curves(rows, os.path.join(out, "loss_curves.png"))
     return len(rows)
 
 
-# ---- the script -----------------------------------------------------------------------------------------
+# ---- the script ----------------------------------------------------------------------------------
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model_dir", required=True, help="checkpoint model.pt of train_cdsvae.py (or its folder)")
-    p.add_argument("--data_root", default="data/Sprite/data.pkl", help="Sprites data.pkl (its test split is used)")
-    p.add_argument("--metrics", default=None, help="metrics.jsonl for loss_curves.png (default: the one beside "
-                   "the checkpoint, if any)")
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model_dir", required=True,
+                   help="checkpoint model.pt of train_cdsvae.py, or its folder")
+    p.add_argument("--data_root", default="data/Sprite/data.pkl",
+                   help="Sprites data.pkl; its test split is used (default data/Sprite/data.pkl)")
+    p.add_argument("--metrics", default=None,
+                   help="metrics.jsonl for loss_curves.png (default: <checkpoint>.metrics.jsonl or "
+                        "metrics.jsonl beside the checkpoint, if there is one)")
     p.add_argument("--out", default="figs", help="output folder (default figs)")
-    p.add_argument("--seed", type=int, default=0, help="seed of every choice and sample (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of all picks and samples (default 0)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
-    p.add_argument("--n_proj", type=int, default=900, help="test videos in the PCA projections (default 900)")
-    p.add_argument("--threads", type=int, default=1, help="torch cpu threads (default 1)")
+    p.add_argument("--n_proj", type=int, default=900,
+                   help="test videos in the PCA projections (default 900)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     return p.parse_args(argv)
+
+
+def metrics_path(args, ckpt):
+    """--metrics, else the metrics file beside the checkpoint (X.metrics.jsonl of a shipped X.pt,
+    metrics.jsonl of a run's model.pt), else None."""
+    beside = (os.path.splitext(ckpt)[0] + ".metrics.jsonl",
+              os.path.join(os.path.dirname(os.path.abspath(ckpt)), "metrics.jsonl"))
+    return args.metrics or next((p for p in beside if os.path.isfile(p)), None)
 
 
 def main(argv=None):
@@ -438,7 +440,8 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 1
     if len(X) < 2:
-        print(f"error: {args.data_root} has {len(X)} test videos; the figures need at least 2", file=sys.stderr)
+        print(f"error: {args.data_root} has {len(X)} test videos; the figures need at least 2",
+              file=sys.stderr)
         return 1
     os.makedirs(args.out, exist_ok=True)
     with torch.no_grad():
@@ -447,14 +450,17 @@ def main(argv=None):
         idx = fig_fixed(model, X, A, D, device, args.out, args.seed)
         print(f"fixed_content.png, fixed_motion.png: videos {idx}")
         rows, missing = similarity_table(model, X, A, D, device, args.seed)
-        print(write_similarity(rows, missing, A, D, args.out, 3))
+        text = similarity_markdown(rows, missing, A, D, 3)
+        write_text(text, os.path.join(args.out, "cosine_similarity.md"))
+        plot_similarity(rows, A, D, os.path.join(args.out, "cosine_similarity.png"))
+        print(text)
         n = fig_projections(model, X, A, D, device, args.out, args.seed, args.n_proj)
         print(f"proj_f.png, proj_z.png: {n} test videos")
-    metrics = args.metrics or os.path.join(os.path.dirname(os.path.abspath(ckpt)), "metrics.jsonl")
-    if os.path.isfile(metrics):
+    metrics = metrics_path(args, ckpt)
+    if metrics and os.path.isfile(metrics):
         print(f"loss_curves.png: {fig_loss_curves(metrics, args.out)} epochs from {metrics}")
-    elif args.metrics:
-        print(f"no metrics file at {args.metrics}: loss_curves.png not made")
+    else:
+        print(f"no metrics file {metrics or 'beside ' + ckpt}: loss_curves.png not made")
     print(f"figures in {args.out}")
     return 0
 

@@ -11,6 +11,7 @@ import os
 import pickle
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -44,7 +45,8 @@ def sheet_paths(sheets):
 
 
 def find_sheets(sheets=None):
-    """First of --sheets, $SPRITES_SHEETS, ./data/sprites-lpc, ../shared/sprites-lpc holding every sheet."""
+    """The first of --sheets, $SPRITES_SHEETS, ./data/sprites-lpc and ../shared/sprites-lpc that
+    holds every sheet."""
     here = os.path.dirname(os.path.abspath(__file__))
     candidates = [sheets] if sheets else [os.environ.get("SPRITES_SHEETS"),
                                           os.path.join(here, "data", "sprites-lpc"),
@@ -53,25 +55,27 @@ def find_sheets(sheets=None):
     for c in candidates:
         if all(os.path.isfile(p) for p in sheet_paths(c)):
             return c
-    raise FileNotFoundError(f"no Sprites sheets found (looked in {', '.join(candidates)}); {SHEET_HELP}")
+    raise FileNotFoundError(f"no Sprites sheets in {', '.join(candidates)}; {SHEET_HELP}")
 
 
 def motion_strip(path):
     """The 72 tiles a layer contributes (9 motions x 8 frames) as one RGBA image of 9*64 x 8*64."""
     sheet = np.asarray(Image.open(path).convert("RGBA"))
     if sheet.shape[:2] != (1344, 832):
-        raise ValueError(f"{path} is {sheet.shape[1]}x{sheet.shape[0]}, expected an LPC sheet of 832x1344")
+        raise ValueError(f"{path} is {sheet.shape[1]}x{sheet.shape[0]}, expected an 832x1344 sheet")
     strip = np.zeros((9 * 64, 8 * 64, 4), np.uint8)
     for m, (row, columns) in enumerate(MOTIONS):
         for t, k in enumerate(columns):
-            strip[64 * m:64 * m + 64, 64 * t:64 * t + 64] = sheet[64 * row:64 * row + 64, 64 * k:64 * k + 64]
+            tile = sheet[64 * row:64 * row + 64, 64 * k:64 * k + 64]
+            strip[64 * m:64 * m + 64, 64 * t:64 * t + 64] = tile
     return Image.fromarray(strip, "RGBA")
 
 
 def render_characters(sheets, characters):
     """uint8 array (len(characters), 9, 8, 64, 64, 3) of every motion of each character.
 
-    Alpha compositing is per pixel, so compositing the re-arranged tiles equals compositing whole sheets.
+    Alpha compositing is per pixel, so compositing the re-arranged tiles equals compositing whole
+    sheets.
     """
     strips = {p: motion_strip(p) for p in sheet_paths(sheets)}
     shoes = strips[os.path.join(sheets, "shoes", "1.png")]
@@ -91,13 +95,13 @@ def build(sheets, characters_train, characters_test):
     for name, chars in (("train", characters_train), ("test", characters_test)):
         X = render_characters(sheets, chars)
         data[f"X_{name}"] = X.reshape(-1, 8, 64, 64, 3)
-        data[f"A_{name}"] = np.repeat(np.array([character_attributes(int(c)) for c in chars], np.int64), 9, axis=0)
+        A = np.array([character_attributes(int(c)) for c in chars], np.int64)
+        data[f"A_{name}"] = np.repeat(A, 9, axis=0)
         data[f"D_{name}"] = np.tile(np.arange(9, dtype=np.int64), len(chars))
-    data["meta"] = {
-        "format_version": FORMAT_VERSION, "split_seed": SPLIT_SEED,
-        "sheets_sha256": {os.path.relpath(p, sheets): hashlib.sha256(open(p, "rb").read()).hexdigest()
-                          for p in sheet_paths(sheets)},
-    }
+    sha256 = {os.path.relpath(p, sheets): hashlib.sha256(Path(p).read_bytes()).hexdigest()
+              for p in sheet_paths(sheets)}
+    data["meta"] = {"format_version": FORMAT_VERSION, "split_seed": SPLIT_SEED,
+                    "sheets_sha256": sha256}
     return data
 
 
@@ -107,10 +111,13 @@ def write_pickle(obj, path):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sheets", default=None, help="folder of the LPC sheets (default: $SPRITES_SHEETS, "
-                   "./data/sprites-lpc, ../shared/sprites-lpc, first that has them)")
-    p.add_argument("--out", default="data/Sprite/data.pkl", help="output pickle (default data/Sprite/data.pkl)")
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sheets", default=None,
+                   help="folder of the LPC sheets (default: the first of $SPRITES_SHEETS, "
+                        "./data/sprites-lpc, ../shared/sprites-lpc that has them)")
+    p.add_argument("--out", default="data/Sprite/data.pkl",
+                   help="output pickle (default data/Sprite/data.pkl)")
     args = p.parse_args()
     if os.path.isdir(args.out):
         sys.exit(f"error: --out {args.out} is a folder; name the file to write, e.g. "
@@ -118,12 +125,13 @@ def main():
     t0 = time.time()
     try:
         sheets = find_sheets(args.sheets)
-        data = build(sheets, *split_characters())  # a sheet of the wrong size or format is refused here
+        data = build(sheets, *split_characters())  # refuses a sheet of the wrong size or format
         write_atomic(args.out, lambda tmp: write_pickle(data, tmp))
     except (FileNotFoundError, ValueError, OSError) as e:
         sys.exit(f"error: {e}")
-    print(f"wrote {args.out}: {len(data['X_train'])} train and {len(data['X_test'])} test sequences, "
-          f"{os.path.getsize(args.out) / 1e9:.2f} GB, in {time.time() - t0:.1f} s (sheets from {sheets})")
+    print(f"wrote {args.out}: {len(data['X_train'])} train and {len(data['X_test'])} test "
+          f"sequences, {os.path.getsize(args.out) / 1e9:.2f} GB, in {time.time() - t0:.1f} s "
+          f"(sheets from {sheets})")
 
 
 if __name__ == "__main__":

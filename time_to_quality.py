@@ -1,12 +1,13 @@
-"""Time to quality: protocol-A action accuracy, under each judge, against training minutes along a run.
+"""Time to quality of a run: protocol-A action accuracy under each judge against training minutes.
 
     python train_cdsvae.py ... --snapshot_every 1          # keeps model_dir/epoch_<N>.pt
     python time_to_quality.py --run runs/cdsvae_cpu --out figs/time_to_quality.png [--test_stride 4]
 
-Scores every snapshot epoch_<N>.pt of --run in protocol A (one seed; every --test_stride-th test video) with each
-judge, takes the training minutes at the end of epoch N from the run's metrics.jsonl (the sum of its per-epoch
-seconds), and writes the curve (PNG), its figures (JSON beside the PNG) and the minutes at which each judge first
-saw 90%, 95% and 99%. --reference adds a curve of (minutes, accuracy) pairs measured elsewhere, drawn dashed.
+Scores every snapshot epoch_<N>.pt of --run in protocol A (one seed; every --test_stride-th test
+video) with each judge, takes the training minutes at the end of epoch N from the run's
+metrics.jsonl (the sum of its per-epoch seconds), and writes the curve (PNG), its figures (JSON
+beside the PNG) and the minutes at which each judge first saw 90%, 95% and 99%. --reference adds a
+curve of (minutes, accuracy) pairs measured elsewhere, drawn dashed.
 """
 import argparse
 import glob
@@ -20,16 +21,16 @@ import torch
 from dataloader import DataError, load_sprites
 from evaluation import evaluate
 from judges.networks import SHIPPED_JUDGES, judge_name, load_judge
-from utils import CheckpointError, for_inference, load_model, pick_device, write_json
+from utils import CheckpointError, for_inference, load_model, pick_device, write_atomic, write_json
 
 LEVELS = (0.90, 0.95, 0.99)
 
 
 def snapshots(run):
     """[(epoch, path)] of the run's epoch_<N>.pt files, in epoch order."""
-    found = [(int(re.fullmatch(r"epoch_(\d+)\.pt", os.path.basename(p)).group(1)), p)
-             for p in glob.glob(os.path.join(run, "epoch_*.pt")) if re.fullmatch(r"epoch_\d+\.pt", os.path.basename(p))]
-    return sorted(found)
+    names = (os.path.basename(p) for p in glob.glob(os.path.join(run, "epoch_*.pt")))
+    matches = (re.fullmatch(r"epoch_(\d+)\.pt", name) for name in names)
+    return sorted((int(m[1]), os.path.join(run, m[0])) for m in matches if m)
 
 
 def epoch_minutes(metrics_path):
@@ -64,41 +65,52 @@ def plot(curves, reference, out):
     ax.set_ylim(0, 1)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    write_atomic(out, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, help="model_dir of a run trained with --snapshot_every")
-    p.add_argument("--out", default="figs/time_to_quality.png", help="the figure (default figs/time_to_quality.png)")
-    p.add_argument("--judge", action="append", default=None, help="judge file; repeatable (default both shipped)")
-    p.add_argument("--data_root", default="data/Sprite/data.pkl", help="the data pickle of make_sprites.py")
-    p.add_argument("--test_stride", type=int, default=4, help="score every this-many-th test video (default 4)")
-    p.add_argument("--reference", default=None,
-                   help="JSON {'label': str, 'points': [[minutes, accuracy], ...]} drawn dashed beside the run")
-    p.add_argument("--epochs", type=int, nargs="+", default=None,
-                   help="score only the snapshots of these epochs (default: every snapshot of --run)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--out", default="figs/time_to_quality.png",
+                   help="the curve's PNG; its JSON goes beside it (default %(default)s)")
+    p.add_argument("--judge", action="append", help="judge file; repeatable (default both shipped)")
+    p.add_argument("--data_root", default="data/Sprite/data.pkl",
+                   help="the data pickle of make_sprites.py (default %(default)s)")
+    p.add_argument("--test_stride", type=int, default=4,
+                   help="score every this-many-th test video (default 4)")
+    p.add_argument("--reference", help="JSON {'label': str, 'points': [[minutes, accuracy], ...]} "
+                                       "drawn dashed beside the run")
+    p.add_argument("--epochs", type=int, nargs="+",
+                   help="score only the snapshots of these epochs (default: every snapshot)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="default auto: cuda when there is one")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default 0: torch's choice)")
     args = p.parse_args(argv)
     if args.test_stride < 1:
         p.error("--test_stride must be positive")
+    return args
+
+
+def main(argv=None):
+    args = get_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     snaps = snapshots(args.run)
     metrics = os.path.join(args.run, "metrics.jsonl")
     if not snaps or not os.path.isfile(metrics):
-        sys.exit(f"error: {args.run} has no epoch_<N>.pt snapshots or no metrics.jsonl; train with --snapshot_every 1")
-    if args.epochs:
-        available = [e for e, _ in snaps]
-        missing = sorted(set(args.epochs) - set(available))
-        if missing:
-            sys.exit(f"error: {args.run} has no snapshot of epoch(s) {missing}; pick from {available}")
-        snaps = [(e, path) for e, path in snaps if e in args.epochs]
+        sys.exit(f"error: {args.run} has no epoch_<N>.pt snapshots or no metrics.jsonl; "
+                 f"train with --snapshot_every 1")
+    available = [e for e, _ in snaps]
+    missing = sorted(set(args.epochs or ()) - set(available))
+    if missing:
+        sys.exit(f"error: {args.run} has no snapshot of epoch(s) {missing}; pick from {available}")
+    snaps = [(e, path) for e, path in snaps if not args.epochs or e in args.epochs]
     try:
-        judges = {judge_name(j): for_inference(load_judge(j, device)) for j in args.judge or SHIPPED_JUDGES}
+        judges = {judge_name(j): for_inference(load_judge(j, device))
+                  for j in args.judge or SHIPPED_JUDGES}
         test = tuple(t[::args.test_stride] for t in load_sprites(args.data_root)["test"])
         reference = json.load(open(args.reference)) if args.reference else None
     except (CheckpointError, DataError, OSError, ValueError) as e:
@@ -115,13 +127,15 @@ def main(argv=None):
             curves[name].append((minutes[epoch], result["judges"][name]["mean"]["A_action_acc"]))
         print(f"epoch {epoch} ({minutes[epoch]:.1f} min): " + ", ".join(
             f"{name} {pts[-1][1]:.2%}" for name, pts in curves.items()), flush=True)
-    reached = {name: {f"{level:.0%}": first_reaching(pts, level) for level in LEVELS} for name, pts in curves.items()}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    reached = {name: {f"{level:.0%}": first_reaching(pts, level) for level in LEVELS}
+               for name, pts in curves.items()}
     plot(curves, reference, args.out)
-    write_json({"run": args.run, "test_stride": args.test_stride, "n_test": len(test[0]), "curves": curves,
-                "minutes_to": reached, "reference": reference}, os.path.splitext(args.out)[0] + ".json")
+    write_json({"run": args.run, "test_stride": args.test_stride, "n_test": len(test[0]),
+                "curves": curves, "minutes_to": reached, "reference": reference},
+               os.path.splitext(args.out)[0] + ".json")
     for name, r in reached.items():
-        print(f"{name}: minutes to " + ", ".join(f"{k} {'not reached' if v is None else f'{v:.1f}'}" for k, v in r.items()))
+        print(f"{name}: minutes to " + ", ".join(
+            f"{k} {'not reached' if v is None else f'{v:.1f}'}" for k, v in r.items()))
     print(f"wrote {args.out}")
 
 

@@ -1,4 +1,5 @@
-"""make_figs.py end to end on a tiny checkpoint and the 18 test videos of the tiny data set; its helpers."""
+"""make_figs.py end to end on a tiny checkpoint and the 18 test videos of the tiny data set; its
+helpers."""
 import json
 import os
 import re
@@ -12,30 +13,34 @@ from PIL import Image
 
 import make_figs
 import stubs
-from dataloader import load_sprites, to_float
+from dataloader import character_id, load_sprites, to_float
 from model import CDSVAE
 from utils import load_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = dict(f_dim=8, z_dim=4, g_dim=16, rnn_size=16, nf=8)
-FILES = ("swap_grid.png", "swap.gif", "fixed_content.png", "fixed_motion.png", "cosine_similarity.md",
-         "cosine_similarity.png", "proj_f.png", "proj_z.png", "loss_curves.png")
+FILES = ("swap_grid.png", "swap.gif", "fixed_content.png", "fixed_motion.png",
+         "cosine_similarity.md", "cosine_similarity.png", "proj_f.png", "proj_z.png",
+         "loss_curves.png")
 
 
 def run(args):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "make_figs.py"), *args], capture_output=True,
-                          text=True, cwd=ROOT, timeout=300)
+    return subprocess.run([sys.executable, os.path.join(ROOT, "make_figs.py"), *args],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    m = stubs.spread_init(CDSVAE(**ARGS))  # not the paper's initialisation: outputs that differ from video to video
+    # not the paper's initialisation: outputs that differ from video to video
+    m = stubs.spread_init(CDSVAE(**ARGS))
     path = tmp_path_factory.mktemp("ckpt") / "model.pt"
-    torch.save({"model": m.state_dict(), "model_args": dict(ARGS, frames=8, z_input="bilstm")}, path)
+    model_args = dict(ARGS, frames=8, z_input="bilstm")
+    torch.save({"model": m.state_dict(), "model_args": model_args}, path)
     with open(path.parent / "metrics.jsonl", "w") as f:
         for e in range(1, 4):
-            f.write(json.dumps({"epoch": e, "step": 10 * e, "recon": 1000.0 / e, "kld_f": 5.0 + e, "kld_z": 2.0,
-                                "mi_fz": 0.5, "con_f": 3.0 - 0.1 * e, "con_z": 3.0, "loss": 1100.0 / e}) + "\n")
+            f.write(json.dumps({"epoch": e, "step": 10 * e, "recon": 1000.0 / e, "kld_f": 5.0 + e,
+                                "kld_z": 2.0, "mi_fz": 0.5, "con_f": 3.0 - 0.1 * e, "con_z": 3.0,
+                                "loss": 1100.0 / e}) + "\n")
         f.write('{"epoch": 4, "rec')  # a line being written by a running training
     return str(path)
 
@@ -43,8 +48,9 @@ def checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def figs(checkpoint, tiny_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("figs")
+    metrics = os.path.join(os.path.dirname(checkpoint), "metrics.jsonl")
     r = run(["--model_dir", checkpoint, "--data_root", tiny_data, "--out", str(out), "--seed", "3",
-             "--device", "cpu", "--metrics", os.path.join(os.path.dirname(checkpoint), "metrics.jsonl")])
+             "--device", "cpu", "--metrics", metrics])
     assert r.returncode == 0, r.stderr
     return out, r.stdout
 
@@ -67,8 +73,8 @@ def test_every_file_is_written_with_its_layout(figs):
 
 
 def test_cosine_table_holds_the_cosines_of_each_pairs_posterior_means(figs, checkpoint, tiny_data):
-    """Each row's cos f and cos z, recomputed here from the two videos' posterior means, and each category's mean;
-    each pair fits its category."""
+    """Each row's cos f and cos z, recomputed here from the two videos' posterior means, and each
+    category's mean; each pair fits its category."""
     out, stdout = figs
     text = (out / "cosine_similarity.md").read_text()
     assert text.splitlines()[0] in stdout and "Fewer than" not in text
@@ -76,15 +82,23 @@ def test_cosine_table_holds_the_cosines_of_each_pairs_posterior_means(figs, chec
     model = load_model(checkpoint)
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines()
             if re.match(r"\| \d+ \|", line)]
-    assert [row[1] for row in rows] == [name for name, _ in make_figs.PAIR_CATEGORIES for _ in range(3)]
+    assert [row[1] for row in rows] == [name for name, _ in make_figs.PAIR_CATEGORIES
+                                        for _ in range(3)]
+
     def same_character(i, j):
         return bool((A[i] == A[j]).all())
 
-    fits = {"same appearance, different action": lambda i, j: same_character(i, j) and D[i] // 3 != D[j] // 3,
-            "different appearance, same motion": lambda i, j: not same_character(i, j) and D[i] == D[j],
-            "different appearance, different action": lambda i, j: not same_character(i, j) and D[i] // 3 != D[j] // 3,
+    def same_action(i, j):
+        return D[i] // 3 == D[j] // 3
+
+    fits = {"same appearance, different action":
+            lambda i, j: same_character(i, j) and not same_action(i, j),
+            "different appearance, same motion":
+            lambda i, j: not same_character(i, j) and D[i] == D[j],
+            "different appearance, different action":
+            lambda i, j: not same_character(i, j) and not same_action(i, j),
             "same appearance & action, different direction":
-                lambda i, j: same_character(i, j) and D[i] // 3 == D[j] // 3 and D[i] != D[j]}
+            lambda i, j: same_character(i, j) and same_action(i, j) and D[i] != D[j]}
     by_category = {}
     for _, name, video_a, video_b, cos_f, cos_z in rows:
         i, j = int(video_a.split()[0][1:]), int(video_b.split()[0][1:])
@@ -96,7 +110,8 @@ def test_cosine_table_holds_the_cosines_of_each_pairs_posterior_means(figs, chec
         assert [float(cos_f), float(cos_z)] == pytest.approx(want, abs=5e-4 + 1e-6), (name, i, j)
         by_category.setdefault(name, []).append(want)
     assert len({cell for row in rows for cell in row[4:]}) > 12  # the cosines tell the pairs apart
-    summary = [line.strip("|").split("|") for line in text.splitlines() if re.match(r"\| [a-z].* \| 3 \|", line)]
+    summary = [line.strip("|").split("|") for line in text.splitlines()
+               if re.match(r"\| [a-z].* \| 3 \|", line)]
     assert len(summary) == len(make_figs.PAIR_CATEGORIES)
     for name, _, mean_f, mean_z in summary:
         want = np.mean(by_category[name.strip()], axis=0)
@@ -106,10 +121,12 @@ def test_cosine_table_holds_the_cosines_of_each_pairs_posterior_means(figs, chec
 def test_same_seed_same_figures_and_another_seed_other_pairs(figs, checkpoint, tiny_data, tmp_path):
     out, _ = figs
     assert make_figs.main(["--model_dir", os.path.dirname(checkpoint), "--data_root", tiny_data,
-                           "--out", str(tmp_path), "--seed", "3", "--device", "cpu", "--n_proj", "900"]) == 0
-    for name in ("swap_grid.png", "swap.gif", "fixed_content.png", "fixed_motion.png", "cosine_similarity.md"):
+                           "--out", str(tmp_path), "--seed", "3", "--device", "cpu",
+                           "--n_proj", "900"]) == 0
+    for name in FILES[:5]:  # the images and the table made from the videos
         assert (tmp_path / name).read_bytes() == (out / name).read_bytes(), name
-    assert (tmp_path / "loss_curves.png").exists()  # the metrics.jsonl beside the checkpoint, by default
+    # the metrics.jsonl beside the checkpoint, by default
+    assert (tmp_path / "loss_curves.png").read_bytes() == (out / "loss_curves.png").read_bytes()
 
 
 def test_cosine_helper():
@@ -128,7 +145,7 @@ def test_pair_choices_follow_their_categories():
     # 3 characters x 9 motions, stored as make_sprites stores them
     A = torch.tensor([[0, 0, 0, 0], [1, 2, 3, 4], [5, 5, 5, 5]]).repeat_interleave(9, 0)
     D = torch.arange(9).repeat(3)
-    c = make_figs.character_ids(A)
+    c = character_id(A)
     pairs = make_figs.similarity_pairs(A, D, 3, torch.Generator().manual_seed(0))
     checks = [lambda i, j: c[i] == c[j] and D[i] // 3 != D[j] // 3,
               lambda i, j: c[i] != c[j] and D[i] == D[j],
@@ -142,7 +159,8 @@ def test_pair_choices_follow_their_categories():
     assert all(c[i] != c[j] and D[i] // 3 != D[j] // 3 for i, j in swaps)
     # one character only: no different-appearance pairs, the others still come, swaps fall back
     one = make_figs.similarity_pairs(A[:9], D[:9], 3, torch.Generator().manual_seed(0))
-    assert one["different appearance, same motion"] == [] and len(one["same appearance, different action"]) == 3
+    assert one["different appearance, same motion"] == []
+    assert len(one["same appearance, different action"]) == 3
     assert len(make_figs.pick_pairs(A[:2], D[:2], 4, torch.Generator())) == 1
 
 
@@ -172,8 +190,34 @@ def test_image_grid_places_cells_and_labels():
 
 
 def test_missing_checkpoint_or_data_is_a_one_line_error(checkpoint, tiny_data, tmp_path):
-    r = run(["--model_dir", str(tmp_path / "none.pt"), "--data_root", tiny_data, "--out", str(tmp_path)])
-    assert r.returncode == 1 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
-    r = run(["--model_dir", checkpoint, "--data_root", str(tmp_path / "none.pkl"), "--out", str(tmp_path)])
-    assert r.returncode == 1 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
+    for model_dir, data_root in ((str(tmp_path / "none.pt"), tiny_data),
+                                 (checkpoint, str(tmp_path / "none.pkl"))):
+        r = run(["--model_dir", model_dir, "--data_root", data_root, "--out", str(tmp_path)])
+        assert r.returncode == 1 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1
     assert not (tmp_path / "swap_grid.png").exists()
+
+
+def test_metrics_default_to_the_file_beside_the_checkpoint(tmp_path):
+    """A shipped X.pt has X.metrics.jsonl; a run's model.pt has metrics.jsonl; --metrics wins."""
+    def args(*extra):
+        return make_figs.get_args(["--model_dir", "x", *extra])
+
+    shipped, run = tmp_path / "cdsvae.pt", tmp_path / "model.pt"
+    assert make_figs.metrics_path(args(), str(shipped)) is None
+    (tmp_path / "metrics.jsonl").write_text("")
+    assert make_figs.metrics_path(args(), str(run)) == str(tmp_path / "metrics.jsonl")
+    (tmp_path / "cdsvae.metrics.jsonl").write_text("")
+    assert make_figs.metrics_path(args(), str(shipped)) == str(tmp_path / "cdsvae.metrics.jsonl")
+    assert make_figs.metrics_path(args("--metrics", "m.jsonl"), str(shipped)) == "m.jsonl"
+
+
+def test_loss_curves_skip_a_half_written_line_and_plot_the_last_row_of_each_epoch(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"epoch": 2, "recon": 5.0}\n{"epoch": 1, "recon": 9.0}\nnot json\n'
+                    '{"epoch": 1, "recon": 7.0}\n{"epoch": 3, "rec')
+    assert make_figs.read_metrics(path) == [{"epoch": 1, "recon": 7.0}, {"epoch": 2, "recon": 5.0}]
+    assert make_figs.fig_loss_curves(path, tmp_path) == 2
+    assert Image.open(tmp_path / "loss_curves.png").size[0] > 100
+    path.write_text("")
+    assert make_figs.fig_loss_curves(path, tmp_path / "none") == 0
+    assert not (tmp_path / "none").exists()
