@@ -1,10 +1,10 @@
-"""Sprites: its factors and label maps, a restricted unpickler, in-memory uint8 storage, and augmentations
-made per batch.
+"""Sprites: its factors and label maps, a restricted unpickler, in-memory uint8 storage, and
+augmentations made per batch.
 
-A batch is a dict of float tensors in [0, 1] of shape (B, 8, 3, 64, 64): `x`, its content-augmented view
-`c_aug` (frames shuffled: same character, motion destroyed) and its motion-augmented view `m_aug` (one colour
-/ blur change for the whole sequence: same motion, new appearance); plus `A` (B, 4) and `D` (B,) labels and
-`c_aug_order` (B, 8), the frame order of `c_aug`.
+A batch is a dict of float tensors in [0, 1] of shape (B, 8, 3, 64, 64): `x`, its content-augmented
+view `c_aug` (frames shuffled: same character, motion destroyed) and its motion-augmented view
+`m_aug` (one colour / blur change for the whole sequence: same motion, new appearance); plus `A`
+(B, 4) and `D` (B,) labels and `c_aug_order` (B, 8), the frame order of `c_aug`.
 """
 import importlib
 import math
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-# ---- the factors of a Sprites video ---------------------------------------------------------------------
+# ---- the factors of a Sprites video -------------------------------------------------------------
 ATTRIBUTES = ("skin", "pant", "top", "hair")  # the columns of A, 6 values each
 ACTIONS = ("walk", "spellcard", "slash")
 DIRECTIONS = ("front", "left", "right")
@@ -52,10 +52,13 @@ class DataError(ValueError):
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """An unpickler that finds only the globals of _ALLOWED."""
+
     def find_class(self, module, name):
         if (module, name) not in _ALLOWED:
-            raise DataError(f"refusing to load {module}.{name}: a Sprites data file holds only numpy arrays")
-        if module.startswith("numpy.core."):  # files written by numpy 1.x
+            raise DataError(f"refusing to load {module}.{name}: a Sprites data file holds only "
+                            f"numpy arrays")
+        if module.startswith("numpy.core."):  # numpy 1.x's name of what numpy 2 calls numpy._core
             module = "numpy._core." + module[len("numpy.core."):]
         return getattr(importlib.import_module(module), name)
 
@@ -64,22 +67,25 @@ def safe_load_pickle(path):
     """Unpickle a file that may hold only numpy arrays, dtypes, scalars and plain containers."""
     if os.path.isdir(path):
         file = os.path.join(path, "data.pkl")
-        raise DataError(f"{path} is a folder; --data_root takes the data file itself, e.g. {file} "
-                        f"(build it with `python make_sprites.py --out {file}`)")
+        raise DataError(f"{path} is a folder; --data_root takes the data file itself, e.g. "
+                        f"{file} (build it with `python make_sprites.py --out {file}`)")
     if not os.path.isfile(path):
-        raise DataError(f"no data file at {path}: build it with `python make_sprites.py --out {path}`")
+        raise DataError(f"no data file at {path}: build it with "
+                        f"`python make_sprites.py --out {path}`")
     try:
         with open(path, "rb") as f:
             return _NumpyOnlyUnpickler(f).load()
     except DataError:
         raise
-    except (EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError, IndexError) as e:
+    except (EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError,
+            IndexError) as e:  # what a truncated or foreign pickle raises
         raise DataError(f"{path} is not a readable Sprites pickle ({type(e).__name__}: {e}); "
                         f"rebuild it with `python make_sprites.py --out {path}`") from None
 
 
 def _labels(A, D, n, path, split):
-    """Attribute (n, 4) and action (n,) int labels from ours or the paper repo's one-hot (n, 8, 4, 6) / (n, 8, 9)."""
+    """Attribute (n, 4) and action (n,) int labels from ours or from the paper repo's one-hot
+    (n, 8, 4, 6) / (n, 8, 9)."""
     A, D = np.asarray(A), np.asarray(D)
     if A.ndim == 4:
         A = A[:, 0]
@@ -90,31 +96,36 @@ def _labels(A, D, n, path, split):
     if D.ndim == 2:
         D = D.argmax(-1)
     if A.shape != (n, 4) or D.shape != (n,):
-        raise DataError(f"{path}: labels of split {split} have shapes {A.shape} and {D.shape}, expected ({n}, 4) "
-                        f"and ({n},)")
+        raise DataError(f"{path}: labels of split {split} have shapes {A.shape} and {D.shape}, "
+                        f"expected ({n}, 4) and ({n},)")
     if A.min() < 0 or A.max() > 5 or D.min() < 0 or D.max() > 8:
-        raise DataError(f"{path}: labels of split {split} are out of range (attributes 0..5, actions 0..8)")
+        raise DataError(f"{path}: labels of split {split} are out of range (attributes 0..5, "
+                        f"actions 0..8)")
     return torch.from_numpy(A.astype(np.int64)), torch.from_numpy(D.astype(np.int64))
 
 
 def load_sprites(path):
     """{'train': (X, A, D), 'test': (X, A, D)} with X a uint8 tensor (N, 8, 64, 64, 3).
 
-    Reads our data.pkl and the paper repo's (float images in [0, 1]; its stored augmentations are ignored,
-    ours are made on the fly).
+    Reads our data.pkl and the paper repo's (float images in [0, 1]; its stored augmentations are
+    ignored, ours are made on the fly).
     """
     data = safe_load_pickle(path)
     if not isinstance(data, dict):
-        raise DataError(f"{path} holds a {type(data).__name__}, expected a dict with X_train, A_train, D_train, ...")
+        raise DataError(f"{path} holds a {type(data).__name__}, expected a dict with X_train, "
+                        f"A_train, D_train, ...")
     out = {}
     for split in ("train", "test"):
         missing = [k for k in (f"X_{split}", f"A_{split}", f"D_{split}") if k not in data]
         if missing:
-            raise DataError(f"{path} lacks {', '.join(missing)}: rebuild it with `python make_sprites.py`")
+            raise DataError(f"{path} lacks {', '.join(missing)}: rebuild it with "
+                            f"`python make_sprites.py`")
         X = data[f"X_{split}"]
         if not isinstance(X, np.ndarray) or X.ndim != 5 or X.shape[1:] != (8, 64, 64, 3):
-            raise DataError(f"{path}: X_{split} has shape {getattr(X, 'shape', None)}, expected (N, 8, 64, 64, 3)")
-        if X.dtype != np.uint8:  # the paper repo's floats in [0, 1]; the source art is 8-bit, so this is lossless
+            raise DataError(f"{path}: X_{split} has shape {getattr(X, 'shape', None)}, "
+                            f"expected (N, 8, 64, 64, 3)")
+        # the paper repo's floats in [0, 1]; the source art is 8-bit, so this is lossless
+        if X.dtype != np.uint8:
             X = np.rint(np.clip(X, 0, 1) * 255).astype(np.uint8)
         A, D = _labels(data[f"A_{split}"], data[f"D_{split}"], len(X), path, split)
         out[split] = (torch.from_numpy(X), A, D)
@@ -122,7 +133,8 @@ def load_sprites(path):
 
 
 def validation_split(X, A, D, n_characters, seed=0):
-    """Hold out every sequence of `n_characters` train characters (all their motions) for model selection."""
+    """Hold out every sequence of `n_characters` train characters (all their motions) for model
+    selection."""
     if n_characters <= 0:
         return (X, A, D), None
     character = character_id(A)
@@ -135,21 +147,21 @@ def validation_split(X, A, D, n_characters, seed=0):
     return (X[~val], A[~val], D[~val]), (X[val], A[val], D[val])
 
 
-# Batches are made a few sequences at a time, so that every intermediate stays in cache and the big outputs
-# are written once; 4 sequences of float frames are 1.5 MB.
+# Batches are made a few sequences at a time, so that every intermediate stays in cache and the big
+# outputs are written once; 4 sequences of float frames are 1.5 MB.
 _CHUNK = 4
 
 
 def _empty(shape):
-    """A fresh float tensor in memory from numpy, which asks for transparent huge pages on large arrays: first
-    touching a 50 MB batch then costs a few hundred page faults instead of ~12000 (torch.empty does that only
-    when torch runs with THP_MEM_ALLOC_ENABLE=1)."""
+    """A fresh float tensor in memory from numpy, which asks for transparent huge pages on large
+    arrays: first touching a 50 MB batch then costs a few hundred page faults instead of ~12000
+    (torch.empty does that only when torch runs with THP_MEM_ALLOC_ENABLE=1)."""
     return torch.from_numpy(np.empty(tuple(shape), np.float32))
 
 
 def _to_float_into(out, x_uint8, scratch=None):
-    """out (n, T, 3, H, W) <- x_uint8 (n, T, H, W, 3) / 255: de-interleaving bytes first, then converting
-    contiguous memory, is faster than converting across the transpose."""
+    """out (n, T, 3, H, W) <- x_uint8 (n, T, H, W, 3) / 255: de-interleaving bytes first, then
+    converting contiguous memory, is faster than converting across the transpose."""
     if scratch is None:
         scratch = torch.empty(out.shape, dtype=torch.uint8)
     scratch = scratch[:len(out)].copy_(x_uint8.permute(0, 1, 4, 2, 3))
@@ -172,8 +184,9 @@ def content_order(B, T, generator=None):
 
 
 def content_augment(x, generator=None, order=None, mirror=False):
-    """Each sequence's frames in a random order of its own: keeps the character, destroys the motion.
-    mirror=True also flips every frame left-right, which turns a left-facing video into a right-facing one."""
+    """Each sequence's frames in a random order of its own: keeps the character, destroys the
+    motion. mirror=True also flips every frame left-right, which turns a left-facing video into a
+    right-facing one."""
     order = content_order(*x.shape[:2], generator) if order is None else order
     view = x[torch.arange(x.shape[0], device=x.device)[:, None], order.to(x.device)]
     return view.flip(-1) if mirror else view
@@ -183,13 +196,14 @@ _GREY = torch.tensor([0.299, 0.587, 0.114])
 
 
 def _colour_maps_linear(B, generator, strength=0.8, hue=0.2, p_jitter=0.8, p_grey=0.2):
-    """Per-sequence affine colour maps x -> M x + v with v = P m + q for a sequence of channel means m.
+    """Per-sequence affine colour maps x -> M x + v with v = P m + q for a sequence of channel
+    means m.
 
-    Brightness, contrast, saturation (factors in 1 +- strength) and hue (rotation by up to +-hue turns
-    in YIQ space) in a random order per sequence, with probability p_jitter; then greyscale with
-    probability p_grey. Each step is affine in RGB (contrast blends towards the mean grey of its input,
-    which an affine map carries exactly, and which is linear in m), so the whole change is one M (B, 3, 3)
-    and v (B, 3); the random draws do not depend on m.
+    Brightness, contrast, saturation (factors in 1 +- strength) and hue (rotation by up to +-hue
+    turns in YIQ space) in a random order per sequence, with probability p_jitter; then greyscale
+    with probability p_grey. Each step is affine in RGB (contrast blends towards the mean grey of
+    its input, which an affine map carries exactly, and which is linear in m), so the whole change
+    is one M (B, 3, 3) and v (B, 3); the random draws do not depend on m.
     """
     def uniform(lo, hi):
         return lo + (hi - lo) * torch.rand(B, generator=generator)
@@ -201,7 +215,8 @@ def _colour_maps_linear(B, generator, strength=0.8, hue=0.2, p_jitter=0.8, p_gre
     yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
     rot = torch.zeros(B, 3, 3)
     rot[:, 0, 0] = 1
-    rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = theta.cos(), -theta.sin(), theta.sin(), theta.cos()
+    rot[:, 1, 1], rot[:, 1, 2] = theta.cos(), -theta.sin()
+    rot[:, 2, 1], rot[:, 2, 2] = theta.sin(), theta.cos()
     hue_map = torch.linalg.inv(yiq) @ rot @ yiq
     jitter = (torch.rand(B, generator=generator) < p_jitter)[:, None, None]
     order = torch.argsort(torch.rand(B, 4, generator=generator), dim=1)
@@ -214,25 +229,28 @@ def _colour_maps_linear(B, generator, strength=0.8, hue=0.2, p_jitter=0.8, p_gre
             step == 2, sat * eye + (1 - sat) * grey, hue_map)))
         S = torch.where(jitter, S, eye)
         alpha = torch.where((step[:, 0, 0] == 1) & jitter[:, 0, 0], 1 - contrast[:, 0, 0], 0.0)
-        M, P, q = S @ M, S @ P + alpha[:, None, None] * r[:, None, :], (S @ q[..., None])[..., 0] + (alpha * s)[:, None]
+        M, P, q = (S @ M, S @ P + alpha[:, None, None] * r[:, None, :],
+                   (S @ q[..., None])[..., 0] + (alpha * s)[:, None])
     greyscale = (torch.rand(B, generator=generator) < p_grey)[:, None, None]
     G = torch.where(greyscale, grey, eye)
     return G @ M, G @ P, (G @ q[..., None])[..., 0]
 
 
 def _colour_maps(channel_mean, generator, **kwargs):
-    """(M, v): the affine colour maps x -> M x + v for sequences of channel means `channel_mean` (B, 3)."""
+    """(M, v): the affine colour maps x -> M x + v for sequences of channel means `channel_mean`
+    (B, 3)."""
     M, P, q = _colour_maps_linear(channel_mean.shape[0], generator, **kwargs)
     return M, (P @ channel_mean[..., None])[..., 0] + q
 
 
 def _motion_params(B, T, generator):
-    """Every random draw of a motion augmentation of B sequences of T frames, as used by `_motion_chunk`:
-    colour maps M (B * T, 3, 3) (one per frame), P (B, 3, 3), q (B, 3) and the blur's side weight c per
-    sequence (0: no blur).
+    """Every random draw of a motion augmentation of B sequences of T frames, as used by
+    `_motion_chunk`: colour maps M (B * T, 3, 3) (one per frame), P (B, 3, 3), q (B, 3) and the
+    blur's side weight c per sequence (0: no blur).
 
-    The 3x3 Gaussian of sigma is the kernel [c, 1, c] x [c, 1, c] with c = exp(-1 / (2 sigma^2)), divided by
-    (1 + 2c)^2; blur and colour map are linear, so that divisor is folded into the colour map."""
+    The 3x3 Gaussian of sigma is the kernel [c, 1, c] x [c, 1, c] with c = exp(-1 / (2 sigma^2)),
+    divided by (1 + 2c)^2; blur and colour map are linear, so that divisor is folded into the colour
+    map."""
     M, P, q = _colour_maps_linear(B, generator)
     sigma = 0.1 + 1.9 * torch.rand(B, generator=generator)
     blur = torch.rand(B, generator=generator) < 0.5
@@ -243,9 +261,9 @@ def _motion_params(B, T, generator):
 
 
 def _blur_unnormalised_(y, c, h):
-    """y (..., H, W) <- y filtered by the separable 3x3 kernel [c, 1, c] x [c, 1, c] with reflect padding, in
-    place (4 passes, in cache for one sequence); h: scratch of y's shape. Divided by (1 + 2c)^2, with
-    c = exp(-1 / (2 sigma^2)), this is the 3x3 Gaussian of sigma."""
+    """y (..., H, W) <- y filtered by the separable 3x3 kernel [c, 1, c] x [c, 1, c] with reflect
+    padding, in place (4 passes, in cache for one sequence); h: scratch of y's shape. Divided by
+    (1 + 2c)^2, with c = exp(-1 / (2 sigma^2)), this is the 3x3 Gaussian of sigma."""
     src, dst = y, h
     for dim in (-1, -2):
         n = y.shape[dim]
@@ -254,13 +272,15 @@ def _blur_unnormalised_(y, c, h):
             src.narrow(dim, 2, n - 2), alpha=c)
         # reflect padding: both neighbours of an edge pixel are the pixel next to it
         torch.add(src.select(dim, 0), src.select(dim, 1), alpha=2 * c, out=dst.select(dim, 0))
-        torch.add(src.select(dim, n - 1), src.select(dim, n - 2), alpha=2 * c, out=dst.select(dim, n - 1))
+        torch.add(src.select(dim, n - 1), src.select(dim, n - 2), alpha=2 * c,
+                  out=dst.select(dim, n - 1))
         src, dst = dst, src
 
 
 def _motion_chunk(x, out, M, P, q, c, h):
-    """out = clamp(blur_c(M x + v), 0, 1) for a few sequences x (n, T, 3, H, W), v = P mean(x) + q, with
-    the parameters of these sequences from `_motion_params`; h: scratch of one sequence's shape."""
+    """out = clamp(blur_c(M x + v), 0, 1) for a few sequences x (n, T, 3, H, W), v = P mean(x) + q,
+    with the parameters of these sequences from `_motion_params`; h: scratch of one sequence's
+    shape."""
     n, T = x.shape[:2]
     v = torch.baddbmm(q[..., None], P, x.mean(dim=(1, 3, 4))[..., None])
     torch.baddbmm(v.repeat_interleave(T, 0), M, x.view(n * T, 3, -1), out=out.view(n * T, 3, -1))
@@ -285,15 +305,17 @@ def motion_augment(x, generator=None):
 
 
 def _augmentation_draws(B, T, generator):
-    """Every random draw of one batch's views: the content view's frame order and the motion view's parameters."""
+    """Every random draw of one batch's views: the content view's frame order and the motion view's
+    parameters."""
     return content_order(B, T, generator), _motion_params(B, T, generator)
 
 
 def _make_batch(X, i, generator=None, content_view=True):
-    """x of the sequences X[i] and, with a generator, c_aug (with its frame order) and m_aug: the same as
-    x = to_float(X[i]), content_augment(x, order=content_order(B, T, generator)), motion_augment(x, generator),
-    made a few sequences at a time straight from the uint8 store. content_view=False leaves out the c_aug
-    tensor (its order is still drawn and returned), for a model that shuffles x's frame features instead."""
+    """x of the sequences X[i] and, with a generator, c_aug (with its frame order) and m_aug: the
+    same as x = to_float(X[i]), content_augment(x, order=content_order(B, T, generator)),
+    motion_augment(x, generator), made a few sequences at a time straight from the uint8 store.
+    content_view=False leaves out the c_aug tensor (its order is still drawn and returned), for a
+    model that shuffles x's frame features instead."""
     B, T, H, W = len(i), *X.shape[1:4]
     x = _empty((B, T, 3, H, W))
     u8 = torch.empty((min(_CHUNK, B),) + tuple(X.shape[1:]), dtype=torch.uint8)
@@ -320,11 +342,12 @@ def _make_batch(X, i, generator=None, content_view=True):
 
 
 class SpriteBatches:
-    """Batches of one split, in memory: `for batch in SpriteBatches(X, A, D, 128, shuffle=True, seed=1)`.
+    """Batches of one split, in memory: `for batch in SpriteBatches(X, A, D, 128, shuffle=True)`.
 
-    The order and the augmentations depend only on (seed, epoch), so a resumed run sees the same batches;
-    `set_epoch(epoch, start)` yields the batches of an epoch from batch `start` on, without making the ones before.
-    With `rank`/`world_size`, each process gets its own strided share of every epoch (DistributedSampler-like).
+    The order and the augmentations depend only on (seed, epoch), so a resumed run sees the same
+    batches; `set_epoch(epoch, start)` yields the batches of an epoch from batch `start` on, without
+    making the ones before. With `rank`/`world_size`, each process gets its own strided share of
+    every epoch (DistributedSampler-like).
     """
 
     def __init__(self, X, A, D, batch_size, shuffle=False, augment=False, seed=0, drop_last=False,
@@ -340,10 +363,12 @@ class SpriteBatches:
     def _indices(self):
         n = len(self.X)
         if self.shuffle:
-            idx = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100003 + self.epoch))
+            g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+            idx = torch.randperm(n, generator=g)
         else:
             idx = torch.arange(n)
-        if self.world_size > 1:  # pad to a multiple of world_size, as DistributedSampler does
+        # padded to a multiple of world_size (as DistributedSampler does): every rank, as many steps
+        if self.world_size > 1:
             idx = torch.cat([idx, idx[: (-n) % self.world_size]])[self.rank::self.world_size]
         return idx
 
@@ -356,39 +381,43 @@ class SpriteBatches:
         g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch * 7919 + self.rank + 1)
         for b in range(len(self)):
             i = idx[b * self.batch_size:(b + 1) * self.batch_size]
-            if b < self.start:  # skipped: only its random draws are made, so the batches after it get theirs
+            # skipped: only its random draws are made, so the batches after it get theirs
+            if b < self.start:
                 if self.augment:
                     _augmentation_draws(len(i), self.X.shape[1], g)
                 continue
-            # with augment, the c_aug order travels with the view: a model can shuffle x's frame features
-            # instead of re-encoding c_aug, and content_view=False then skips making c_aug at all
+            # with augment, the c_aug order travels with the view: a model can shuffle x's frame
+            # features instead of re-encoding c_aug, and content_view=False then skips making c_aug
             batch = _make_batch(self.X, i, g if self.augment else None, self.content_view)
             batch.update({"A": self.A[i], "D": self.D[i], "index": i})
             yield batch
 
 
 def gaussian_blur(x, sigma):
-    """Each video of x (B, T, 3, H, W) blurred by a Gaussian of its own sigma (B,) in pixels (0: unchanged), with
-    reflect padding; the kernel is cut at 3 sigma of the largest."""
+    """Each video of x (B, T, 3, H, W) blurred by a Gaussian of its own sigma (B,) in pixels
+    (0: unchanged), with reflect padding; the kernel is cut at 3 sigma of the largest."""
     sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).expand(x.shape[0])
     radius = max(1, math.ceil(3 * sigma.max().item()))
     offsets = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
     kernel = torch.exp(-offsets ** 2 / (2 * sigma[:, None].clamp_min(1e-6) ** 2))
-    kernel = kernel / kernel.sum(1, keepdim=True)                        # (B, K); sigma 0 gives a unit impulse
+    kernel = kernel / kernel.sum(1, keepdim=True)  # (B, K); sigma 0 gives a unit impulse
     B, T, C, H, W = x.shape
-    y = x.transpose(0, 1).reshape(T, B * C, H, W)                        # each video's channels are a group
-    k = kernel.repeat_interleave(C, 0)[:, None]                          # (B * C, 1, K)
+    # one grouped convolution blurs every video with its own kernel: its channels are a group
+    y = x.transpose(0, 1).reshape(T, B * C, H, W)
+    k = kernel.repeat_interleave(C, 0)[:, None]  # (B * C, 1, K)
     y = F.conv2d(F.pad(y, (radius, radius, 0, 0), mode="reflect"), k[:, :, None, :], groups=B * C)
     y = F.conv2d(F.pad(y, (0, 0, radius, radius), mode="reflect"), k[:, :, :, None], groups=B * C)
     return y.reshape(T, B, C, H, W).transpose(0, 1)
 
 
 def judge_corrupt(x, generator=None, p_blur=0.5, max_sigma=2.0, p_noise=0.5, max_noise=0.1):
-    """What a judge is trained on, so that it reads the factors and not the sharpness: each video blurred with
-    probability p_blur (sigma uniform in [0, max_sigma] px), then with probability p_noise given Gaussian pixel
-    noise (std uniform in [0, max_noise]), clamped to [0, 1]."""
+    """What a judge is trained on, so that it reads the factors and not the sharpness: each video
+    blurred with probability p_blur (sigma uniform in [0, max_sigma] px), then with probability
+    p_noise given Gaussian pixel noise (std uniform in [0, max_noise]), clamped to [0, 1]."""
     B = x.shape[0]
-    sigma = torch.rand(B, generator=generator) * max_sigma * (torch.rand(B, generator=generator) < p_blur)
-    std = torch.rand(B, generator=generator) * max_noise * (torch.rand(B, generator=generator) < p_noise)
+    sigma = (torch.rand(B, generator=generator) * max_sigma
+             * (torch.rand(B, generator=generator) < p_blur))
+    std = (torch.rand(B, generator=generator) * max_noise
+           * (torch.rand(B, generator=generator) < p_noise))
     noise = torch.randn(x.shape, generator=generator) * std[:, None, None, None, None]
     return (gaussian_blur(x, sigma) + noise).clamp_(0, 1)

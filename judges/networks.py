@@ -1,5 +1,6 @@
-"""The judges: classifiers of a Sprites video's factors (action, skin, pant, top, hair), two families, and
-the loading of a judge file (ours, or the paper repo's judges/Sprite/sprite_judge.tar)."""
+"""The judges: classifiers of a Sprites video's factors (action, skin, pant, top, hair), two
+families, and the loading of a judge file (ours, or the paper repo's
+judges/Sprite/sprite_judge.tar)."""
 import os
 import re
 
@@ -14,7 +15,8 @@ SHIPPED_JUDGES = ("judges/sprite_judge.pt", "judges/clip_judge.pt")
 
 
 class SpriteJudge(nn.Module):
-    """Frame encoder, BiLSTM, and one MLP head per factor (the paper's classifier_Sprite_all design)."""
+    """Frame encoder, BiLSTM, and one MLP head per factor (the paper's classifier_Sprite_all
+    design)."""
 
     def __init__(self, g_dim=128, rnn_size=256, hidden=256, nf=64):
         super().__init__()
@@ -33,9 +35,9 @@ class SpriteJudge(nn.Module):
 
 
 class ClipJudge(nn.Module):
-    """The second family: 3D convolutions over the whole clip (space and time together from the first
-    layer; no per-frame encoder, no recurrence), average-pooled to a 2x2x2 grid of (time, height, width)
-    cells, and one MLP head per factor."""
+    """The second family: 3D convolutions over the whole clip (space and time together from the
+    first layer; no per-frame encoder, no recurrence), average-pooled to a 2x2x2 grid of (time,
+    height, width) cells, and one MLP head per factor."""
 
     def __init__(self, nf=32, hidden=256):
         super().__init__()
@@ -69,8 +71,8 @@ def judge_name(path):
 
 
 def paper_judge(state, path):
-    """The paper repo's judge (the state_dict of its classifier_Sprite_all) as a judge file of ours: the
-    same network as SpriteJudge, names mapped."""
+    """The paper repo's judge (the state_dict of its classifier_Sprite_all) as a judge file of ours:
+    the same network as SpriteJudge, names mapped."""
     renamed = {}
     for k, v in paper_encoder_names(state).items():
         head = re.fullmatch(r"cls_(\w+?)\.(\d\..+)", k)
@@ -87,8 +89,8 @@ def paper_judge(state, path):
 
 
 def load_judge(path, device="cpu"):
-    """The judge network of a file of judges/train_judge.py or of the paper repo, in fp32, in eval mode;
-    CheckpointError if it is neither."""
+    """The judge network of a file of judges/train_judge.py or of the paper repo, in fp32, in eval
+    mode; CheckpointError if it is neither."""
     ckpt = read_checkpoint(path)
     if (isinstance(ckpt, dict) and isinstance(ckpt.get("state_dict"), dict)
             and "cls_action.0.weight" in ckpt["state_dict"]):
@@ -102,8 +104,8 @@ def load_judge(path, device="cpu"):
         raise CheckpointError(f"{path} has judge heads {heads}, expected {FACTORS}")
     arch = ckpt.get("arch", "bilstm")  # the first shipped judge files name no arch
     if arch not in JUDGES:
-        raise CheckpointError(f"{path} is a judge of network {arch!r}, which this code does not know "
-                              f"({', '.join(JUDGES)})")
+        raise CheckpointError(f"{path} is a judge of network {arch!r}, which this code does not "
+                              f"know ({', '.join(JUDGES)})")
     try:
         judge = JUDGES[arch](**ckpt["judge_args"])
         judge.load_state_dict({k: v.float() if v.is_floating_point() else v
