@@ -10,6 +10,7 @@ the checkpoint's history), loss_curves.png; to --model_dir (default: --log_dir):
 signal's number (130, 143, 129).
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -25,8 +26,8 @@ from tqdm import tqdm
 
 from dataloader import DataError, SpriteBatches, content_augment, load_sprites, validation_split
 from model import CDSVAE, FZCritic, cdsvae_loss, critic_loss
-from utils import (MODEL_ARGS, CheckpointError, amp_dtype, check_sizes, git_revision, mismatched_model_args,
-                   pick_device, read_checkpoint, save_atomic)
+from utils import (MODEL_ARGS, CheckpointError, amp_dtype, check_sizes, folders_held, git_revision,
+                   mismatched_model_args, pick_device, read_checkpoint, save_atomic)
 
 
 class OneLineErrors(argparse.ArgumentParser):
@@ -140,6 +141,10 @@ def get_args(argv=None):
     for name in ("lr", "temperature", "lr_critic"):
         if not (math.isfinite(getattr(args, name)) and getattr(args, name) > 0):
             p.error(f"--{name} must be a positive number, got {getattr(args, name)}")
+    for name in ("weight_rec", "weight_f", "weight_z", "weight_mi", "weight_c_aug", "weight_m_aug",
+                 "weight_cyc"):
+        if not math.isfinite(getattr(args, name)):
+            p.error(f"--{name} must be a finite number, got {getattr(args, name)}")
     if args.model == "dsvae" and (args.c_aug_flip or args.weight_cyc or args.weight_mi_after or args.weight_mi_critic
                                   or args.recon_m_aug or args.weight_swap):
         p.error("--model dsvae has no augmented views, InfoNCE or MI terms: --c_aug_flip, --weight_cyc, "
@@ -321,6 +326,12 @@ class Stop:
 
 def main(argv=None):
     args = get_args(argv)
+    first = int(os.environ.get("RANK", "0")) == 0  # a run's first process holds its folders
+    with folders_held((args.log_dir, args.model_dir)) if first else contextlib.nullcontext():
+        return train(args)
+
+
+def train(args):
     Stop.install()
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     device = pick_device(args.device)
