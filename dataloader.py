@@ -83,25 +83,93 @@ def safe_load_pickle(path):
                         f"rebuild it with `python make_sprites.py --out {path}`") from None
 
 
+def _first(bad):
+    """'i, j, ...': the index of the first True of a boolean array, for an error message."""
+    return ", ".join(str(int(i)) for i in np.unravel_index(np.argmax(bad), bad.shape))
+
+
+def _rebuild(path):
+    return f"rebuild the file with `python make_sprites.py --out {path}`"
+
+
+def _one_hot_indices(L, key, path):
+    """The class indices of the paper repo's one-hot labels L (..., classes): 0s and one 1 a row."""
+    bad = ((L != 0) & (L != 1)).any(-1) | (L.sum(-1) != 1)
+    if bad.any():
+        raise DataError(f"{path}: {key}[{_first(bad)}] is not one-hot (0s and a single 1); "
+                        f"{_rebuild(path)}")
+    return L.argmax(-1)
+
+
+def _label_indices(L, key, path, classes, row_dims):
+    """Integer labels from ours ((n,) + row_dims integers) or from the paper repo's one-hot labels:
+    (n,) + row_dims + (classes,), or (n, frames) + row_dims + (classes,) alike in every frame."""
+    L = np.asarray(L)
+    one_hot = L.ndim - 1 - row_dims  # 1: one-hot; 2: one-hot per frame
+    if L.dtype.kind not in ("iuf" if one_hot in (1, 2) else "iu"):
+        raise DataError(f"{path}: {key} holds {L.dtype} labels; labels are integers (attributes "
+                        f"0..5, actions 0..8): store them so, e.g. {key}.astype(np.int64)")
+    if one_hot in (1, 2):
+        if L.shape[-1] != classes:
+            raise DataError(f"{path}: {key} has shape {L.shape}; its one-hot rows need {classes} "
+                            f"classes; {_rebuild(path)}")
+        L = _one_hot_indices(L, key, path)
+        if one_hot == 2:
+            differs = (L != L[:, :1]).reshape(len(L), -1).any(1)
+            if differs.any():
+                raise DataError(f"{path}: the frames of video {_first(differs)} of {key} have "
+                                f"different labels; {_rebuild(path)}")
+            L = L[:, 0]
+    return L
+
+
 def _labels(A, D, n, path, split):
-    """Attribute (n, 4) and action (n,) int labels from ours or from the paper repo's one-hot
+    """Attribute (n, 4) and action (n,) int labels, checked, from ours or the paper repo's one-hot
     (n, 8, 4, 6) / (n, 8, 9)."""
-    A, D = np.asarray(A), np.asarray(D)
-    if A.ndim == 4:
-        A = A[:, 0]
-    if A.ndim == 3:
-        A = A.argmax(-1)
-    if D.ndim == 3:
-        D = D[:, 0]
-    if D.ndim == 2:
-        D = D.argmax(-1)
+    A = _label_indices(A, f"A_{split}", path, FACTORS["skin"], 1)
+    D = _label_indices(D, f"D_{split}", path, FACTORS["action"], 0)
     if A.shape != (n, 4) or D.shape != (n,):
         raise DataError(f"{path}: labels of split {split} have shapes {A.shape} and {D.shape}, "
                         f"expected ({n}, 4) and ({n},)")
-    if A.min() < 0 or A.max() > 5 or D.min() < 0 or D.max() > 8:
-        raise DataError(f"{path}: labels of split {split} are out of range (attributes 0..5, "
-                        f"actions 0..8)")
+    for key, L, classes in ((f"A_{split}", A, FACTORS["skin"]),
+                            (f"D_{split}", D, FACTORS["action"])):
+        bad = (L < 0) | (L >= classes)
+        if bad.any():
+            raise DataError(f"{path}: {key}[{_first(bad)}] is {L[bad][0]}, out of range "
+                            f"(attributes 0..5, actions 0..8); {_rebuild(path)}")
     return torch.from_numpy(A.astype(np.int64)), torch.from_numpy(D.astype(np.int64))
+
+
+# Float images are checked and converted this many videos at a time: a float32 X_train is 3.5 GB,
+# and a temporary of its whole size would double that.
+_CHECK_VIDEOS = 256
+
+
+def _images(X, path, split):
+    """X as uint8; refused in one line when its dtype is not one we read, when its floats are not
+    finite and in [0, 1] (nothing is rescaled), or when every pixel is 0 or 1 out of 255."""
+    key = f"X_{split}"
+    if len(X) == 0:
+        raise DataError(f"{path}: {key} holds no videos; {_rebuild(path)}")
+    if X.dtype.kind == "f":  # the paper repo's floats in [0, 1]; 8-bit source art: this is lossless
+        out = np.empty(X.shape, np.uint8)
+        for s in range(0, len(X), _CHECK_VIDEOS):
+            chunk = X[s:s + _CHECK_VIDEOS]
+            bad = ~((chunk >= 0) & (chunk <= 1))  # NaN compares false, so it is caught too
+            if bad.any():
+                i = np.unravel_index(np.argmax(bad), bad.shape)
+                raise DataError(f"{path}: {key}[{s + i[0]}, {', '.join(map(str, i[1:]))}] is "
+                                f"{chunk[i]}; float images must be finite and in [0, 1] (they "
+                                f"are not rescaled): divide 0..255 values by 255, or store uint8")
+            out[s:s + _CHECK_VIDEOS] = np.rint(chunk * 255).astype(np.uint8)
+        X = out
+    elif X.dtype != np.uint8:
+        raise DataError(f"{path}: {key} holds {X.dtype} images; we read uint8 (0..255) or floats "
+                        f"in [0, 1]; {_rebuild(path)}")
+    if X.max() <= 1:  # floats in [0, 1] cast to uint8 without * 255, or divided by 255 twice
+        raise DataError(f"{path}: every pixel of {key} is 0 or 1 out of 255, a conversion gone "
+                        f"wrong; store uint8 0..255 or floats in [0, 1]")
+    return X
 
 
 def load_sprites(path):
@@ -122,11 +190,8 @@ def load_sprites(path):
                             f"`python make_sprites.py`")
         X = data[f"X_{split}"]
         if not isinstance(X, np.ndarray) or X.ndim != 5 or X.shape[1:] != (8, 64, 64, 3):
-            raise DataError(f"{path}: X_{split} has shape {getattr(X, 'shape', None)}, "
-                            f"expected (N, 8, 64, 64, 3)")
-        # the paper repo's floats in [0, 1]; the source art is 8-bit, so this is lossless
-        if X.dtype != np.uint8:
-            X = np.rint(np.clip(X, 0, 1) * 255).astype(np.uint8)
+            raise DataError(f"{path}: X_{split} has shape {getattr(X, 'shape', None)}, expected (N, 8, 64, 64, 3)")
+        X = _images(X, path, split)
         A, D = _labels(data[f"A_{split}"], data[f"D_{split}"], len(X), path, split)
         out[split] = (torch.from_numpy(X), A, D)
     return out

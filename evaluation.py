@@ -13,6 +13,17 @@ from model import fixed_content, fixed_motion, swapped
 from utils import autocast
 
 
+class NotFiniteError(ValueError):
+    """A model or judge whose outputs hold NaN or inf: there is nothing to score."""
+
+
+def _finite(t, what):
+    if not bool(torch.isfinite(t).all()):
+        raise NotFiniteError(f"{what} hold NaN or inf values (diverged weights, or an overflow "
+                             f"under --amp?): nothing is scored; use an earlier checkpoint")
+    return t
+
+
 # ---- metrics ----------------------------------------------------------------------------------------------
 def entropy(p, dim=-1):
     """Shannon entropy in nats of the probability vectors p along `dim` (0 log 0 = 0)."""
@@ -86,7 +97,8 @@ def judge_all(judges, videos, amp):
     for name, judge in judges.items():
         with autocast(videos.device, amp):
             logits = judge(videos)
-        out[name] = {k: v.float().softmax(-1).cpu() for k, v in logits.items()}
+        out[name] = {k: _finite(v.float(), f"judge {name}'s {k} outputs").softmax(-1).cpu()
+                     for k, v in logits.items()}
     return out
 
 
@@ -100,7 +112,8 @@ def encode_videos(model, X, device, batch_size=256, amp=False, judges=None):
         x = to_float(X[s:s + batch_size]).to(device)
         with autocast(device, amp):
             post = model.encode(x, random=False)
-            recon = model.decode(post["z_mean"], post["f_mean"])
+            recon = _finite(model.decode(post["z_mean"], post["f_mean"]),
+                            "the model's reconstructions")
         part = {"z": post["z_mean"].float(), "f": post["f_mean"].float(),
                 "se": ((recon.float() - x) ** 2).flatten(1).sum(1, dtype=torch.float64).cpu()}
         if judges:
@@ -138,7 +151,8 @@ def decode_and_judge(model, judges, z, f, batch_size=256, amp=False):
     parts = []
     for s in range(0, len(z), batch_size):
         with autocast(z.device, amp):
-            videos = model.decode(z[s:s + batch_size], f[s:s + batch_size])
+            videos = _finite(model.decode(z[s:s + batch_size], f[s:s + batch_size]),
+                             "the model's generated videos")
         parts.append(judge_all(judges, videos, amp))
     return _cat(parts)
 

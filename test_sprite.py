@@ -43,9 +43,9 @@ import time
 import torch
 
 from dataloader import ACTIONS, ATTRIBUTES, DIRECTIONS, FACTORS, DataError, load_sprites
-from evaluation import evaluate
+from evaluation import NotFiniteError, evaluate
 from judges.networks import SHIPPED_JUDGES, judge_name, load_judge
-from utils import (CheckpointError, for_inference, git_revision, load_model, pick_device,
+from utils import (CheckpointError, for_inference, git_revision, held_lock, load_model, pick_device,
                    read_checkpoint, read_model_checkpoint, write_json)
 # Protocol A on Sprites as the paper reports it (Bai et al. 2021, Table 1): Acc %, IS, H(y|x), H(y)
 PAPER_ROW = ("C-DSVAE, paper (Table 1)", "99.99", "8.871", "0.014", "2.197")
@@ -137,6 +137,18 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.niter < 1 or args.batch_size < 1 or args.test_stride < 1:
         p.error("--niter, --batch_size and --test_stride must be positive")
+    out = args.out or args.model_dir + ".results.json"
+    if args.threads < 0:
+        sys.exit(f"error: --threads {args.threads} must be 0 or more")
+    if os.path.isdir(out):
+        sys.exit(f"error: --out {out} is a folder; give the path of the JSON file to write")
+    with held_lock(out + ".lock", f"{out} is being written by {{holder}}, another test_sprite.py; "
+                                  f"wait for it to end, or choose another --out"):
+        return score(args, out)
+
+
+def score(args, out):
+    """Score the checkpoint of args.model_dir, print the table and write the JSON `out`."""
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
@@ -156,8 +168,12 @@ def main(argv=None):
     if len(X) < 2:
         sys.exit(f"error: {args.data_root}: the test split has {len(X)} video(s); swaps need at least 2")
     t0 = time.time()
-    result = evaluate(model, judges, test, device, seeds=range(args.niter), amp=args.amp,
-                      batch_size=args.batch_size, type_gt=args.type_gt, sampled_b=args.sampled_b)
+    try:
+        result = evaluate(model, judges, test, device, seeds=range(args.niter), amp=args.amp,
+                          batch_size=args.batch_size, type_gt=args.type_gt,
+                          sampled_b=args.sampled_b)
+    except NotFiniteError as e:
+        sys.exit(f"error: {args.model_dir}: {e}")
     seconds = time.time() - t0
     counts = torch.bincount(D, minlength=FACTORS["action"]).tolist()
     judge_files = {name: {k: read_checkpoint(path).get(k) for k in ("arch", "test_accuracy", "robustness")}
@@ -173,7 +189,6 @@ def main(argv=None):
     print(f"\n{args.niter} run(s) x {len(X)} test videos (actions {'balanced' if result['class_balanced'] else 'NOT balanced'}"
           f": {counts}) in {seconds:.1f} s on {device}, {torch.get_num_threads()} thread(s)"
           f"{', bf16 autocast' if args.amp else ''}")
-    out = args.out or args.model_dir + ".results.json"
     try:
         write_json(result, out)
     except OSError as e:

@@ -12,6 +12,7 @@ curve of (minutes, accuracy) pairs measured elsewhere, drawn dashed.
 import argparse
 import glob
 import json
+import math
 import os
 import re
 import sys
@@ -19,7 +20,7 @@ import sys
 import torch
 
 from dataloader import DataError, load_sprites
-from evaluation import evaluate
+from evaluation import NotFiniteError, evaluate
 from judges.networks import SHIPPED_JUDGES, judge_name, load_judge
 from utils import CheckpointError, for_inference, load_model, pick_device, write_atomic, write_json
 
@@ -34,14 +35,38 @@ def snapshots(run):
 
 
 def epoch_minutes(metrics_path):
-    """{epoch: training minutes at its end}, from the per-epoch 'seconds' of metrics.jsonl."""
+    """{epoch: training minutes at its end}, from the per-epoch 'seconds' of metrics.jsonl;
+    ValueError, in one line, at a line that is not such a row."""
     minutes, total = {}, 0.0
     with open(metrics_path) as f:
-        for line in f:
-            row = json.loads(line)
-            total += row["seconds"] / 60
-            minutes[row["epoch"]] = total
+        for n, line in enumerate(f, 1):
+            try:
+                row = json.loads(line)
+                epoch, seconds = row["epoch"], row["seconds"]
+            except (ValueError, KeyError, TypeError, IndexError):
+                epoch = seconds = None
+            if not (type(epoch) is int and type(seconds) in (int, float)
+                    and 0 <= seconds < math.inf):
+                raise ValueError(f"{metrics_path}, line {n}, is not a row of train_cdsvae.py (an "
+                                 f"integer 'epoch', 'seconds' 0 or more); give a run's own")
+            total += seconds / 60
+            minutes[epoch] = total
     return minutes
+
+
+def read_reference(path):
+    """The --reference curve; ValueError, in one line, unless it is {'label': text, 'points':
+    [[minutes, accuracy], ...]} with finite minutes and accuracies in [0, 1]."""
+    with open(path) as f:
+        ref = json.load(f)
+    points = ref.get("points") if isinstance(ref, dict) else None
+    good = isinstance(points, list) and points and isinstance(ref.get("label"), str) and all(
+        isinstance(p, list) and len(p) == 2 and all(type(v) in (int, float) for v in p)
+        and math.isfinite(p[0]) and 0 <= p[1] <= 1 for p in points)
+    if not good:
+        raise ValueError(f"{path} is not a reference curve: JSON {{'label': text, 'points': "
+                         f"[[minutes, accuracy], ...]}} with finite minutes, accuracies in [0, 1]")
+    return ref
 
 
 def first_reaching(points, level):
@@ -88,8 +113,8 @@ def get_args(argv=None):
                    help="default auto: cuda when there is one")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default 0: torch's choice)")
     args = p.parse_args(argv)
-    if args.test_stride < 1:
-        p.error("--test_stride must be positive")
+    if args.test_stride < 1 or args.threads < 0:
+        p.error("--test_stride must be positive, and --threads 0 or more")
     return args
 
 
@@ -112,17 +137,21 @@ def main(argv=None):
         judges = {judge_name(j): for_inference(load_judge(j, device))
                   for j in args.judge or SHIPPED_JUDGES}
         test = tuple(t[::args.test_stride] for t in load_sprites(args.data_root)["test"])
-        reference = json.load(open(args.reference)) if args.reference else None
+        reference = read_reference(args.reference) if args.reference else None
+        minutes = epoch_minutes(metrics)
     except (CheckpointError, DataError, OSError, ValueError) as e:
         sys.exit(f"error: {e}")
-    minutes = epoch_minutes(metrics)
+    unlogged = [e for e, _ in snaps if e not in minutes]
+    if unlogged:
+        sys.exit(f"error: {metrics} has no row of epoch(s) {unlogged}: it is not the metrics of "
+                 f"these snapshots; give the --run folder that holds both")
     curves = {name: [] for name in judges}
     for epoch, path in snaps:
         try:
             model = for_inference(load_model(path, device))
-        except CheckpointError as e:
-            sys.exit(f"error: {e}")
-        result = evaluate(model, judges, test, device, seeds=[0], amp=True, type_gt="action")
+            result = evaluate(model, judges, test, device, seeds=[0], amp=True, type_gt="action")
+        except (CheckpointError, NotFiniteError) as e:
+            sys.exit(f"error: {path}: {e}" if isinstance(e, NotFiniteError) else f"error: {e}")
         for name in judges:
             curves[name].append((minutes[epoch], result["judges"][name]["mean"]["A_action_acc"]))
         print(f"epoch {epoch} ({minutes[epoch]:.1f} min): " + ", ".join(

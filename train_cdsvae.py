@@ -14,6 +14,7 @@ networks, resume), one epoch (train_one_epoch, train_step), the end of an epoch 
 main.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -33,7 +34,7 @@ from evaluation import evaluate
 from judges.networks import SHIPPED_JUDGES, judge_name, load_judge
 from model import CDSVAE, FZCritic, cdsvae_loss, critic_loss
 from utils import (MODEL_ARGS, REMOVED_AT, REMOVED_TRAIN_ARGS, CheckpointError, amp_dtype, autocast,
-                   check_sizes, git_revision, half_precision, mismatched_model_args, pick_device,
+                   check_sizes, folders_held, git_revision, half_precision, mismatched_model_args, pick_device,
                    plot_loss_curves, read_checkpoint, save_atomic, write_text)
 
 
@@ -122,6 +123,9 @@ def check_args(p, args):
     for name in ("lr", "temperature", "lr_critic"):
         if not (math.isfinite(getattr(args, name)) and getattr(args, name) > 0):
             p.error(f"--{name} must be a positive number, got {getattr(args, name)}")
+    for name in ("weight_rec", "weight_f", "weight_z", "weight_mi", "weight_c_aug", "weight_m_aug"):
+        if not math.isfinite(getattr(args, name)):
+            p.error(f"--{name} must be a finite number, got {getattr(args, name)}")
     if args.model == "dsvae" and (args.weight_mi_after or args.weight_mi_critic):
         p.error("--model dsvae has no augmented views, InfoNCE or MI terms: "
                 "--weight_mi_after and --weight_mi_critic do not apply")
@@ -612,6 +616,12 @@ def end_of_epoch(run, epoch):
 
 def main(argv=None):
     args = get_args(argv)
+    first = int(os.environ.get("RANK", "0")) == 0  # a run's first process holds its folders
+    with folders_held((args.log_dir, args.model_dir)) if first else contextlib.nullcontext():
+        return train(args)
+
+
+def train(args):
     Stop.install()
     try:
         run = setup(args)

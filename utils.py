@@ -1,5 +1,7 @@
 """What the training, evaluation and figure scripts share: devices, precision, atomic writes, checkpoints,
 model loading, the loss-curve plot."""
+import contextlib
+import fcntl
 import inspect
 import json
 import math
@@ -130,7 +132,7 @@ def read_checkpoint(path, map_location="cpu"):
     try:
         with warnings.catch_warnings():  # a plain pickle draws a multi-line warning on its protocol before the refusal
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            return torch.load(path, map_location=map_location, weights_only=True)
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises many types for a bad file; all mean the same to the user
         other = re.search(r"GLOBAL ([\w.]+)", str(e))
         if other and other[1].rsplit(".", 1)[-1][:1].isupper() and not other[1].startswith("numpy"):
@@ -141,6 +143,7 @@ def read_checkpoint(path, map_location="cpu"):
             why = (f"it holds {other[1]}, not only tensors and plain containers" if other else
                    "it is not a complete torch.save file (empty, truncated or another kind of file)")
         raise CheckpointError(f"{path} is not a PyTorch checkpoint that can be loaded safely: {why}") from None
+    return refuse_not_finite(ckpt, path)
 
 
 def paper_encoder_names(state):
@@ -273,3 +276,88 @@ def plot_loss_curves(rows, path):
     fig.tight_layout()
     write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
+
+
+# ---- content checks ------------------------------------------------------------------------------
+def first_not_finite(obj, key=""):
+    """The dotted key (e.g. 'model.encoder.net.0.weight') of the first floating-point tensor in obj,
+    through nested dicts, lists and tuples, that holds a NaN or an infinity; None if none does."""
+    if isinstance(obj, torch.Tensor):
+        floating = obj.is_floating_point() or obj.is_complex()
+        return key if floating and not bool(torch.isfinite(obj).all()) else None
+    if isinstance(obj, dict):
+        items = obj.items()
+    else:
+        items = enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for k, v in items:
+        found = first_not_finite(v, f"{key}.{k}" if key else str(k))
+        if found is not None:
+            return found
+    return None
+
+
+def refuse_not_finite(ckpt, path):
+    """ckpt, refused in one line when a tensor in it (weights, optimizer state...) is not finite."""
+    key = first_not_finite(ckpt)
+    if key is not None:
+        raise CheckpointError(f"{path} holds NaN or infinite values in {key}: the run that wrote "
+                              f"it diverged or the file is damaged; use an earlier checkpoint")
+    return ckpt
+
+
+# ---- one process per output ----------------------------------------------------------------------
+@contextlib.contextmanager
+def held_lock(lock, busy):
+    """Hold the file `lock` (flock'ed, our PID in it) for the life of the `with`; another process
+    asking for it exits with 'error: ' + busy.format(holder='process <PID>'). The lock dies with
+    its process, so a killed run's is taken over. On release the file is removed, and so are the
+    folders the lock made, when empty."""
+    folder = os.path.dirname(os.path.abspath(lock))
+    made, d = [], folder
+    while not os.path.isdir(d):  # the folders the lock makes, deepest first
+        made.append(d)
+        d = os.path.dirname(d)
+    fd = _take_lock(lock, folder, busy)
+    try:
+        yield
+    finally:
+        os.remove(lock)  # while still held: one that opened this file then opens the path again
+        os.close(fd)
+        for d in made:
+            try:
+                os.rmdir(d)
+            except OSError:  # not empty: kept, and so are the folders above it
+                break
+
+
+def _take_lock(lock, folder, busy):
+    """The descriptor of the file `lock`, flock'ed by us, holding our PID (see held_lock)."""
+    while True:
+        try:
+            os.makedirs(folder, exist_ok=True)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise SystemExit(f"error: cannot write in {folder}: {e.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.read(fd, 32).decode(errors="replace").strip()
+            os.close(fd)
+            holder = f"process {pid}" if pid.isdigit() else "another process"
+            raise SystemExit(f"error: {busy.format(holder=holder)}") from None
+        if os.path.exists(lock) and os.path.samestat(os.fstat(fd), os.stat(lock)):
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            return fd
+        os.close(fd)  # its holder removed that file as we opened it: take the one at the path now
+
+
+@contextlib.contextmanager
+def folders_held(folders, flags="--log_dir / --model_dir"):
+    """Hold <folder>/.lock of each folder for the life of the `with`: one run writes in a folder."""
+    with contextlib.ExitStack() as stack:
+        for folder in {os.path.realpath(f): f for f in folders}.values():
+            stack.enter_context(held_lock(os.path.join(folder, ".lock"),
+                                          f"{folder} is in use by {{holder}}, a run writing there; "
+                                          f"wait for it to end, or choose another {flags}"))
+        yield
