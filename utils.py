@@ -1,5 +1,5 @@
-"""What the training, evaluation and figure scripts share: devices, precision, atomic writes, checkpoints,
-model loading, the loss-curve plot."""
+"""What the training, evaluation and figure scripts share: devices, precision, atomic writes,
+checkpoints, model loading, the loss-curve plot."""
 import contextlib
 import fcntl
 import inspect
@@ -18,7 +18,8 @@ from model import CDSVAE
 
 MODEL_ARGS = ("f_dim", "z_dim", "g_dim", "rnn_size", "nf", "frames", "z_input", "f_mirror",
               "f_head_leaky", "deconv_normal")
-# options removed after their experiments lost (EXPERIMENTS.md): a checkpoint that needs one names the commit
+# options removed after their experiments lost (EXPERIMENTS.md): a checkpoint that needs one names
+# the commit
 REMOVED_AT = "7544b94"
 REMOVED_MODEL_ARGS = {"f_film": False}
 REMOVED_TRAIN_ARGS = {"f_film": False, "c_aug_flip": False, "weight_cyc": 0.0, "recon_m_aug": False,
@@ -29,7 +30,7 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable or of other sizes than asked for."""
 
 
-# ---- devices and precision --------------------------------------------------------------------------------
+# ---- devices and precision -----------------------------------------------------------------------
 def pick_device(name="auto"):
     """'auto' -> cuda when available, else cpu; 'cuda' without a GPU is a clear error."""
     if name == "auto":
@@ -41,8 +42,8 @@ def pick_device(name="auto"):
 
 
 def amp_dtype(device):
-    """The autocast dtype of a device: bf16 on the CPU and on GPUs with native bf16, else fp16 (emulated
-    bf16 on a V100 or T4 is slower than fp32)."""
+    """The autocast dtype of a device: bf16 on the CPU and on GPUs with native bf16, else fp16
+    (emulated bf16 on a V100 or T4 is slower than fp32)."""
     if device.type == "cpu" or torch.cuda.is_bf16_supported(including_emulation=False):
         return torch.bfloat16
     return torch.float16
@@ -54,9 +55,10 @@ def autocast(device, enabled):
 
 
 def for_inference(module):
-    """`module` (in eval mode) made faster and the same up to rounding, in place: each BatchNorm after a
-    convolution in an nn.Sequential folded into it, LeakyReLUs in place, convolutions channels-last
-    (about 25% less time per video for the decoder and the judges on a 2-core CPU, bf16)."""
+    """`module` (in eval mode) made faster and the same up to rounding, in place: each BatchNorm
+    after a convolution in an nn.Sequential folded into it, LeakyReLUs in place, convolutions
+    channels-last (about 25% less time per video for the decoder and the judges on a 2-core CPU,
+    bf16)."""
     module.eval()
     for seq in [m for m in module.modules() if isinstance(m, nn.Sequential)]:
         names = list(seq._modules)
@@ -76,19 +78,20 @@ def for_inference(module):
     return module
 
 
-# ---- files --------------------------------------------------------------------------------------------------
+# ---- files ---------------------------------------------------------------------------------------
 def git_revision():
     try:
         here = os.path.dirname(os.path.abspath(__file__))
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
-                              timeout=5).stdout.strip() or None
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                              text=True, timeout=5)
+        return done.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
 
 
 def write_atomic(path, write):
-    """write(temporary path) beside `path`, then rename: a crash never leaves half a file, and the file
-    that was there stays whole until the new one is complete."""
+    """write(temporary path) beside `path`, then rename: a crash never leaves half a file, and the
+    file that was there stays whole until the new one is complete."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
@@ -126,32 +129,38 @@ def half_precision(state):
 def read_checkpoint(path, map_location="cpu"):
     """torch.load(weights_only=True) with one-line errors for a missing or unreadable file.
 
-    torch's own message is not passed on: it advises weights_only=False, which would run the code such a file holds."""
+    torch's own message is not passed on: it advises weights_only=False, which would run the code
+    such a file holds."""
     if not os.path.isfile(path):
         raise CheckpointError(f"no checkpoint at {path}")
     try:
-        with warnings.catch_warnings():  # a plain pickle draws a multi-line warning on its protocol before the refusal
+        # a plain pickle draws a multi-line warning on its protocol before the refusal
+        with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises many types for a bad file; all mean the same to the user
         other = re.search(r"GLOBAL ([\w.]+)", str(e))
         if other and other[1].rsplit(".", 1)[-1][:1].isupper() and not other[1].startswith("numpy"):
-            why = (f"it pickles a whole object of class {other[1]} (as the paper repo's older 'ds_vae' checkpoints "
-                   f"pickle the whole network), and unpickling it would run that class's code; save its state_dict() "
-                   f"as {{'model': ...}} with the code that made it, and load that")
+            why = (f"it pickles a whole object of class {other[1]} (as the paper repo's older "
+                   f"'ds_vae' checkpoints pickle the whole network), and unpickling it would run "
+                   f"that class's code; save its state_dict() as {{'model': ...}} with the code "
+                   f"that made it, and load that")
         else:
             why = (f"it holds {other[1]}, not only tensors and plain containers" if other else
-                   "it is not a complete torch.save file (empty, truncated or another kind of file)")
-        raise CheckpointError(f"{path} is not a PyTorch checkpoint that can be loaded safely: {why}") from None
+                   "it is not a complete torch.save file (empty, truncated or another kind of "
+                   "file)")
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint that can be loaded safely: "
+                              f"{why}") from None
     return refuse_not_finite(ckpt, path)
 
 
 def paper_encoder_names(state):
-    """The paper repo's frame encoder names -> ours (FrameEncoder.net): its blocks c1..c4 ('main': conv 0, BN 1)
-    are our net.0..3, and its c5 (conv 0, BN 1) our net.4 and net.5."""
+    """The paper repo's frame encoder names -> ours (FrameEncoder.net): its blocks c1..c4 ('main':
+    conv 0, BN 1) are our net.0..3, and its c5 (conv 0, BN 1) our net.4 and net.5."""
     out = {}
     for k, v in state.items():
-        block, last = re.fullmatch(r"encoder\.c([1-4])\.main\.(.+)", k), re.fullmatch(r"encoder\.c5\.(\d)\.(.+)", k)
+        block = re.fullmatch(r"encoder\.c([1-4])\.main\.(.+)", k)
+        last = re.fullmatch(r"encoder\.c5\.(\d)\.(.+)", k)
         if block:
             k = f"encoder.net.{int(block[1]) - 1}.{block[2]}"
         elif last:
@@ -161,54 +170,62 @@ def paper_encoder_names(state):
 
 
 def paper_model_checkpoint(state, path):
-    """The paper repo's CDSVAE state_dict (its sample checkpoint's 'model') as a checkpoint of ours: its names
-    mapped onto our networks, its sizes read from its shapes, its network (f heads with LeakyReLU)."""
+    """The paper repo's CDSVAE state_dict (its sample checkpoint's 'model') as a checkpoint of ours:
+    its names mapped onto our networks, its sizes read from its shapes, its network (f heads with
+    LeakyReLU)."""
     renamed = {}
     for k, v in paper_encoder_names(state).items():
         m = re.fullmatch(r"decoder\.upc([1-5])\.(?:main\.)?(\d)\.(.+)", k)
-        if m:  # upc1 is a plain Sequential (conv 0, BN 1), upc2..4 are 'main' blocks, upc5's conv is 0
+        # upc1 is a plain Sequential (conv 0, BN 1), upc2..4 are 'main' blocks, upc5's conv is 0
+        if m:
             k = {"1": f"decoder.net.{m[2]}.{m[3]}", "5": f"decoder.net.6.{m[3]}"}.get(
                 m[1], f"decoder.net.{int(m[1]) + 1}.{m[2]}.{m[3]}")
         k = re.sub(r"^z_prior_lstm_ly([12])\.", r"z_prior_lstm_\1.", k)
         renamed[re.sub(r"^f_(mean|logvar)\.model\.0\.", r"f_\1.0.", k)] = v
     try:
-        model_args = dict(f_dim=state["f_mean.model.0.weight"].shape[0], z_dim=state["z_mean.weight"].shape[0],
-                          g_dim=state["z_lstm.weight_ih_l0"].shape[1], rnn_size=state["z_lstm.weight_hh_l0"].shape[1],
-                          nf=state["encoder.c1.main.0.weight"].shape[0], frames=8, f_head_leaky=True,
-                          deconv_normal=False)
+        model_args = dict(f_dim=state["f_mean.model.0.weight"].shape[0],
+                          z_dim=state["z_mean.weight"].shape[0],
+                          g_dim=state["z_lstm.weight_ih_l0"].shape[1],
+                          rnn_size=state["z_lstm.weight_hh_l0"].shape[1],
+                          nf=state["encoder.c1.main.0.weight"].shape[0], frames=8,
+                          f_head_leaky=True, deconv_normal=False)
     except KeyError as e:
-        raise CheckpointError(f"{path} looks like the paper repo's checkpoint but has no {e}") from None
+        raise CheckpointError(f"{path} looks like the paper repo's checkpoint but has no "
+                              f"{e}") from None
     return {"model": renamed, "model_args": model_args, "source": "the paper repo's checkpoint"}
 
 
 def read_model_checkpoint(path):
-    """A checkpoint of train_cdsvae.py (or its exported copy): a dict with 'model' and 'model_args'; or the paper
-    repo's (a dict with 'model', the state_dict of its CDSVAE), mapped onto ours."""
+    """A checkpoint of train_cdsvae.py (or its exported copy): a dict with 'model' and 'model_args';
+    or the paper repo's (a dict with 'model', the state_dict of its CDSVAE), mapped onto ours."""
     ckpt = read_checkpoint(path)
-    if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict) and "encoder.c1.main.0.weight" in ckpt["model"]:
+    if (isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict)
+            and "encoder.c1.main.0.weight" in ckpt["model"]):
         return paper_model_checkpoint(ckpt["model"], path)
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
-        raise CheckpointError(f"{path} is not a checkpoint of train_cdsvae.py (no 'model' / 'model_args') "
-                              f"nor of the paper repo (no 'model' with its parameter names)")
+        raise CheckpointError(f"{path} is not a checkpoint of train_cdsvae.py (no 'model' / "
+                              f"'model_args') nor of the paper repo (no 'model' with its "
+                              f"parameter names)")
     return ckpt
 
 
 def saved_model_args(ckpt, path="the checkpoint"):
-    """A checkpoint's model_args, with CDSVAE's defaults for the arguments added after it was written;
-    the removed options' keys at their off values are dropped, and a checkpoint that needs one is refused."""
+    """A checkpoint's model_args, with CDSVAE's defaults for the arguments added after it was
+    written; the removed options' keys at their off values are dropped, and a checkpoint that needs
+    one is refused."""
     args = dict(ckpt["model_args"])
     for k, off in REMOVED_MODEL_ARGS.items():
         if args.pop(k, off) != off:
-            raise CheckpointError(f"{path} needs --{k}, which was removed after its experiment lost; "
-                                  f"load it with the code of commit {REMOVED_AT}")
+            raise CheckpointError(f"{path} needs --{k}, which was removed after its experiment "
+                                  f"lost; load it with the code of commit {REMOVED_AT}")
     defaults = {k: p.default for k, p in inspect.signature(CDSVAE).parameters.items()
                 if p.default is not inspect.Parameter.empty}
     return {**defaults, **args}
 
 
 def mismatched_model_args(ckpt, asked):
-    """{name: 'name=asked asked for but saved in the checkpoint'} for each of `asked` (None: any) that
-    differs."""
+    """{name: 'name=asked asked for but saved in the checkpoint'} for each of `asked` (None: any)
+    that differs."""
     saved = saved_model_args(ckpt)
     return {k: f"{k}={v} asked for but {saved.get(k)} in the checkpoint"
             for k, v in asked.items() if v is not None and saved.get(k) != v}
@@ -233,24 +250,27 @@ def load_model(path, device="cpu", **overrides):
     ckpt = read_model_checkpoint(path)
     mismatched = mismatched_model_args(ckpt, overrides)
     if mismatched:
-        raise CheckpointError(f"{path} was trained with other sizes: {', '.join(mismatched.values())}")
+        raise CheckpointError(f"{path} was trained with other sizes: "
+                              f"{', '.join(mismatched.values())}")
     model = CDSVAE(**saved_model_args(ckpt, path))
     state = {k: v.float() if v.is_floating_point() else v for k, v in ckpt["model"].items()}
     check_sizes(model, state, path)
     unknown = [k for k in state if k not in model.state_dict()]
     if unknown:
-        raise CheckpointError(f"{path} has parameters this network does not: {', '.join(unknown[:4])}")
+        raise CheckpointError(f"{path} has parameters this network does not: "
+                              f"{', '.join(unknown[:4])}")
     model.load_state_dict(state)
     return model.to(device).eval()
 
 
-# ---- the loss curves ------------------------------------------------------------------------------------
+# ---- the loss curves -----------------------------------------------------------------------------
 LOSS_TERMS = ("recon", "kld_f", "kld_z", "mi_fz", "mi_critic", "con_f", "con_z", "loss")
 NOT_LOSSES = ("epoch", "step", "lr", "seconds")
 
 
 def plot_loss_curves(rows, path):
-    """Every numeric term of metrics rows (one per epoch) against the epoch, one panel each, to `path`."""
+    """Every numeric term of metrics rows (one per epoch) against the epoch, one panel each, to
+    `path`."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -265,7 +285,7 @@ def plot_loss_curves(rows, path):
     fig, axes = plt.subplots(nr, cols, figsize=(3.2 * cols, 2.6 * nr), squeeze=False)
     for ax, k in zip(axes.flat, keys):
         pts = [(r["epoch"], r[k]) for r in rows if isinstance(r.get(k), (int, float))]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if len(pts) < 20 else None, ms=3)
+        ax.plot(*zip(*pts), marker="o" if len(pts) < 20 else None, ms=3)
         ax.set_title(k)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
