@@ -27,6 +27,7 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
+from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from dataloader import DataError, SpriteBatches, load_sprites, validation_split
@@ -34,8 +35,8 @@ from evaluation import evaluate
 from judges.networks import SHIPPED_JUDGES, judge_name, load_judge
 from model import CDSVAE, FZCritic, cdsvae_loss, critic_loss
 from utils import (MODEL_ARGS, REMOVED_AT, REMOVED_TRAIN_ARGS, CheckpointError, amp_dtype, autocast,
-                   check_sizes, folders_held, git_revision, half_precision, mismatched_model_args, pick_device,
-                   plot_loss_curves, read_checkpoint, save_atomic, write_text)
+                   check_sizes, folders_held, git_revision, half_precision, mismatched_model_args,
+                   pick_device, plot_loss_curves, read_checkpoint, save_atomic, write_text)
 
 
 # ---- arguments -----------------------------------------------------------------------------------
@@ -93,6 +94,9 @@ def get_args(argv=None):
         help="train characters held out; their loss terms are logged as val_* (default 0)")
     arg("--log_dir", default="runs/cdsvae", help="folder of logs and curves (default runs/cdsvae)")
     arg("--model_dir", default=None, help="folder of the checkpoint model.pt (default: --log_dir)")
+    arg("--log_every", type=int, default=0,
+        help="steps between reads of the loss to the host, the progress bar and TensorBoard points "
+             "(default 0: 1 on a CPU, 25 on a GPU, where each read waits for the queued work)")
     arg("--snapshot_every", type=int, default=0,
         help="keep a half-precision epoch_<N>.pt every this many epochs (default 0: none)")
     arg("--resume", action="store_true", help="continue from model_dir/model.pt")
@@ -117,7 +121,8 @@ def check_args(p, args):
     for name in ("batch_size", "nEpoch", "f_dim", "z_dim", "g_dim", "rnn_size", "nf"):
         if getattr(args, name) <= 0:
             p.error(f"--{name} must be positive, got {getattr(args, name)}")
-    for name in ("threads", "subset", "val_chars", "max_steps", "evl_interval", "snapshot_every"):
+    for name in ("threads", "subset", "val_chars", "max_steps", "evl_interval", "snapshot_every",
+                 "log_every"):
         if getattr(args, name) < 0:
             p.error(f"--{name} must be 0 or more, got {getattr(args, name)}")
     for name in ("lr", "temperature", "lr_critic"):
@@ -340,6 +345,7 @@ def setup(args):
     run = SimpleNamespace(args=args)
     run.device, run.rank, run.world = setup_processes(args)
     run.distributed, run.main_proc = run.world > 1, run.rank == 0
+    run.log_every = args.log_every or (1 if run.device.type == "cpu" else 25)
     if args.batch_size % run.world or args.batch_size // run.world < 2:
         sys.exit(f"error: --batch_size {args.batch_size} must be a multiple of the {run.world} "
                  f"processes with at least 2 videos each (the InfoNCE terms contrast each video "
@@ -363,6 +369,9 @@ def setup(args):
     run.sums, run.n_batches, run.seconds_before, run.stop = {}, 0, 0.0, None
     if args.resume:
         resume(run)
+    # a resumed run's points from its checkpoint's step on replace those written after it
+    run.tensorboard = (SummaryWriter(args.log_dir, purge_step=run.step if args.resume else None)
+                       if run.main_proc else None)
     if run.distributed:
         if args.sync_bn:
             run.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(run.model)
@@ -482,8 +491,8 @@ def train_step(run, batch):
     run.keys = list(terms)
     values = torch.stack([v.detach() for v in terms.values()])
     if run.distributed:  # one collective: the terms, and whether any process was asked to stop
-        signum = torch.tensor([Stop.signum, Stop.signum > 0], dtype=values.dtype,
-                              device=values.device)
+        signum = values.new_full((2,), float(Stop.signum))  # a fill, not a copy from the host
+        signum[1] = float(Stop.signum > 0)
         values = torch.cat([values, signum])
         dist.all_reduce(values)
         values[:-2] /= run.world
@@ -513,7 +522,7 @@ def read_progress(run):
     run stops, before any checkpoint is written), and under DDP the signal that asked a process to
     stop."""
     *sums, first_bad, signal_sum, signal_count = run.progress.tolist()
-    run.sums = dict(zip(run.keys, sums))
+    before, run.sums = run.sums, dict(zip(run.keys, sums))
     if first_bad >= 0:
         kept = (f"the last good checkpoint {run.ckpt_path} is kept" if os.path.exists(run.ckpt_path)
                 else "no checkpoint was written yet")
@@ -521,6 +530,12 @@ def read_progress(run):
                  f"({dict(zip(run.keys, run.bad_terms.tolist()))}); {kept}; "
                  f"try a lower --lr or --amp off")
         sys.exit(1)
+    steps = run.n_batches - run.batches_read
+    if run.tensorboard is not None and steps:  # each term's mean over the steps since the last read
+        for k, v in run.sums.items():
+            run.tensorboard.add_scalar(f"train/{k}", (v - before.get(k, 0.0)) / steps, run.step)
+        run.tensorboard.add_scalar("train/lr", run.scheduler.get_last_lr()[0], run.step)
+    run.batches_read = run.n_batches
     return round(signal_sum / signal_count) if signal_count else Stop.signum
 
 
@@ -531,19 +546,25 @@ def train_one_epoch(run, epoch):
     loader.set_epoch(epoch, start=run.skip_batches)  # a resumed epoch's done batches are not made
     run.model.train()
     run.epoch, run.t0, run.progress = epoch, time.time() - run.seconds_before, None
+    run.batches_read = run.n_batches
     bar = tqdm(loader, total=len(loader), initial=run.skip_batches, leave=False,
                desc=f"epoch {epoch + 1}/{args.nEpoch}", disable=not run.main_proc)
     for b, batch in enumerate(bar, start=run.skip_batches):
         accumulate(run, train_step(run, batch))
         run.step += 1
         run.n_batches += 1
-        signum = read_progress(run)
-        shown = ("loss", "recon", "kld_z", "con_f", "con_z", "mi_critic")
-        bar.set_postfix({k: f"{run.sums[k] / run.n_batches:.3g}" for k in shown if k in run.sums})
         if args.weight_mi_after and run.step == args.weight_mi_after[0]:
             log(run, f"step {run.step}: the MI penalty's weight goes from {args.weight_mi:g} to "
                      f"{args.weight_mi_after[1]:g}")
-        if signum or (args.max_steps and run.step >= args.max_steps):
+        at_max = args.max_steps and run.step >= args.max_steps
+        # every process reads at the same steps, so under DDP all agree on when to stop
+        if not (run.step % run.log_every == 0 or b + 1 == len(loader) or at_max
+                or (Stop.signum and not run.distributed)):
+            continue
+        signum = read_progress(run)
+        shown = ("loss", "recon", "kld_z", "con_f", "con_z", "mi_critic")
+        bar.set_postfix({k: f"{run.sums[k] / run.n_batches:.3g}" for k in shown if k in run.sums})
+        if signum or at_max:
             run.stop = signum
             if b + 1 < len(loader):
                 save_checkpoint(run, epoch, b + 1, time.time() - run.t0)
@@ -604,6 +625,10 @@ def end_of_epoch(run, epoch):
     if not run.main_proc:
         return
     write_metrics(run)
+    for k, v in row.items():
+        if k not in ("epoch", "step") and isinstance(v, (int, float)):
+            run.tensorboard.add_scalar(f"epoch/{k}", v, epoch + 1)
+    run.tensorboard.flush()
     plot_loss_curves(run.history, os.path.join(args.log_dir, "loss_curves.png"))
     log(run, " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                       for k, v in row.items()))
@@ -623,6 +648,7 @@ def main(argv=None):
 
 def train(args):
     Stop.install()
+    run = None
     try:
         run = setup(args)
         if Stop.signum:  # asked to stop while loading: nothing trained, nothing to keep
@@ -636,6 +662,8 @@ def train(args):
                 break
         return run.raw_model
     finally:
+        if getattr(run, "tensorboard", None) is not None:
+            run.tensorboard.close()
         if dist.is_initialized():
             dist.destroy_process_group()
 

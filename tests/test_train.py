@@ -235,3 +235,55 @@ def test_f_mirror_run_saves_and_loads_a_mirror_invariant_model(tiny_data, tmp_pa
     # a model one epoch from the paper's initialisation tells videos apart by little (~1e-6): compare with that
     spread = (f[:, None] - f[None]).abs().amax()
     assert spread > 0 and (f - f_mirrored).abs().max() <= 1e-3 * spread
+
+
+# the calls that read a tensor's values to the host (on a GPU, each waits for the queued work)
+HOST_READS = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__")
+
+
+@pytest.mark.parametrize("log_every", ["1", "3"])
+def test_at_most_one_host_read_per_training_step(tiny_data, tmp_path, monkeypatch, log_every):
+    """Counted in the training code (train_cdsvae.py, model.py, utils.py): one read per step with
+    --log_every 1, one every third step with 3 (and at the epoch's last step)."""
+    watched = {os.path.join(ROOT, f) for f in ("train_cdsvae.py", "model.py", "utils.py")}
+    reads, at_step = [], []
+    for name in HOST_READS:
+        original = getattr(torch.Tensor, name)
+
+        def spy(self, *a, _original=original, **k):
+            if sys._getframe(1).f_code.co_filename in watched:
+                reads.append(1)
+            return _original(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    step = train_cdsvae.train_step
+
+    def counted_step(run, batch):
+        at_step.append(len(reads))
+        return step(run, batch)
+    monkeypatch.setattr(train_cdsvae, "train_step", counted_step)
+    train_cdsvae.main(TINY + ["--data_root", tiny_data, "--nEpoch", "1", "--log_every", log_every,
+                              "--weight_mi_critic", "1", "--log_dir", str(tmp_path)])
+    per_step = [b - a for a, b in zip(at_step, at_step[1:])]  # the last step's reads: the epoch's end
+    assert len(per_step) == 2 and set(per_step) == ({1} if log_every == "1" else {0})
+
+
+def test_tensorboard_events_hold_every_term_the_learning_rate_and_the_epochs(tiny_data, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    train_cdsvae.main(TINY + ["--data_root", tiny_data, "--nEpoch", "2", "--log_every", "3",
+                              "--val_chars", "1", "--log_dir", str(tmp_path)])
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    terms = [k for k in rows[0] if k not in ("epoch", "step", "lr", "seconds") and not k.startswith("val_")]
+    assert {f"train/{k}" for k in terms} | {"train/lr"} <= tags
+    assert {f"epoch/{k}" for k in rows[0] if k not in ("epoch", "step")} <= tags
+    # a point every 3 steps and at each epoch's last (2 steps an epoch, 9 videos held out): 2, 3, 4
+    assert [e.step for e in events.Scalars("train/recon")] == [2, 3, 4]
+    for row in rows:
+        epoch_loss = [e.value for e in events.Scalars("epoch/loss") if e.step == row["epoch"]]
+        assert epoch_loss == [pytest.approx(row["loss"], rel=1e-6)]
+    # each point is the mean of the steps since the one before: together, the epochs' means
+    points = [e.value for e in events.Scalars("train/recon")]
+    assert points[0] == pytest.approx(rows[0]["recon"], rel=1e-5)
+    assert (points[1] + points[2]) / 2 == pytest.approx(rows[1]["recon"], rel=1e-5)
