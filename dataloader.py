@@ -4,7 +4,9 @@ augmentations made per batch.
 A batch is a dict of float tensors in [0, 1] of shape (B, 8, 3, 64, 64): `x`, its content-augmented
 view `c_aug` (frames shuffled: same character, motion destroyed) and its motion-augmented view
 `m_aug` (one colour / blur change for the whole sequence: same motion, new appearance); plus `A`
-(B, 4) and `D` (B,) labels and `c_aug_order` (B, 8), the frame order of `c_aug`.
+(B, 4) and `D` (B,) labels and `c_aug_order` (B, 8), the frame order of `c_aug`. With a training
+device, the uint8 split lives there and the batches are made there, whole; on the CPU, a few
+sequences at a time.
 """
 import importlib
 import math
@@ -190,7 +192,8 @@ def load_sprites(path):
                             f"`python make_sprites.py`")
         X = data[f"X_{split}"]
         if not isinstance(X, np.ndarray) or X.ndim != 5 or X.shape[1:] != (8, 64, 64, 3):
-            raise DataError(f"{path}: X_{split} has shape {getattr(X, 'shape', None)}, expected (N, 8, 64, 64, 3)")
+            raise DataError(f"{path}: X_{split} has shape {getattr(X, 'shape', None)}, "
+                            f"expected (N, 8, 64, 64, 3)")
         X = _images(X, path, split)
         A, D = _labels(data[f"A_{split}"], data[f"D_{split}"], len(X), path, split)
         out[split] = (torch.from_numpy(X), A, D)
@@ -212,15 +215,23 @@ def validation_split(X, A, D, n_characters, seed=0):
     return (X[~val], A[~val], D[~val]), (X[val], A[val], D[val])
 
 
-# Batches are made a few sequences at a time, so that every intermediate stays in cache and the big
-# outputs are written once; 4 sequences of float frames are 1.5 MB.
+# Batches are made `chunk` sequences at a time: on the CPU a few, so that every intermediate stays
+# in cache and the big outputs are written once (4 sequences of float frames are 1.5 MB); on an
+# accelerator the whole batch at once, a few large kernels.
 _CHUNK = 4
 
 
-def _empty(shape):
-    """A fresh float tensor in memory from numpy, which asks for transparent huge pages on large
+def _chunk_size(device, B):
+    """Sequences made at a time on the device, for a batch of B."""
+    return _CHUNK if device.type == "cpu" else max(B, 1)
+
+
+def _empty(shape, device=None):
+    """A fresh float tensor; on the CPU from numpy, which asks for transparent huge pages on large
     arrays: first touching a 50 MB batch then costs a few hundred page faults instead of ~12000
     (torch.empty does that only when torch runs with THP_MEM_ALLOC_ENABLE=1)."""
+    if device is not None and device.type != "cpu":
+        return torch.empty(tuple(shape), device=device)
     return torch.from_numpy(np.empty(tuple(shape), np.float32))
 
 
@@ -228,18 +239,20 @@ def _to_float_into(out, x_uint8, scratch=None):
     """out (n, T, 3, H, W) <- x_uint8 (n, T, H, W, 3) / 255: de-interleaving bytes first, then
     converting contiguous memory, is faster than converting across the transpose."""
     if scratch is None:
-        scratch = torch.empty(out.shape, dtype=torch.uint8)
+        scratch = torch.empty(out.shape, dtype=torch.uint8, device=out.device)
     scratch = scratch[:len(out)].copy_(x_uint8.permute(0, 1, 4, 2, 3))
     out.copy_(scratch).mul_(1 / 255)
 
 
 def to_float(x_uint8):
-    """(B, 8, 64, 64, 3) uint8 -> (B, 8, 3, 64, 64) float in [0, 1]."""
+    """(B, 8, 64, 64, 3) uint8 -> (B, 8, 3, 64, 64) float in [0, 1], on x_uint8's device."""
     B, T, H, W = x_uint8.shape[:4]
-    out = _empty((B, T, 3, H, W))
-    scratch = torch.empty((min(B, _CHUNK), T, 3, H, W), dtype=torch.uint8)
-    for s in range(0, B, _CHUNK):
-        _to_float_into(out[s:s + _CHUNK], x_uint8[s:s + _CHUNK], scratch)
+    device = x_uint8.device
+    n = _chunk_size(device, B)
+    out = _empty((B, T, 3, H, W), device)
+    scratch = torch.empty((min(B, n), T, 3, H, W), dtype=torch.uint8, device=device)
+    for s in range(0, B, n):
+        _to_float_into(out[s:s + n], x_uint8[s:s + n], scratch)
     return out
 
 
@@ -308,10 +321,9 @@ def _colour_maps(channel_mean, generator, **kwargs):
     return M, (P @ channel_mean[..., None])[..., 0] + q
 
 
-def _motion_params(B, T, generator):
-    """Every random draw of a motion augmentation of B sequences of T frames, as used by
-    `_motion_chunk`: colour maps M (B * T, 3, 3) (one per frame), P (B, 3, 3), q (B, 3) and the
-    blur's side weight c per sequence (0: no blur).
+def _motion_params(B, generator):
+    """Every random draw of a motion augmentation of B sequences: colour maps M (B, 3, 3), P (B, 3,
+    3), q (B, 3) and the blur's side weight c (B,) (0: no blur).
 
     The 3x3 Gaussian of sigma is the kernel [c, 1, c] x [c, 1, c] with c = exp(-1 / (2 sigma^2)),
     divided by (1 + 2c)^2; blur and colour map are linear, so that divisor is folded into the colour
@@ -321,37 +333,36 @@ def _motion_params(B, T, generator):
     blur = torch.rand(B, generator=generator) < 0.5
     c = torch.where(blur, torch.exp(-1 / (2 * sigma ** 2)), 0.0)
     scale = (1 + 2 * c) ** -2
-    M, P, q = M * scale[:, None, None], P * scale[:, None, None], q * scale[:, None]
-    return M.repeat_interleave(T, 0), P, q, c.tolist()
+    return M * scale[:, None, None], P * scale[:, None, None], q * scale[:, None], c
 
 
 def _blur_unnormalised_(y, c, h):
-    """y (..., H, W) <- y filtered by the separable 3x3 kernel [c, 1, c] x [c, 1, c] with reflect
-    padding, in place (4 passes, in cache for one sequence); h: scratch of y's shape. Divided by
-    (1 + 2c)^2, with c = exp(-1 / (2 sigma^2)), this is the 3x3 Gaussian of sigma."""
+    """y (n, ..., H, W) <- y filtered by the separable 3x3 kernel [c, 1, c] x [c, 1, c] of each
+    sequence's own weight c (n,) (0: unchanged), with reflect padding, in place (4 passes); h:
+    scratch of y's shape. Divided by (1 + 2c)^2, with c = exp(-1 / (2 sigma^2)), this is the 3x3
+    Gaussian of sigma."""
+    c = c.view((-1,) + (1,) * (y.dim() - 1))
     src, dst = y, h
     for dim in (-1, -2):
         n = y.shape[dim]
-        mid = dst.narrow(dim, 1, n - 2)
-        torch.add(src.narrow(dim, 1, n - 2), src.narrow(dim, 0, n - 2), alpha=c, out=mid).add_(
-            src.narrow(dim, 2, n - 2), alpha=c)
+        torch.addcmul(src.narrow(dim, 1, n - 2), src.narrow(dim, 0, n - 2), c,
+                      out=dst.narrow(dim, 1, n - 2)).addcmul_(src.narrow(dim, 2, n - 2), c)
         # reflect padding: both neighbours of an edge pixel are the pixel next to it
-        torch.add(src.select(dim, 0), src.select(dim, 1), alpha=2 * c, out=dst.select(dim, 0))
-        torch.add(src.select(dim, n - 1), src.select(dim, n - 2), alpha=2 * c,
-                  out=dst.select(dim, n - 1))
+        for edge, inner in ((0, 1), (n - 1, n - 2)):
+            torch.addcmul(src.narrow(dim, edge, 1), src.narrow(dim, inner, 1), 2 * c,
+                          out=dst.narrow(dim, edge, 1))
         src, dst = dst, src
 
 
-def _motion_chunk(x, out, M, P, q, c, h):
-    """out = clamp(blur_c(M x + v), 0, 1) for a few sequences x (n, T, 3, H, W), v = P mean(x) + q,
-    with the parameters of these sequences from `_motion_params`; h: scratch of one sequence's
-    shape."""
+def _motion_into(x, out, M, P, q, c, h):
+    """out = clamp(blur_c(M x + v), 0, 1) for sequences x (n, T, 3, H, W), v = P mean(x) + q, with
+    the draws of these sequences from `_motion_params`, all on x's device; h: scratch of at least
+    x's shape. Every sequence at once, nothing read back to the host."""
     n, T = x.shape[:2]
     v = torch.baddbmm(q[..., None], P, x.mean(dim=(1, 3, 4))[..., None])
-    torch.baddbmm(v.repeat_interleave(T, 0), M, x.view(n * T, 3, -1), out=out.view(n * T, 3, -1))
-    for j, cj in enumerate(c):
-        if cj:
-            _blur_unnormalised_(out[j], cj, h)
+    torch.baddbmm(v.repeat_interleave(T, 0), M.repeat_interleave(T, 0), x.view(n * T, 3, -1),
+                  out=out.view(n * T, 3, -1))
+    _blur_unnormalised_(out, c, h[:n])
     out.clamp_(0, 1)
 
 
@@ -360,50 +371,88 @@ def motion_augment(x, generator=None):
     (brightness, contrast, saturation +-0.8, hue +-0.2; p 0.8), greyscale (p 0.2), 3x3 Gaussian blur
     (sigma in [0.1, 2]; p 0.5). Keeps the motion, changes the look."""
     x = x.contiguous()
-    T = x.shape[1]
-    M, P, q, c = _motion_params(x.shape[0], T, generator)
-    out, h = _empty(x.shape), torch.empty(x.shape[1:])
-    for s in range(0, x.shape[0], _CHUNK):
-        e = s + _CHUNK
-        _motion_chunk(x[s:e], out[s:e], M[s * T:e * T], P[s:e], q[s:e], c[s:e], h)
+    B, device = x.shape[0], x.device
+    M, P, q, c = (t.to(device) for t in _motion_params(B, generator))
+    n = _chunk_size(device, B)
+    out, h = _empty(x.shape, device), torch.empty((min(n, B),) + x.shape[1:], device=device)
+    for s in range(0, B, n):
+        e = s + n
+        _motion_into(x[s:e], out[s:e], M[s:e], P[s:e], q[s:e], c[s:e], h)
     return out
 
 
 def _augmentation_draws(B, T, generator):
     """Every random draw of one batch's views: the content view's frame order and the motion view's
     parameters."""
-    return content_order(B, T, generator), _motion_params(B, T, generator)
+    return content_order(B, T, generator), _motion_params(B, generator)
 
 
-def _make_batch(X, i, generator=None, content_view=True):
+def _pack_draws(order, M, P, q, c):
+    """A batch's draws as one float tensor (B, T + 22), so that they reach the device in one copy
+    (frame indices are small integers, exact in float32)."""
+    B = len(order)
+    return torch.cat([order.float(), M.reshape(B, 9), P.reshape(B, 9), q, c[:, None]], 1)
+
+
+def _unpack_draws(draws, T):
+    """(order, M, P, q, c) of `_pack_draws`."""
+    B = len(draws)
+    order, M, P, q, c = draws.split([T, 9, 9, 3, 1], 1)
+    return order.long(), M.reshape(B, 3, 3), P.reshape(B, 3, 3), q, c[:, 0]
+
+
+def _to_device(t, device):
+    """A small CPU tensor on the device, copied without waiting (from pinned memory on CUDA)."""
+    if device.type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
+def _make_batch(X, i, generator=None, content_view=True, chunk=None):
     """x of the sequences X[i] and, with a generator, c_aug (with its frame order) and m_aug: the
     same as x = to_float(X[i]), content_augment(x, order=content_order(B, T, generator)),
-    motion_augment(x, generator), made a few sequences at a time straight from the uint8 store.
+    motion_augment(x, generator), made straight from the uint8 store on its device (i there too),
+    `chunk` sequences at a time (default: a few on the CPU, the whole batch elsewhere). The draws
+    are made on the CPU and reach the device in one copy; nothing is read back to the host.
     content_view=False leaves out the c_aug tensor (its order is still drawn and returned), for a
     model that shuffles x's frame features instead."""
-    B, T, H, W = len(i), *X.shape[1:4]
-    x = _empty((B, T, 3, H, W))
-    u8 = torch.empty((min(_CHUNK, B),) + tuple(X.shape[1:]), dtype=torch.uint8)
-    u8t = torch.empty((min(_CHUNK, B), T, 3, H, W), dtype=torch.uint8)
-    if generator is None:
-        for s in range(0, B, _CHUNK):
-            e = min(s + _CHUNK, B)
-            _to_float_into(x[s:e], torch.index_select(X, 0, i[s:e], out=u8[:e - s]), u8t)
-        return {"x": x}
-    order, (M, P, q, c) = _augmentation_draws(B, T, generator)
-    m_aug, h = _empty(x.shape), torch.empty(x.shape[1:])
-    batch = {"x": x, "c_aug_order": order, "m_aug": m_aug}
-    if content_view:
-        batch["c_aug"] = _empty(x.shape)
-        frames = (order + T * torch.arange(B)[:, None]).view(-1)
-        x_frames, c_frames = x.view(B * T, -1), batch["c_aug"].view(B * T, -1)
-    for s in range(0, B, _CHUNK):
-        e = min(s + _CHUNK, B)
+    device, B, T, H, W = X.device, len(i), *X.shape[1:4]
+    n = chunk or _chunk_size(device, B)
+    x = _empty((B, T, 3, H, W), device)
+    u8 = torch.empty((min(n, B),) + tuple(X.shape[1:]), dtype=torch.uint8, device=device)
+    u8t = torch.empty((min(n, B), T, 3, H, W), dtype=torch.uint8, device=device)
+    batch = {"x": x}
+    if generator is not None:
+        order, (M, P, q, c) = _augmentation_draws(B, T, generator)
+        order, M, P, q, c = _unpack_draws(_to_device(_pack_draws(order, M, P, q, c), device), T)
+        batch.update(c_aug_order=order, m_aug=_empty(x.shape, device))
+        h = torch.empty(u8t.shape, device=device)
+        if content_view:
+            batch["c_aug"] = _empty(x.shape, device)
+            frames = (order + T * torch.arange(B, device=device)[:, None]).view(-1)
+            x_frames, c_frames = x.view(B * T, -1), batch["c_aug"].view(B * T, -1)
+    for s in range(0, B, n):
+        e = min(s + n, B)
         _to_float_into(x[s:e], torch.index_select(X, 0, i[s:e], out=u8[:e - s]), u8t)
+        if generator is None:
+            continue
         if content_view:
             torch.index_select(x_frames, 0, frames[s * T:e * T], out=c_frames[s * T:e * T])
-        _motion_chunk(x[s:e], m_aug[s:e], M[s * T:e * T], P[s:e], q[s:e], c[s:e], h)
+        _motion_into(x[s:e], batch["m_aug"][s:e], M[s:e], P[s:e], q[s:e], c[s:e], h)
     return batch
+
+
+def _store_on(X, device):
+    """X moved once to the device where it fits (in half its free memory: the rest is the model's),
+    else X itself, left in host memory."""
+    if device.type == "cpu":
+        return X
+    if device.type == "cuda" and X.nbytes > torch.cuda.mem_get_info(device)[0] // 2:
+        return X
+    try:
+        return X.to(device)
+    except torch.OutOfMemoryError:
+        return X
 
 
 class SpriteBatches:
@@ -413,14 +462,22 @@ class SpriteBatches:
     batches; `set_epoch(epoch, start)` yields the batches of an epoch from batch `start` on, without
     making the ones before. With `rank`/`world_size`, each process gets its own strided share of
     every epoch (DistributedSampler-like).
+
+    With a `device`, x, m_aug, c_aug and c_aug_order are made on it (A, D and index stay on the
+    CPU): the uint8 split is moved there once (`store`) and every batch is made there whole, its
+    random draws still made on the CPU; where the split does not fit, each batch's uint8 rows are
+    gathered on the CPU into pinned memory and copied without waiting. `chunk`: sequences made at a
+    time (None: a few on the CPU, the whole batch on an accelerator).
     """
 
     def __init__(self, X, A, D, batch_size, shuffle=False, augment=False, seed=0, drop_last=False,
-                 rank=0, world_size=1, content_view=True):
+                 rank=0, world_size=1, content_view=True, device=None):
         self.X, self.A, self.D, self.content_view = X, A, D, content_view
         self.batch_size, self.shuffle, self.augment, self.seed = batch_size, shuffle, augment, seed
         self.drop_last, self.rank, self.world_size = drop_last, rank, world_size
         self.epoch, self.start = 0, 0
+        self.device = torch.device(device if device is not None else "cpu")
+        self.store, self.chunk = _store_on(X, self.device), None
 
     def set_epoch(self, epoch, start=0):
         self.epoch, self.start = epoch, start
@@ -441,11 +498,23 @@ class SpriteBatches:
         n = math.ceil(len(self.X) / self.world_size)
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
+    def _make(self, i, generator):
+        """The batch of the sequences store[i] (i on the store's device) on self.device."""
+        if self.store.device.type == self.device.type:
+            return _make_batch(self.store, i, generator, self.content_view, self.chunk)
+        rows = torch.empty((len(i),) + tuple(self.store.shape[1:]), dtype=torch.uint8,
+                           pin_memory=self.device.type == "cuda")
+        rows = torch.index_select(self.store, 0, i, out=rows).to(self.device, non_blocking=True)
+        every = torch.arange(len(i), device=self.device)
+        return _make_batch(rows, every, generator, self.content_view, self.chunk)
+
     def __iter__(self):
         idx = self._indices()
+        idx_store = idx.to(self.store.device)  # one copy an epoch
         g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch * 7919 + self.rank + 1)
         for b in range(len(self)):
-            i = idx[b * self.batch_size:(b + 1) * self.batch_size]
+            span = slice(b * self.batch_size, (b + 1) * self.batch_size)
+            i = idx[span]
             # skipped: only its random draws are made, so the batches after it get theirs
             if b < self.start:
                 if self.augment:
@@ -453,7 +522,7 @@ class SpriteBatches:
                 continue
             # with augment, the c_aug order travels with the view: a model can shuffle x's frame
             # features instead of re-encoding c_aug, and content_view=False then skips making c_aug
-            batch = _make_batch(self.X, i, g if self.augment else None, self.content_view)
+            batch = self._make(idx_store[span], g if self.augment else None)
             batch.update({"A": self.A[i], "D": self.D[i], "index": i})
             yield batch
 
