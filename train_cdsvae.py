@@ -242,9 +242,10 @@ def load_data(run):
     # the model shuffles x's frame features for the content view, so its tensor is not made
     run.loader = SpriteBatches(X, A, D, args.batch_size // run.world, shuffle=True, augment=augment,
                                seed=args.seed, drop_last=True, rank=run.rank, world_size=run.world,
-                               content_view=False)
+                               content_view=False, device=run.device)
     run.val_loader = (SpriteBatches(*val, args.batch_size, augment=augment, seed=args.seed,
-                                    content_view=False) if args.val_chars else None)
+                                    content_view=False, device=run.device)
+                      if args.val_chars else None)
     run.n_train, run.frames, run.test = len(X), X.shape[1], data["test"]
 
 
@@ -462,12 +463,12 @@ def train_critic(run, out):
 
 
 def forward_and_loss(run, model, batch, step, gather=None):
-    """CDSVAE.forward on a batch and its views, and cdsvae_loss: (outputs, loss, {term: value})."""
-    x = batch["x"].to(run.device, non_blocking=True)
+    """CDSVAE.forward on a batch (made on the device) and its views, and cdsvae_loss:
+    (outputs, loss, {term: value})."""
+    x = batch["x"]
     views = {}
     if run.args.model == "cdsvae":
-        views = {"m_aug": batch["m_aug"].to(run.device, non_blocking=True),
-                 "c_aug_order": batch["c_aug_order"].to(run.device, non_blocking=True)}
+        views = {"m_aug": batch["m_aug"], "c_aug_order": batch["c_aug_order"]}
     with autocast(run.device, run.args.amp):
         out = model(x, **views)
     loss, terms = cdsvae_loss(out, x, run.n_train, **loss_weights(run.args, step), gather=gather,
