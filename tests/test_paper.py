@@ -8,7 +8,7 @@ from torch import nn
 from judges.networks import load_judge
 from model import CDSVAE
 from train_cdsvae import lr_lambda
-from utils import load_model, save_atomic
+from utils import CheckpointError, load_model, save_atomic
 
 SIZES = dict(f_dim=8, z_dim=4, g_dim=16, rnn_size=16, nf=8)
 
@@ -47,6 +47,13 @@ def test_old_checkpoint_without_the_new_args_loads_as_before(tmp_path):
     x = torch.rand(2, 8, 3, 64, 64)
     assert isinstance(loaded.f_mean, nn.Linear)
     assert torch.equal(loaded.encode(x, random=False)["f_mean"], model.encode(x, random=False)["f_mean"])
+
+
+def test_a_checkpoint_that_needs_a_removed_option_is_refused_naming_its_commit(tmp_path):
+    args = dict(SIZES, frames=8, z_input="bilstm", f_film=True)
+    save_atomic({"model": CDSVAE(**SIZES).state_dict(), "model_args": args}, str(tmp_path / "film.pt"))
+    with pytest.raises(CheckpointError, match="needs --f_film, which was removed.*commit 7544b94"):
+        load_model(str(tmp_path / "film.pt"))
 
 
 def test_schedules_match_the_paper_repos_per_epoch_schedulers():
