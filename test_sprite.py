@@ -1,40 +1,42 @@
-"""Score a C-DSVAE checkpoint on the whole Sprites test split with one or more judges (default: both shipped ones,
-judges/sprite_judge.pt and judges/clip_judge.pt), and report how far the judges agree.
+"""Score a C-DSVAE checkpoint on the whole Sprites test split with one or more judges (default: both
+shipped ones, judges/sprite_judge.pt and judges/clip_judge.pt), and report how far the judges agree.
 
-    python test_sprite.py --model_dir checkpoints/cdsvae_sprites_cpu.pt [--niter 5] [--type_gt all] [--amp]
+    python test_sprite.py --model_dir checkpoints/cdsvae_sprites_cpu.pt [--niter 5] [--amp]
     python test_sprite.py --model_dir ... --judge judges/sprite_judge.pt --judge my_judge.pt
 
 Every test video is scored in every run; none is dropped, whatever the batch size.
 
-Protocol A (the paper's Table 1; --type_gt action): keep each video's dynamics (posterior mean of z), draw
-    f ~ N(0, I), decode (model.generate_fixed_motion). The judge's action accuracy against the true action,
-    and from its action softmax: IS = exp(E_x KL(p(y|x) || p(y))), H(y|x), H(y), and
-    KL(p_gen(y) || p_real(y)), the KL between its mean prediction on these generated videos and on the real
-    test videos. The test split is class-balanced (296 characters x 9 actions), so the whole split is the
-    class-balanced set these scores ask for.
-Protocol B (--type_gt static): keep each video's content (posterior mean of f), draw a path of the learned prior
-    and decode its per-step means, as the paper does (model.generate_fixed_content). The judge's accuracy on skin,
-    pant, top, hair and their mean. 'Bs' (not the paper's figure; --sampled_b): the same, decoding the path's
-    samples.
-Swaps (always): pair each video i with another video j = perm[i] (a seeded derangement: never itself), decode
-    f of i with z of j (model.swap); the judge's accuracy on i's four attributes and on j's action. As a
-    diagnosis, the predicted action in its two parts, action type and facing direction: how often each is j's
-    (carried by z) and how often i's (leaked through f); for protocol A, how often each is the video's own.
-Sanity rows (always): the mean squared error per pixel of decode(z_mean, f_mean) against the video, and the
-    judge's accuracy (and IS, entropies) on the real test videos.
-Agreement (two judges or more): for each pair of judges, each kind of video (protocol A, B, Bs, swaps, real) and each
-    head, the share of videos on which the two judges predict the same class. Every generated video is decoded
-    once and shown to every judge. A judge file's robustness card (judges/train_judge.py) is copied to the JSON.
+Protocol A (the paper's Table 1; --type_gt action): keep each video's dynamics (posterior mean of
+    z), draw f ~ N(0, I), decode (model.generate_fixed_motion). The judge's action accuracy against
+    the true action, and from its action softmax: IS = exp(E_x KL(p(y|x) || p(y))), H(y|x), H(y),
+    and KL(p_gen(y) || p_real(y)), the KL between its mean prediction on these generated videos and
+    on the real test videos. The test split is class-balanced (296 characters x 9 actions), so the
+    whole split is the class-balanced set these scores ask for.
+Protocol B (--type_gt static): keep each video's content (posterior mean of f), draw a path of the
+    learned prior and decode its per-step means, as the paper does (model.generate_fixed_content).
+    The judge's accuracy on skin, pant, top, hair and their mean. 'Bs' (not the paper's figure;
+    --sampled_b): the same, decoding the path's samples.
+Swaps (always): pair each video i with another video j = perm[i] (a seeded derangement: never
+    itself), decode f of i with z of j (model.swap); the judge's accuracy on i's four attributes and
+    on j's action. As a diagnosis, the predicted action in its two parts, action type and facing
+    direction: how often each is j's (carried by z) and how often i's (leaked through f); for
+    protocol A, how often each is the video's own.
+Sanity rows (always): the mean squared error per pixel of decode(z_mean, f_mean) against the video,
+    and the judge's accuracy (and IS, entropies) on the real test videos.
+Agreement (two judges or more): for each pair of judges, each kind of video (protocol A, B, Bs,
+    swaps, real) and each head, the share of videos on which the two judges predict the same class.
+    Every generated video is decoded once and shown to every judge. A judge file's robustness card
+    (judges/train_judge.py) is copied to the JSON.
 
-Latent probes (on unless --no-probes; probes.py): linear softmax classifiers fitted on the posteriors
-    of the train videos of --probe_characters train characters and scored on the test videos, from f
-    and from z (the whole path) to each factor: action (9), action type (3), direction (3), skin,
-    pant, top, hair (6 each); from the posterior means and from one posterior sample per video
-    (seed 0). What the latents hold, read without a judge.
+Latent probes (on unless --no-probes; probes.py): linear softmax classifiers fitted on the
+    posteriors of the train videos of --probe_characters train characters and scored on the test
+    videos, from f and from z (the whole path) to each factor: action (9), action type (3),
+    direction (3), skin, pant, top, hair (6 each); from the posterior means and from one posterior
+    sample per video (seed 0). What the latents hold, read without a judge.
 
-Run i uses seed i (the f ~ N(0, I) of protocol A, the prior samples of protocol B, the swap pairing); every
-figure is reported as the mean +- sample standard deviation over --niter runs, on stdout as a table laid out
-like the paper's and, with every run, in a JSON file (--out).
+Run i uses seed i (the f ~ N(0, I) of protocol A, the prior samples of protocol B, the swap
+pairing); every figure is reported as the mean +- sample standard deviation over --niter runs, on
+stdout as a table laid out like the paper's and, with every run, in a JSON file (--out).
 
 Time on the 2-core CPU of the README: see its Speed table.
 """
@@ -56,7 +58,10 @@ PAPER_ROW = ("C-DSVAE, paper (Table 1)", "99.99", "8.871", "0.014", "2.197")
 PROBE_CHARACTERS = 300
 
 
-# ---- report -----------------------------------------------------------------------------------------------
+# ---- report ------------------------------------------------------------------------------------
+W = 44  # the width of a table's label column
+
+
 def _pm(stats, k, pct=False, digits=3):
     """'mean ± std' of figure k of {'mean', 'std'}, in % with pct; '-' when absent."""
     m, s = stats["mean"], stats["std"]
@@ -66,49 +71,78 @@ def _pm(stats, k, pct=False, digits=3):
     return f"{m[k] * f:.{d}f}" + ("" if s[k] is None else f" ± {s[k] * f:.{d}f}")
 
 
-def format_table(result):
-    """The figures as text, one row per judge: protocol A laid out like the paper's Table 1 (Acc, IS, H(y|x),
-    H(y)), then accuracies per head for protocol B, the swaps and the real videos, then the judges' agreement."""
-    w = 44
-    per_judge = result["judges"]
-    first = next(iter(per_judge.values()))
-    n, runs = result.get("n_test", first["mean"].get("real_n")), len(first["runs"])
-    lines = [f"Sprites test split: {n} videos, each scored in each of {runs} run(s) by {len(per_judge)} judge(s); "
-             "mean ± sample std over runs",
-             "", "Protocol A: fix motion (posterior mean z), sample content f ~ N(0, I); judge's action prediction",
-             f"{'':<{w}} {'Acc (%)':>16} {'IS':>16} {'H(y|x)':>16} {'H(y)':>16}",
-             f"{PAPER_ROW[0]:<{w}} " + " ".join(f"{v:>16}" for v in PAPER_ROW[1:])]
+def _protocol_a_rows(per_judge):
+    lines = [f"{'':<{W}} {'Acc (%)':>16} {'IS':>16} {'H(y|x)':>16} {'H(y)':>16}",
+             f"{PAPER_ROW[0]:<{W}} " + " ".join(f"{v:>16}" for v in PAPER_ROW[1:])]
     for name, st in per_judge.items():
         for label, p in (("this checkpoint", "A"), ("real test videos", "real")):
             if f"{p}_IS" in st["mean"]:
-                lines.append(f"{label + ', ' + name:<{w}} {_pm(st, f'{p}_action_acc', True):>16} "
-                             f"{_pm(st, f'{p}_IS'):>16} {_pm(st, f'{p}_H_y_given_x'):>16} {_pm(st, f'{p}_H_y'):>16}")
-    lines += ["", f"{'judge accuracy (%)':<{w}} {'action':>16} " + " ".join(f"{a:>16}" for a in ATTRIBUTES)
-              + f" {'attr. mean':>16}"]
-    rows = (("protocol B: fix f, z = prior means", "B", None), ("protocol Bs: fix f, z ~ prior", "Bs", None),
+                lines.append(f"{label + ', ' + name:<{W}} {_pm(st, f'{p}_action_acc', True):>16} "
+                             f"{_pm(st, f'{p}_IS'):>16} {_pm(st, f'{p}_H_y_given_x'):>16} "
+                             f"{_pm(st, f'{p}_H_y'):>16}")
+    return lines
+
+
+def _accuracy_rows(per_judge):
+    lines = ["", f"{'judge accuracy (%)':<{W}} {'action':>16} "
+             + " ".join(f"{a:>16}" for a in ATTRIBUTES) + f" {'attr. mean':>16}"]
+    rows = (("protocol B: fix f, z = prior means", "B", None),
+            ("protocol Bs: fix f, z ~ prior", "Bs", None),
             ("swap: f of i, z of j", "swap", "swap_action_acc"),
             ("real test videos", "real", "real_action_acc"))
     for label, prefix, action_key in rows:
         for name, st in per_judge.items():
             if f"{prefix}_skin_acc" in st["mean"]:
-                lines.append(f"{label + ', ' + name:<{w}} {_pm(st, action_key, True) if action_key else '-':>16} "
-                             + " ".join(f"{_pm(st, f'{prefix}_{a}_acc', True):>16}" for a in ATTRIBUTES)
+                action = _pm(st, action_key, True) if action_key else "-"
+                lines.append(f"{label + ', ' + name:<{W}} {action:>16} "
+                             + " ".join(f"{_pm(st, f'{prefix}_{a}_acc', True):>16}"
+                                        for a in ATTRIBUTES)
                              + f" {_pm(st, f'{prefix}_attr_mean_acc', True):>16}")
     lines.append("  (swaps: attributes of i, action of j)")
+    return lines
+
+
+def _motion_part_rows(per_judge):
+    lines = []
     for name, st in per_judge.items():
-        lines.append(f"  {name}: the swap's motion in parts ({'/'.join(ACTIONS)} x {'/'.join(DIRECTIONS)}): action "
-                     f"type of j {_pm(st, 'swap_type_from_z', True)}%, of i {_pm(st, 'swap_type_from_f', True)}%; "
-                     f"direction of j {_pm(st, 'swap_direction_from_z', True)}%, of i "
-                     f"{_pm(st, 'swap_direction_from_f', True)}%"
-                     + (f"; protocol A: type {_pm(st, 'A_type_from_z', True)}%, direction "
-                        f"{_pm(st, 'A_direction_from_z', True)}%" if "A_type_from_z" in st["mean"] else ""))
-    for pair, st in result["agreement"].items():
+        protocol_a = (f"; protocol A: type {_pm(st, 'A_type_from_z', True)}%, direction "
+                      f"{_pm(st, 'A_direction_from_z', True)}%" if "A_type_from_z" in st["mean"]
+                      else "")
+        lines.append(f"  {name}: the swap's motion in parts ({'/'.join(ACTIONS)} x "
+                     f"{'/'.join(DIRECTIONS)}): action type of j "
+                     f"{_pm(st, 'swap_type_from_z', True)}%, of i "
+                     f"{_pm(st, 'swap_type_from_f', True)}%; direction of j "
+                     f"{_pm(st, 'swap_direction_from_z', True)}%, of i "
+                     f"{_pm(st, 'swap_direction_from_f', True)}%" + protocol_a)
+    return lines
+
+
+def _agreement_rows(agreement):
+    lines = []
+    for pair, st in agreement.items():
         lines += ["", f"agreement of the judges {pair} (% of videos with the same prediction)",
-                  f"{'':<{w}} " + " ".join(f"{h:>16}" for h in FACTORS)]
-        for kind, label in (("A", "protocol A"), ("B", "protocol B"), ("Bs", "protocol Bs"), ("swap", "swaps"),
-                            ("real", "real test videos")):
+                  f"{'':<{W}} " + " ".join(f"{h:>16}" for h in FACTORS)]
+        for kind, label in (("A", "protocol A"), ("B", "protocol B"), ("Bs", "protocol Bs"),
+                            ("swap", "swaps"), ("real", "real test videos")):
             if f"{kind}_action" in st["mean"]:
-                lines.append(f"{label:<{w}} " + " ".join(f"{_pm(st, f'{kind}_{h}', True):>16}" for h in FACTORS))
+                lines.append(f"{label:<{W}} " + " ".join(f"{_pm(st, f'{kind}_{h}', True):>16}"
+                                                         for h in FACTORS))
+    return lines
+
+
+def format_table(result):
+    """The figures as text, one row per judge: protocol A laid out like the paper's Table 1 (Acc,
+    IS, H(y|x), H(y)), then accuracies per head for protocol B, the swaps and the real videos, then
+    the judges' agreement."""
+    per_judge = result["judges"]
+    first = next(iter(per_judge.values()))
+    n, runs = result.get("n_test", first["mean"].get("real_n")), len(first["runs"])
+    lines = [f"Sprites test split: {n} videos, each scored in each of {runs} run(s) by "
+             f"{len(per_judge)} judge(s); mean ± sample std over runs",
+             "", "Protocol A: fix motion (posterior mean z), sample content f ~ N(0, I); judge's "
+             "action prediction"]
+    lines += (_protocol_a_rows(per_judge) + _accuracy_rows(per_judge)
+              + _motion_part_rows(per_judge) + _agreement_rows(result["agreement"]))
     lines += ["", f"reconstruction MSE per pixel, decode(z_mean, f_mean), pixels in [0, 1]: "
               f"{result['recon_mse_per_pixel']:.6f}"]
     return "\n".join(lines)
