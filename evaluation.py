@@ -1,15 +1,17 @@
-"""The evaluation of a sequential VAE on the Sprites test split under judges: the generation protocols'
-videos (protocol A, protocol B, swaps) decoded once and shown to every judge, the figures of each judge
-(accuracies, IS, entropies, which video the motion came from), and the agreement of every pair of judges.
-test_sprite.py prints and writes them; train_cdsvae.py scores along training; time_to_quality.py along
-snapshots.
+"""The evaluation of a sequential VAE on the Sprites test split under judges: the generation
+protocols' videos (protocol A, protocol B, swaps) decoded once and shown to every judge, the figures
+of each judge (accuracies, IS, entropies, which video the motion came from), the agreement of every
+pair of judges, and the latent probes (probes.py). test_sprite.py prints and writes them;
+train_cdsvae.py scores along training; time_to_quality.py along snapshots.
 """
 import math
 
 import torch
+from tqdm import tqdm
 
 from dataloader import ATTRIBUTES, DIRECTIONS, factor_labels, to_float
 from model import fixed_content, fixed_motion, swapped
+from probes import probe_labels, probe_table
 from utils import autocast
 
 
@@ -17,14 +19,14 @@ class NotFiniteError(ValueError):
     """A model or judge whose outputs hold NaN or inf: there is nothing to score."""
 
 
-def _finite(t, what):
-    if not bool(torch.isfinite(t).all()):
+def _refuse_not_finite(finite, what):
+    """NotFiniteError unless `finite` (read on the host) holds."""
+    if not finite:
         raise NotFiniteError(f"{what} hold NaN or inf values (diverged weights, or an overflow "
                              f"under --amp?): nothing is scored; use an earlier checkpoint")
-    return t
 
 
-# ---- metrics ----------------------------------------------------------------------------------------------
+# ---- metrics -------------------------------------------------------------------------------------
 def entropy(p, dim=-1):
     """Shannon entropy in nats of the probability vectors p along `dim` (0 log 0 = 0)."""
     p = p.double()
@@ -32,9 +34,11 @@ def entropy(p, dim=-1):
 
 
 def inception_score(probs):
-    """IS = exp(E_x KL(p(y|x) || p(y))) of class probabilities probs (N, K), with p(y) the mean of probs over x.
+    """IS = exp(E_x KL(p(y|x) || p(y))) of class probabilities probs (N, K), with p(y) the mean of
+    probs over x.
 
-    1 when every prediction is the same; K when each prediction is one-hot and the classes are balanced."""
+    1 when every prediction is the same; K when each prediction is one-hot and the classes are
+    balanced."""
     probs = probs.double()
     marginal = probs.mean(0, keepdim=True)
     kl = (probs * (torch.log(probs.clamp_min(1e-30)) - torch.log(marginal.clamp_min(1e-30)))).sum(1)
@@ -42,7 +46,8 @@ def inception_score(probs):
 
 
 def conditional_entropy(probs):
-    """H(y|x) = E_x H(p(y|x)) in nats: the mean entropy of each prediction (0 when the judge is certain)."""
+    """H(y|x) = E_x H(p(y|x)) in nats: the mean entropy of each prediction (0 when the judge is
+    certain)."""
     return entropy(probs).mean().item()
 
 
@@ -54,8 +59,9 @@ def marginal_entropy(probs):
 
 
 def kl_marginals(probs_p, probs_q):
-    """KL(p(y) || q(y)) in nats between the mean predictions p(y) = E probs_p and q(y) = E probs_q: how far the
-    class mix of one set of videos is from that of another (0 when they are the same)."""
+    """KL(p(y) || q(y)) in nats between the mean predictions p(y) = E probs_p and q(y) = E probs_q:
+    how far the class mix of one set of videos is from that of another (0 when they are the
+    same)."""
     p, q = probs_p.double().mean(0), probs_q.double().mean(0)
     return (p * (torch.log(p.clamp_min(1e-30)) - torch.log(q.clamp_min(1e-30)))).sum().item()
 
@@ -76,14 +82,15 @@ def derangement(n, generator):
 
 
 def mean_std(values):
-    """(mean, sample standard deviation) of a list of numbers; the std is None for a single value."""
+    """(mean, sample standard deviation) of a list of numbers; the std is None for a single
+    value."""
     m = sum(values) / len(values)
     if len(values) < 2:
         return m, None
     return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
 
 
-# ---- one pass over the videos --------------------------------------------------------------------------
+# ---- one pass over the videos --------------------------------------------------------------------
 def _cat(parts):
     """Concatenate, along the videos, a list of (nested dicts of) tensors."""
     if isinstance(parts[0], dict):
@@ -91,43 +98,64 @@ def _cat(parts):
     return torch.cat(parts)
 
 
-def judge_all(judges, videos, amp):
-    """{judge name: {head: probabilities (CPU)}} of every judge on a batch of videos."""
-    out = {}
+def judge_all(judges, videos, amp, what="the videos"):
+    """{judge name: {head: probabilities (CPU)}} of every judge on a batch of videos, read back to
+    the host at once; videos or judge outputs that are not finite are refused."""
+    heads, parts = [], []
     for name, judge in judges.items():
         with autocast(videos.device, amp):
             logits = judge(videos)
-        out[name] = {k: _finite(v.float(), f"judge {name}'s {k} outputs").softmax(-1).cpu()
-                     for k, v in logits.items()}
+        for k, v in logits.items():
+            heads.append((name, k, v.shape[1]))
+            parts.append(v.float().softmax(-1))
+    finite = torch.isfinite(videos).flatten(1).all(1, keepdim=True)
+    host = torch.cat(parts + [finite.float()], dim=1).cpu()  # the batch's one read-back
+    _refuse_not_finite(bool(host[:, -1].all()), what)
+    _refuse_not_finite(bool(torch.isfinite(host[:, :-1]).all()), "the judges' outputs")
+    out, column = {}, 0
+    for name, k, classes in heads:
+        out.setdefault(name, {})[k] = host[:, column:column + classes]
+        column += classes
     return out
 
 
 @torch.inference_mode()
-def encode_videos(model, X, device, batch_size=256, amp=False, judges=None):
-    """Of every video of X (N, T, 64, 64, 3) uint8, in one pass: posterior means 'z' (N, T, z_dim) and 'f'
-    (N, f_dim) on `device`, 'se' the summed squared error of decode(z_mean, f_mean), and with judges
-    'probs': {judge name: {head: probabilities}} on the real videos."""
+def encode_videos(model, X, device, batch_size=256, amp=False, judges=None, decode=True,
+                  desc="encode"):
+    """Of every video of X (N, T, 64, 64, 3) uint8 (converted on the device), in one pass: posterior
+    means 'z' (N, T, z_dim) and 'f' (N, f_dim) on `device`, their log-variances 'z_logvar' and
+    'f_logvar' where the model gives them, with decode 'se' the summed squared error of
+    decode(z_mean, f_mean), and with judges 'probs': {judge name: {head: probabilities}} on the
+    real videos."""
     parts = []
-    for s in range(0, len(X), batch_size):
-        x = to_float(X[s:s + batch_size]).to(device)
-        with autocast(device, amp):
-            post = model.encode(x, random=False)
-            recon = _finite(model.decode(post["z_mean"], post["f_mean"]),
-                            "the model's reconstructions")
-        part = {"z": post["z_mean"].float(), "f": post["f_mean"].float(),
-                "se": ((recon.float() - x) ** 2).flatten(1).sum(1, dtype=torch.float64).cpu()}
-        if judges:
-            part["probs"] = judge_all(judges, x, amp)
-        parts.append(part)
-    return _cat(parts)
+    with tqdm(total=len(X), desc=desc, unit="video", disable=None, leave=False) as bar:
+        for s in range(0, len(X), batch_size):
+            x = to_float(X[s:s + batch_size].to(device, non_blocking=True))
+            with autocast(device, amp):
+                post = model.encode(x, random=False)
+                recon = model.decode(post["z_mean"], post["f_mean"]) if decode else None
+            part = {"z": post["z_mean"].float(), "f": post["f_mean"].float(),
+                    **{k: post[k].float() for k in ("z_logvar", "f_logvar") if k in post}}
+            if decode:
+                part["se"] = ((recon.float() - x) ** 2).flatten(1).sum(1, dtype=torch.float64)
+            if judges:
+                part["probs"] = judge_all(judges, x, amp)
+            parts.append(part)
+            bar.update(len(x))
+    out = _cat(parts)
+    if decode:
+        out["se"] = out["se"].cpu()
+        _refuse_not_finite(bool(torch.isfinite(out["se"]).all()), "the model's reconstructions")
+    return out
 
 
 @torch.inference_mode()
 def run_latents(model, post, seed, type_gt="all", sampled_b=False):
-    """The (z, f) that run `seed` decodes for each protocol of model.py, from the posterior means post['z'],
-    post['f'], and the swap pairing perm (video i gets the z of video perm[i]): 'A' (type_gt action / all),
-    'B' and with sampled_b 'Bs' (type_gt static / all), and 'swap'. Each protocol's random draws are those
-    of the model's generate_* after torch.manual_seed(seed); the caller's random state is left as it was."""
+    """The (z, f) that run `seed` decodes for each protocol of model.py, from the posterior means
+    post['z'], post['f'], and the swap pairing perm (video i gets the z of video perm[i]): 'A'
+    (type_gt action / all), 'B' and with sampled_b 'Bs' (type_gt static / all), and 'swap'. Each
+    protocol's random draws are those of the model's generate_* after torch.manual_seed(seed); the
+    caller's random state is left as it was."""
     out = {}
     device = post["f"].device
     with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
@@ -145,29 +173,30 @@ def run_latents(model, post, seed, type_gt="all", sampled_b=False):
 
 
 @torch.inference_mode()
-def decode_and_judge(model, judges, z, f, batch_size=256, amp=False):
-    """{judge name: {head: probabilities (CPU)}} on decode(z, f), batch by batch: each video is decoded
-    once and shown to every judge."""
+def decode_and_judge(model, judges, z, f, batch_size=256, amp=False, desc="decode"):
+    """{judge name: {head: probabilities (CPU)}} on decode(z, f), batch by batch: each video is
+    decoded once and shown to every judge."""
     parts = []
-    for s in range(0, len(z), batch_size):
+    for s in tqdm(range(0, len(z), batch_size), desc=desc, unit="batch", disable=None, leave=False):
         with autocast(z.device, amp):
-            videos = _finite(model.decode(z[s:s + batch_size], f[s:s + batch_size]),
-                             "the model's generated videos")
-        parts.append(judge_all(judges, videos, amp))
+            videos = model.decode(z[s:s + batch_size], f[s:s + batch_size])
+        parts.append(judge_all(judges, videos, amp, "the model's generated videos"))
     return _cat(parts)
 
 
-# ---- the figures of one judge ----------------------------------------------------------------------------
+# ---- the figures of one judge --------------------------------------------------------------------
 def _action_scores(prefix, probs, D, real_action_probs):
     return {f"{prefix}_n": len(probs), f"{prefix}_action_acc": accuracy(probs, D),
             f"{prefix}_IS": inception_score(probs),
-            f"{prefix}_H_y_given_x": conditional_entropy(probs), f"{prefix}_H_y": marginal_entropy(probs),
+            f"{prefix}_H_y_given_x": conditional_entropy(probs),
+            f"{prefix}_H_y": marginal_entropy(probs),
             f"{prefix}_KL_gen_vs_real_marginal": kl_marginals(probs, real_action_probs)}
 
 
 def motion_parts(prefix, probs, sources):
-    """Which video the judged motion came from, in its parts (D = 3 * action + direction): for each source
-    name and its labels, the share of videos whose predicted action type and direction are that source's."""
+    """Which video the judged motion came from, in its parts (D = 3 * action + direction): for each
+    source name and its labels, the share of videos whose predicted action type and direction are
+    that source's."""
     pred = probs.argmax(1)
     out = {}
     n = len(DIRECTIONS)
@@ -185,7 +214,8 @@ def _attribute_scores(prefix, probs, A):
 
 
 def real_scores(probs, A, D):
-    """One judge's figures on the real test videos: accuracy per head, the attributes' mean, entropies."""
+    """One judge's figures on the real test videos: accuracy per head, the attributes' mean,
+    entropies."""
     accs = {f"real_{k}_acc": accuracy(probs[k], y) for k, y in factor_labels(A, D).items()}
     return {"real_n": len(D), **accs,
             "real_attr_mean_acc": sum(accs[f"real_{a}_acc"] for a in ATTRIBUTES) / len(ATTRIBUTES),
@@ -195,7 +225,8 @@ def real_scores(probs, A, D):
 
 
 def generated_scores(gen, real_probs, A, D, perm):
-    """One judge's figures on one run's generated videos gen = {'A' / 'B' / 'Bs' / 'swap': {head: probs}}."""
+    """One judge's figures on one run's generated videos gen = {'A' / 'B' / 'Bs' / 'swap': {head:
+    probs}}."""
     row = {}
     if "A" in gen:
         row.update(_action_scores("A", gen["A"]["action"], D, real_probs["action"]))
@@ -211,7 +242,8 @@ def generated_scores(gen, real_probs, A, D, perm):
 
 def agreement(probs_a, probs_b):
     """{head: share of videos on which two judges' predictions (argmax) are the same}."""
-    return {k: (probs_a[k].argmax(1) == probs_b[k].argmax(1)).double().mean().item() for k in probs_a}
+    return {k: (probs_a[k].argmax(1) == probs_b[k].argmax(1)).double().mean().item()
+            for k in probs_a}
 
 
 def _summary(runs):
@@ -224,38 +256,55 @@ def judge_pairs(names):
     return [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
 
 
+def _probe_figures(model, probe_train, real, test, device, batch_size, amp, seed):
+    """probes.probe_table of the model, fitted on the videos of probe_train (X, A, D) and scored on
+    the test videos, whose posteriors `real` are already encoded; 'probes_n' counts the videos."""
+    X, A, D = probe_train
+    train_post = encode_videos(model, X, device, batch_size, amp, decode=False,
+                               desc="encode, probes' train videos")
+    out = probe_table(train_post, real, probe_labels(A, D), probe_labels(*test[1:]), seed)
+    out["probes_n"] = {"train": len(X), "test": len(test[0])}
+    return out
+
+
 def evaluate(model, judges, test, device, seeds=(0,), amp=False, batch_size=256, type_gt="all",
-             sampled_b=False):
+             sampled_b=False, probe_train=None, probe_seed=0):
     """Every figure, for each seed and each judge of `judges` ({name: judge network}):
 
     {'judges': {name: {'runs': [{figure: value}], 'mean': {...}, 'std': {...}}},
      'agreement': {'a vs b': {'runs', 'mean', 'std'}} for each pair of judges,
-     'recon_mse_per_pixel': float}.
-    Figure keys: A_* (protocol A), B_* (protocol B, the prior's means), Bs_* (its samples; sampled_b only),
-    swap_*, real_* (the real videos); *_n is the number of videos scored. Agreement keys:
-    <A|B|Bs|swap|real>_<head>. `model` needs encode(x, random=False) -> {'f_mean', 'z_mean'},
+     'recon_mse_per_pixel': float}, and with probe_train (X, A, D), the latent probes fitted on
+    those videos and scored on the test videos (_probe_figures; the sample's seed is probe_seed).
+    Figure keys: A_* (protocol A), B_* (protocol B, the prior's means), Bs_* (its samples;
+    sampled_b only), swap_*, real_* (the real videos); *_n is the number of videos scored.
+    Agreement keys: <A|B|Bs|swap|real>_<head>. `model` (an nn.Module) needs encode(x,
+    random=False) -> {'f_mean', 'z_mean'} (and 'f_logvar', 'z_logvar' for the sampled probes),
     decode(z, f) and sample_z_prior(N, T, like=)."""
     X, A, D = test
     model.eval()
     for judge in judges.values():
         judge.eval()
-    real = encode_videos(model, X, device, batch_size, amp, judges)
+    real = encode_videos(model, X, device, batch_size, amp, judges, desc="encode, test videos")
     names = list(judges)
     runs = {name: [] for name in names}
     agree = {f"{a} vs {b}": [] for a, b in judge_pairs(names)}
-    for seed in seeds:
+    for seed in tqdm(seeds, desc="runs", unit="run", disable=None):
         latents, perm = run_latents(model, real, seed, type_gt, sampled_b)
-        gen = {k: decode_and_judge(model, judges, z, f, batch_size, amp)
+        gen = {k: decode_and_judge(model, judges, z, f, batch_size, amp, desc=f"decode {k}")
                for k, (z, f) in latents.items()}
         for name in names:
-            runs[name].append({"seed": seed, **generated_scores({k: g[name] for k, g in gen.items()},
-                                                                real["probs"][name], A, D, perm),
+            runs[name].append({"seed": seed, **generated_scores(
+                {k: g[name] for k, g in gen.items()}, real["probs"][name], A, D, perm),
                                **real_scores(real["probs"][name], A, D)})
         kinds = {**gen, "real": real["probs"]}
         for a, b in judge_pairs(names):
             agree[f"{a} vs {b}"].append({"seed": seed, **{
                 f"{kind}_{head}": v for kind, p in kinds.items()
                 for head, v in agreement(p[a], p[b]).items()}})
-    return {"judges": {name: _summary(r) for name, r in runs.items()},
-            "agreement": {pair: _summary(r) for pair, r in agree.items()},
-            "recon_mse_per_pixel": real["se"].sum().item() / X[:1].numel() / len(X)}
+    result = {"judges": {name: _summary(r) for name, r in runs.items()},
+              "agreement": {pair: _summary(r) for pair, r in agree.items()},
+              "recon_mse_per_pixel": real["se"].sum().item() / X[:1].numel() / len(X)}
+    if probe_train is not None:
+        result.update(_probe_figures(model, probe_train, real, test, device, batch_size, amp,
+                                     probe_seed))
+    return result

@@ -34,18 +34,13 @@ from dataloader import DataError, SpriteBatches, load_sprites, validation_split
 from evaluation import evaluate
 from judges.networks import SHIPPED_JUDGES, judge_name, load_judge
 from model import CDSVAE, FZCritic, cdsvae_loss, critic_loss
-from utils import (MODEL_ARGS, REMOVED_AT, REMOVED_TRAIN_ARGS, CheckpointError, amp_dtype, autocast,
+from utils import (MODEL_ARGS, REMOVED_AT, REMOVED_TRAIN_ARGS, CheckpointError, OneLineErrors,
+                   amp_dtype, autocast,
                    check_sizes, folders_held, git_revision, half_precision, mismatched_model_args,
                    pick_device, plot_loss_curves, read_checkpoint, save_atomic, write_text)
 
 
 # ---- arguments -----------------------------------------------------------------------------------
-class OneLineErrors(argparse.ArgumentParser):
-    """A bad flag is one line on stderr, not the usage of every flag followed by it."""
-    def error(self, message):
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
 def get_args(argv=None):
     p = OneLineErrors(description="Train C-DSVAE on Sprites. Each option's reasoning: README.md.")
     arg = p.add_argument

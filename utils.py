@@ -2,6 +2,7 @@
 checkpoints, model loading, the loss-curve plot."""
 import contextlib
 import fcntl
+import argparse
 import inspect
 import json
 import math
@@ -28,6 +29,12 @@ REMOVED_TRAIN_ARGS = {"f_film": False, "c_aug_flip": False, "weight_cyc": 0.0, "
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable or of other sizes than asked for."""
+
+
+class OneLineErrors(argparse.ArgumentParser):
+    """A bad flag is one line on stderr, not the usage of every flag followed by it."""
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
 
 
 # ---- devices and precision -----------------------------------------------------------------------

@@ -1,16 +1,20 @@
-"""Stand-ins with known answers for test_sprite.evaluate, and an initialisation that makes tiny models' outputs
-depend on their inputs.
+"""Stand-ins with known answers for evaluation.evaluate and the latent probes, and an initialisation
+that makes tiny models' outputs depend on their inputs.
 
-Each label of a video (action D, then skin, pant, top, hair) is painted as the intensity (label + 1) / LEVELS of
-its own BLOCK x BLOCK square of the red channel in every frame. LabelPainter encodes a painted video into
-z = its action and f = its attributes, and decodes z and f by painting them again; LabelReader, the judge, reads
-the squares back. So a decoded video shows the action of the z it was given and the attributes of its f.
+Each label of a video (action D, then skin, pant, top, hair) is painted as the intensity (label + 1)
+/ LEVELS of its own BLOCK x BLOCK square of the red channel in every frame. LabelPainter encodes a
+painted video into z = its action and f = its attributes, and decodes z and f by painting them
+again (LabelCoder likewise, in one-hot codes); LabelReader, the judge, reads the squares back. So a
+decoded video shows the action of the z it was given and the attributes of its f.
 """
+import math
+
 import torch
 from torch import nn
 
-from dataloader import FACTORS as JUDGE_HEADS
+from dataloader import FACTORS
 
+JUDGE_HEADS = FACTORS
 HEADS = tuple(JUDGE_HEADS)  # action, skin, pant, top, hair: the order of the painted squares
 BLOCK, LEVELS = 8, 17       # 255 = 15 * 17: every painted intensity is a whole uint8 value
 FRAMES, Z_DIM, F_DIM = 8, 3, 6
@@ -31,22 +35,42 @@ def read(videos):
     return torch.stack([c.round().clamp(0, JUDGE_HEADS[h] - 1).long() for c, h in zip(cols, HEADS)], 1)
 
 
+def painted_videos(A, D):
+    """X uint8 (N, 8, 64, 64, 3) painted with attributes A (N, 4) and actions D (N,), stored as
+    make_sprites stores a split. One value of each video (frame 0, the bottom-right pixel's blue) is
+    255, where LabelPainter draws 0: the squared reconstruction error is 1 per video (up to
+    rounding)."""
+    X = (paint(torch.cat([D[:, None], A], 1)) * 255).round().to(torch.uint8)
+    X = X.permute(0, 1, 3, 4, 2).contiguous()
+    X[:, 0, 63, 63, 2] = 255
+    return X
+
+
 def painted_test_set(n_characters=4, seed=0):
-    """(X uint8 (N, 8, 64, 64, 3), A (N, 4), D (N,)) laid out as make_sprites stores a split: every character in
-    all 9 motions. One value of each video (frame 0, the bottom-right pixel's blue) is 255, where LabelPainter
-    draws 0: the squared reconstruction error is 1 per video (up to rounding)."""
+    """(X uint8 (N, 8, 64, 64, 3), A (N, 4), D (N,)) laid out as make_sprites stores a split: every
+    character (random attributes) in all 9 motions (painted_videos)."""
     g = torch.Generator().manual_seed(seed)
     A = torch.randint(0, 6, (n_characters, 4), generator=g).repeat_interleave(9, 0)
     D = torch.arange(9).repeat(n_characters)
-    X = (paint(torch.cat([D[:, None], A], 1)) * 255).round().to(torch.uint8).permute(0, 1, 3, 4, 2).contiguous()
-    X[:, 0, 63, 63, 2] = 255
-    return X, A, D
+    return painted_videos(A, D), A, D
+
+
+def balanced_test_set():
+    """A painted split of 36 characters, each attribute's 6 values on 6 characters each (skin i,
+    pant j, top (i + j) % 6, hair (i + 2j) % 6), every character in all 9 motions: a classifier that
+    sees only the motion (or only the character) scores exactly 1/6 on each attribute (1/9 on the
+    action, 1/3 on its type and direction)."""
+    i, j = torch.arange(6).repeat_interleave(6), torch.arange(6).repeat(6)
+    A = torch.stack([i, j, (i + j) % 6, (i + 2 * j) % 6], 1).repeat_interleave(9, 0)
+    D = torch.arange(9).repeat(36)
+    return painted_videos(A, D), A, D
 
 
 class LabelPainter(nn.Module):
-    """The interface of model.CDSVAE that test_sprite.evaluate uses, with z_t = (action, 0, 0) in every frame and
-    f = (skin, pant, top, hair, 0, 0) read from a painted video, decode(z, f) painting the action of z and the
-    attributes of f, and a prior path of N(0, 4 I) means and N(means, I) samples."""
+    """The interface of model.CDSVAE that evaluation.evaluate uses, with z_t = (action, 0, 0) in every
+    frame and f = (skin, pant, top, hair, 0, 0) read from a painted video, decode(z, f) painting the
+    action of z and the attributes of f, and a prior path of N(0, 4 I) means and N(means, I)
+    samples."""
 
     def encode(self, x, random=False):
         labels = read(x).float()
@@ -64,6 +88,42 @@ class LabelPainter(nn.Module):
     def sample_z_prior(self, B, T=None, random=True, like=None):
         means = 2 * torch.randn(B, T or FRAMES, Z_DIM, dtype=like.dtype, device=like.device)
         return means, means + torch.randn_like(means)
+
+
+class LabelCoder(nn.Module):
+    """LabelPainter with one-hot codes, so that each factor a latent carries is a linear function of
+    it: z_t = one_hot(action) in every frame, f = the one-hot codes of skin, pant, top and hair, each
+    of posterior variance e^LOGVAR (nearly 0); decode(z, f) paints the class of each code (its
+    argmax)."""
+    LOGVAR = -30.0
+
+    def encode(self, x, random=False):
+        labels = read(x)
+        z = nn.functional.one_hot(labels[:, 0], JUDGE_HEADS["action"]).float()
+        z = z[:, None].expand(-1, x.shape[1], -1).contiguous()
+        f = torch.cat([nn.functional.one_hot(labels[:, k], JUDGE_HEADS[h])
+                       for k, h in enumerate(HEADS) if k], 1).float()
+        return {"z_mean": z, "z_logvar": torch.full_like(z, self.LOGVAR), "z": z,
+                "f_mean": f, "f_logvar": torch.full_like(f, self.LOGVAR), "f": f}
+
+    def decode(self, z, f):
+        codes = f.split([JUDGE_HEADS[h] for h in HEADS[1:]], 1)
+        labels = torch.stack([z.mean(1).argmax(1)] + [c.argmax(1) for c in codes], 1)
+        return paint(labels, frames=z.shape[1])
+
+    def sample_z_prior(self, B, T=None, random=True, like=None):
+        means = 2 * torch.randn(B, T or FRAMES, like.shape[-1], dtype=like.dtype, device=like.device)
+        return means, means + torch.randn_like(means)
+
+
+class TopOnlyInMean(LabelCoder):
+    """LabelCoder whose f carries the top in its mean only: the top code's posterior standard
+    deviation is 1000 (its values are 0 and 1), so a posterior sample of f has lost the top."""
+
+    def encode(self, x, random=False):
+        post = super().encode(x, random)
+        post["f_logvar"][:, 12:18] = 2 * math.log(1000.0)  # the third code: skin, pant, top
+        return post
 
 
 class LabelReader(nn.Module):

@@ -11,11 +11,15 @@ import numpy as np
 import pytest
 import torch
 
+import evaluation as ev
 import make_sprites
 import stubs
 import test_sprite as ts
-from dataloader import load_sprites, to_float
-from model import CDSVAE, JUDGE_HEADS, SpriteJudge
+from dataloader import (ACTIONS, ATTRIBUTES, DIRECTIONS, FACTORS, character_attributes, character_id,
+                        factor_labels, load_sprites, to_float)
+from judges.networks import SpriteJudge, load_judge
+from model import CDSVAE
+from utils import for_inference, load_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "judges"))
@@ -40,84 +44,84 @@ def files(tiny_data, tmp_path_factory):
     j = SpriteJudge(**TINY_JUDGE)
     judge_path = str(d / "judge.pt")
     torch.save({"model": {k: v.half() if v.is_floating_point() else v for k, v in j.state_dict().items()},
-                "judge_args": TINY_JUDGE, "heads": dict(JUDGE_HEADS), "test_accuracy": None}, judge_path)
+                "judge_args": TINY_JUDGE, "heads": dict(FACTORS), "test_accuracy": None}, judge_path)
     return {"model": model_path, "judge": judge_path, "data": tiny_data, "dir": d}
 
 
 # ---- the label map ----------------------------------------------------------------------------------------
 def test_judge_heads_match_the_data_labels(tiny_data):
-    assert list(JUDGE_HEADS) == ["action", "skin", "pant", "top", "hair"]
+    assert list(FACTORS) == ["action", "skin", "pant", "top", "hair"]
     # action = D = 3 * action + direction over the 9 motions; skin, pant, top, hair = A's columns, 6 values each,
     # the layers body, bottomwear, topwear, hair in that order
-    assert JUDGE_HEADS["action"] == len(make_sprites.MOTIONS) == len(make_sprites.ACTIONS) * len(make_sprites.DIRECTIONS)
+    assert FACTORS["action"] == len(make_sprites.MOTIONS) == len(make_sprites.ACTIONS) * len(make_sprites.DIRECTIONS)
     assert make_sprites.LAYERS == ("body", "bottomwear", "topwear", "hair")
-    assert all(JUDGE_HEADS[a] == 6 for a in ts.ATTRIBUTES)
-    assert make_sprites.character_attributes(make_sprites.character_id(1, 2, 3, 4)) == (1, 2, 3, 4)
+    assert all(FACTORS[a] == 6 for a in ATTRIBUTES)
+    assert tuple(int(v) for v in character_attributes(character_id(torch.tensor([1, 2, 3, 4])))) == (1, 2, 3, 4)
     _, A, D = load_sprites(tiny_data)["test"]
-    assert sorted(D.unique().tolist()) == list(range(JUDGE_HEADS["action"]))
+    assert sorted(D.unique().tolist()) == list(range(FACTORS["action"]))
     assert int(A.max()) < 6 and int(A.min()) >= 0
-    for targets in (ts.judge_targets(A, D), train_judge.targets(A, D)):
-        assert list(targets) == list(JUDGE_HEADS)
+    for targets in (factor_labels(A, D), train_judge.targets(A, D)):
+        assert list(targets) == list(FACTORS)
         assert torch.equal(targets["action"], D)
-        for i, a in enumerate(ts.ATTRIBUTES):
+        for i, a in enumerate(ATTRIBUTES):
             assert torch.equal(targets[a], A[:, i])
     # logits of the judge have the sizes of the heads
     out = SpriteJudge(**TINY_JUDGE).eval()(torch.rand(2, 8, 3, 64, 64))
-    assert {k: v.shape for k, v in out.items()} == {k: (2, n) for k, n in JUDGE_HEADS.items()}
+    assert {k: v.shape for k, v in out.items()} == {k: (2, n) for k, n in FACTORS.items()}
 
 
 # ---- metrics ----------------------------------------------------------------------------------------------
 def test_inception_score_and_entropies_by_hand():
     K = 9
     uniform = torch.full((36, K), 1 / K)
-    assert ts.inception_score(uniform) == pytest.approx(1.0)
-    assert ts.conditional_entropy(uniform) == pytest.approx(math.log(K))
-    assert ts.marginal_entropy(uniform) == pytest.approx(math.log(K))
+    assert ev.inception_score(uniform) == pytest.approx(1.0)
+    assert ev.conditional_entropy(uniform) == pytest.approx(math.log(K))
+    assert ev.marginal_entropy(uniform) == pytest.approx(math.log(K))
     onehot = torch.eye(K).repeat(4, 1)  # balanced, confident
-    assert ts.inception_score(onehot) == pytest.approx(K)
-    assert ts.conditional_entropy(onehot) == pytest.approx(0.0)
-    assert ts.marginal_entropy(onehot) == pytest.approx(math.log(K))
+    assert ev.inception_score(onehot) == pytest.approx(K)
+    assert ev.conditional_entropy(onehot) == pytest.approx(0.0)
+    assert ev.marginal_entropy(onehot) == pytest.approx(math.log(K))
     constant = torch.eye(K)[[3] * 10]  # always the same confident answer
-    assert ts.inception_score(constant) == pytest.approx(1.0)
-    assert ts.marginal_entropy(constant) == pytest.approx(0.0)
+    assert ev.inception_score(constant) == pytest.approx(1.0)
+    assert ev.marginal_entropy(constant) == pytest.approx(0.0)
     # two predictions over 2 classes: (0.5, 0.5) and (1, 0) -> p(y) = (0.75, 0.25)
     p = torch.tensor([[0.5, 0.5], [1.0, 0.0]])
     h_cond = (math.log(2) + 0) / 2
     h_marg = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
-    assert ts.conditional_entropy(p) == pytest.approx(h_cond)
-    assert ts.marginal_entropy(p) == pytest.approx(h_marg)
+    assert ev.conditional_entropy(p) == pytest.approx(h_cond)
+    assert ev.marginal_entropy(p) == pytest.approx(h_marg)
     kl = (0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25) + 1.0 * math.log(1 / 0.75)) / 2
-    assert ts.inception_score(p) == pytest.approx(math.exp(kl))
-    assert math.log(ts.inception_score(p)) == pytest.approx(h_marg - h_cond)  # log IS = H(y) - H(y|x)
-    assert ts.entropy(torch.tensor([0.25] * 4)).item() == pytest.approx(math.log(4))
+    assert ev.inception_score(p) == pytest.approx(math.exp(kl))
+    assert math.log(ev.inception_score(p)) == pytest.approx(h_marg - h_cond)  # log IS = H(y) - H(y|x)
+    assert ev.entropy(torch.tensor([0.25] * 4)).item() == pytest.approx(math.log(4))
 
 
 def test_kl_of_marginals_accuracy_mean_std_derangement():
     a = torch.tensor([[1.0, 0.0], [0.0, 1.0]])          # marginal (0.5, 0.5)
     b = torch.tensor([[0.9, 0.1], [0.7, 0.3]])          # marginal (0.8, 0.2)
-    assert ts.kl_marginals(a, b) == pytest.approx(0.5 * math.log(0.5 / 0.8) + 0.5 * math.log(0.5 / 0.2))
-    assert ts.kl_marginals(b, b) == pytest.approx(0.0)
-    assert ts.accuracy(b, torch.tensor([0, 1])) == 0.5
-    m, s = ts.mean_std([1.0, 2.0, 3.0])
+    assert ev.kl_marginals(a, b) == pytest.approx(0.5 * math.log(0.5 / 0.8) + 0.5 * math.log(0.5 / 0.2))
+    assert ev.kl_marginals(b, b) == pytest.approx(0.0)
+    assert ev.accuracy(b, torch.tensor([0, 1])) == 0.5
+    m, s = ev.mean_std([1.0, 2.0, 3.0])
     assert (m, s) == (pytest.approx(2.0), pytest.approx(1.0))
-    assert ts.mean_std([4.0]) == (4.0, None)
+    assert ev.mean_std([4.0]) == (4.0, None)
     for n in (2, 3, 100):
-        perm = ts.derangement(n, torch.Generator().manual_seed(n))
+        perm = ev.derangement(n, torch.Generator().manual_seed(n))
         assert sorted(perm.tolist()) == list(range(n)) and not (perm == torch.arange(n)).any()
-    assert torch.equal(ts.derangement(50, torch.Generator().manual_seed(1)),
-                       ts.derangement(50, torch.Generator().manual_seed(1)))
+    assert torch.equal(ev.derangement(50, torch.Generator().manual_seed(1)),
+                       ev.derangement(50, torch.Generator().manual_seed(1)))
     with pytest.raises(ValueError):
-        ts.derangement(1, torch.Generator())
+        ev.derangement(1, torch.Generator())
 
 
 def test_motion_parts_split_type_and_direction():
     # labels D = 3 * action + direction; predictions: 4 (spellcard left), 2 (walk right), 8 (slash right)
     probs = torch.nn.functional.one_hot(torch.tensor([4, 2, 8]), 9).double()
     z_src, f_src = torch.tensor([5, 1, 2]), torch.tensor([1, 0, 2])
-    parts = ts.motion_parts("swap", probs, {"z": z_src, "f": f_src})
+    parts = ev.motion_parts("swap", probs, {"z": z_src, "f": f_src})
     assert parts == {"swap_type_from_z": pytest.approx(2 / 3), "swap_direction_from_z": pytest.approx(1 / 3),
                      "swap_type_from_f": pytest.approx(1 / 3), "swap_direction_from_f": pytest.approx(2 / 3)}
-    assert (ts.ACTIONS, ts.DIRECTIONS) == (("walk", "spellcard", "slash"), ("front", "left", "right"))
+    assert (ACTIONS, DIRECTIONS) == (("walk", "spellcard", "slash"), ("front", "left", "right"))
 
 
 # ---- the protocols ----------------------------------------------------------------------------------------
@@ -126,15 +130,15 @@ def test_known_answers_with_a_model_and_judge_that_paint_and_read_the_labels():
     protocol scores 1, the swap's action is its partner's, and what the swap shares with f's video is chance."""
     X, A, D = stubs.painted_test_set(n_characters=4)
     N = len(D)
-    result = ts.evaluate(stubs.LabelPainter(), {"stub": stubs.LabelReader()}, (X, A, D), torch.device("cpu"),
+    result = ev.evaluate(stubs.LabelPainter(), {"stub": stubs.LabelReader()}, (X, A, D), torch.device("cpu"),
                          seeds=(0, 1), batch_size=10, sampled_b=True)  # 36 videos: a last, partial batch
     assert result["recon_mse_per_pixel"] == pytest.approx(1 / (8 * 3 * 64 * 64), rel=1e-9)  # one wrong value a video
     for run in result["judges"]["stub"]["runs"]:
-        perm = ts.derangement(N, torch.Generator().manual_seed(run["seed"])).tolist()
+        perm = ev.derangement(N, torch.Generator().manual_seed(run["seed"])).tolist()
         assert any(D[perm[i]] != D[i] for i in range(N)) and any((A[perm[i]] != A[i]).any() for i in range(N))
         perfect = ["A_action_acc", "A_type_from_z", "A_direction_from_z", "swap_action_acc", "swap_type_from_z",
                    "swap_direction_from_z", "real_action_acc", "real_attr_mean_acc", "B_attr_mean_acc",
-                   "swap_attr_mean_acc"] + [f"{p}_{a}_acc" for p in ("B", "Bs", "swap", "real") for a in ts.ATTRIBUTES]
+                   "swap_attr_mean_acc"] + [f"{p}_{a}_acc" for p in ("B", "Bs", "swap", "real") for a in ATTRIBUTES]
         assert {k: run[k] for k in perfect} == {k: 1.0 for k in perfect}
         # the swap's motion is all z's (video perm[i]'s); what it shares with f's video i is what the pairing gives
         same_direction = sum(int(D[perm[i]]) % 3 == int(D[i]) % 3 for i in range(N)) / N
@@ -163,12 +167,12 @@ def test_known_agreement_of_two_judges():
     real videos (whose skin is f's video's, i.e. A[:, 0]) is the share of other skins; on every attribute it is 1."""
     X, A, D = stubs.painted_test_set(n_characters=6, seed=3)
     judges = {"reader": stubs.LabelReader(), "shifted": ActionShiftedOnFirstSkin()}
-    result = ts.evaluate(stubs.LabelPainter(), judges, (X, A, D), torch.device("cpu"), seeds=(0,), batch_size=16)
+    result = ev.evaluate(stubs.LabelPainter(), judges, (X, A, D), torch.device("cpu"), seeds=(0,), batch_size=16)
     agree = result["agreement"]["reader vs shifted"]["mean"]
     other_skins = (A[:, 0] != 0).double().mean().item()
     assert 0 < other_skins < 1
     assert agree["real_action"] == pytest.approx(other_skins) and agree["swap_action"] == pytest.approx(other_skins)
-    assert all(agree[f"{kind}_{a}"] == 1 for kind in ("A", "B", "swap", "real") for a in ts.ATTRIBUTES)
+    assert all(agree[f"{kind}_{a}"] == 1 for kind in ("A", "B", "swap", "real") for a in ATTRIBUTES)
     # each judge's own figures: the shifted one is wrong exactly where it disagrees
     shifted = result["judges"]["shifted"]["mean"]
     assert shifted["swap_action_acc"] == pytest.approx(other_skins) and shifted["real_action_acc"] == pytest.approx(other_skins)
@@ -177,16 +181,16 @@ def test_known_agreement_of_two_judges():
 
 def test_latents_are_the_models_generators(files):
     """What evaluate decodes is what generate_fixed_motion, generate_fixed_content and swap make."""
-    model = ts.load_model(files["model"])
-    judge = ts.load_judge(files["judge"])
+    model = load_model(files["model"])
+    judge = load_judge(files["judge"])
     X = load_sprites(files["data"])["test"][0][:5]
     x = to_float(X)
-    post = ts.encode_split(model, {"judge": judge}, X, torch.device("cpu"), batch_size=2)
+    post = ev.encode_videos(model, X, torch.device("cpu"), 2, False, {"judge": judge})
     state = torch.get_rng_state()
-    latents, perm = ts.run_latents(model, post, seed=3, sampled_b=True)
+    latents, perm = ev.run_latents(model, post, seed=3, sampled_b=True)
     assert torch.equal(torch.get_rng_state(), state)  # the caller's random state is untouched
     assert set(latents) == {"A", "B", "Bs", "swap"}
-    assert set(ts.run_latents(model, post, seed=3)[0]) == {"A", "B", "swap"}  # Bs only when asked
+    assert set(ev.run_latents(model, post, seed=3)[0]) == {"A", "B", "swap"}  # Bs only when asked
     assert not (perm == torch.arange(5)).any()
     with torch.inference_mode():
         torch.manual_seed(3)
@@ -199,11 +203,11 @@ def test_latents_are_the_models_generators(files):
         # B decodes the prior's means along the path whose samples Bs decodes (the paper's protocol B)
         torch.testing.assert_close(model.prior(latents["Bs"][0])[0], latents["B"][0], atol=1e-6, rtol=1e-5)
         assert not torch.allclose(latents["Bs"][0], latents["B"][0]) and torch.equal(latents["Bs"][1], latents["B"][1])
-    other, perm1 = ts.run_latents(model, post, seed=4)  # another run: new f, new prior z, new pairing
+    other, perm1 = ev.run_latents(model, post, seed=4)  # another run: new f, new prior z, new pairing
     assert not torch.equal(other["A"][1], latents["A"][1]) and not torch.equal(other["B"][0], latents["B"][0])
-    assert not torch.equal(perm, perm1) and torch.equal(ts.run_latents(model, post, seed=3)[1], perm)
-    assert set(ts.run_latents(model, post, 0, "action")[0]) == {"A", "swap"}
-    assert set(ts.run_latents(model, post, 0, "static", sampled_b=True)[0]) == {"B", "Bs", "swap"}
+    assert not torch.equal(perm, perm1) and torch.equal(ev.run_latents(model, post, seed=3)[1], perm)
+    assert set(ev.run_latents(model, post, 0, "action")[0]) == {"A", "swap"}
+    assert set(ev.run_latents(model, post, 0, "static", sampled_b=True)[0]) == {"B", "Bs", "swap"}
 
 
 def test_for_inference_changes_no_output():
@@ -218,13 +222,13 @@ def test_for_inference_changes_no_output():
     x, z, f = torch.rand(3, 8, 3, 64, 64), torch.randn(3, 8, 4), torch.randn(3, 8)
     with torch.inference_mode():
         ref = model.decode(z, f), model.encode(x, random=False)["f_mean"], judge(x)
-        fast_model, fast_judge = ts.for_inference(copy.deepcopy(model)), ts.for_inference(copy.deepcopy(judge))
+        fast_model, fast_judge = for_inference(copy.deepcopy(model)), for_inference(copy.deepcopy(judge))
         assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast_model.decoder.modules())
         assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast_judge.modules())
         got = fast_model.decode(z, f), fast_model.encode(x, random=False)["f_mean"], fast_judge(x)
     torch.testing.assert_close(got[0], ref[0], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(got[1], ref[1], atol=1e-5, rtol=1e-4)
-    for k in JUDGE_HEADS:
+    for k in FACTORS:
         torch.testing.assert_close(got[2][k], ref[2][k], atol=1e-5, rtol=1e-4)
 
 
@@ -252,7 +256,7 @@ def test_cli_end_to_end_every_video_scored(files, capsys):
         for k, v in run.items():
             if k.endswith("_acc"):
                 assert 0 <= v <= 1
-        assert run["B_attr_mean_acc"] == pytest.approx(np.mean([run[f"B_{a}_acc"] for a in ts.ATTRIBUTES]))
+        assert run["B_attr_mean_acc"] == pytest.approx(np.mean([run[f"B_{a}_acc"] for a in ATTRIBUTES]))
         for k in ("A_type_from_z", "A_direction_from_z", "swap_type_from_z", "swap_direction_from_f"):
             assert 0 <= run[k] <= 1
         assert run["A_type_from_z"] >= run["A_action_acc"] and run["A_direction_from_z"] >= run["A_action_acc"]
@@ -301,10 +305,10 @@ def test_train_judge_writes_a_half_precision_judge_and_resumes_exactly(files, tm
         return torch.load(tmp_path / out, weights_only=True)
 
     whole = train("whole.pt", "whole_last.pt")
-    assert whole["judge_args"] == TINY_JUDGE and whole["heads"] == JUDGE_HEADS
+    assert whole["judge_args"] == TINY_JUDGE and whole["heads"] == FACTORS
     assert all(v.dtype == torch.float16 for v in whole["model"].values() if v.is_floating_point())
-    assert set(whole["test_accuracy"]) == set(JUDGE_HEADS)
-    judge = ts.load_judge(str(tmp_path / "whole.pt"))
+    assert set(whole["test_accuracy"]) == set(FACTORS)
+    judge = load_judge(str(tmp_path / "whole.pt"))
     assert isinstance(judge, SpriteJudge) and not judge.training
 
     save_atomic = train_judge.save_atomic
@@ -346,12 +350,12 @@ def test_shipped_judge_loads_and_met_the_bar(tiny_data):
     assert os.path.getsize(SHIPPED) <= 25e6
     ckpt = torch.load(SHIPPED, weights_only=True)
     assert all(v.dtype == torch.float16 for v in ckpt["model"].values() if v.is_floating_point())
-    assert set(ckpt["test_accuracy"]) == set(JUDGE_HEADS)
+    assert set(ckpt["test_accuracy"]) == set(FACTORS)
     assert min(ckpt["test_accuracy"].values()) >= 0.999  # as measured on the 2664 real test videos
-    judge = ts.load_judge(SHIPPED)
+    judge = load_judge(SHIPPED)
     X, A, D = load_sprites(tiny_data)["test"]  # 18 real test videos
     with torch.inference_mode():
         out = judge(to_float(X))
-    assert {k: v.shape[1] for k, v in out.items()} == JUDGE_HEADS
-    for k, y in ts.judge_targets(A, D).items():
+    assert {k: v.shape[1] for k, v in out.items()} == FACTORS
+    for k, y in factor_labels(A, D).items():
         assert torch.equal(out[k].argmax(1), y), k

@@ -9,9 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import evaluation as ev
+import judges.networks as networks
 import test_sprite as ts
-from dataloader import gaussian_blur, judge_corrupt, load_sprites, to_float
-from model import CDSVAE, JUDGE_HEADS, JUDGES, ClipJudge, SpriteJudge
+from dataloader import FACTORS, factor_labels, gaussian_blur, judge_corrupt, load_sprites, to_float
+from judges.networks import JUDGES, SHIPPED_JUDGES, ClipJudge, SpriteJudge, load_judge
+from model import CDSVAE
+from utils import for_inference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "judges"))
@@ -30,7 +34,7 @@ def save_judge(path, arch, args, seed):
     judge = JUDGES[arch](**args)
     torch.save({"model": {k: v.half() for k, v in judge.state_dict().items() if v.is_floating_point()}
                 | {k: v for k, v in judge.state_dict().items() if not v.is_floating_point()},
-                "arch": arch, "judge_args": args, "heads": dict(JUDGE_HEADS)}, path)
+                "arch": arch, "judge_args": args, "heads": dict(FACTORS)}, path)
     return str(path)
 
 
@@ -48,7 +52,7 @@ def files(tiny_data, tmp_path_factory):
 def test_clip_judge_shapes_and_family():
     judge = ClipJudge(nf=8, hidden=32).eval()
     out = judge(torch.rand(3, 8, 3, 64, 64))
-    assert {k: tuple(v.shape) for k, v in out.items()} == {k: (3, n) for k, n in JUDGE_HEADS.items()}
+    assert {k: tuple(v.shape) for k, v in out.items()} == {k: (3, n) for k, n in FACTORS.items()}
     # another family than SpriteJudge: 3D convolutions over the clip, no recurrence, no per-frame encoder
     kinds = {type(m) for m in judge.modules()}
     assert torch.nn.Conv3d in kinds and not kinds & {torch.nn.LSTM, torch.nn.RNN, torch.nn.Conv2d}
@@ -90,9 +94,9 @@ def test_agreement_against_a_hand_computation():
     b = {"action": torch.tensor([[0.7, 0.3], [0.9, 0.1], [0.1, 0.9], [0.4, 0.6]]),
          "skin": torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7]])}
     # action: predictions 0,1,0,1 vs 0,0,1,1 -> 2 of 4 match; skin: 0,0,0,0 vs 0,1,0,1 -> 2 of 4
-    assert ts.agreement(a, b) == {"action": 0.5, "skin": 0.5}
-    assert ts.agreement(a, a) == {"action": 1.0, "skin": 1.0}
-    assert ts.judge_pairs(["x", "y", "z"]) == [("x", "y"), ("x", "z"), ("y", "z")]
+    assert ev.agreement(a, b) == {"action": 0.5, "skin": 0.5}
+    assert ev.agreement(a, a) == {"action": 1.0, "skin": 1.0}
+    assert ev.judge_pairs(["x", "y", "z"]) == [("x", "y"), ("x", "z"), ("y", "z")]
 
 
 def test_two_judges_scored_and_their_agreement(files, tmp_path, capsys):
@@ -106,13 +110,13 @@ def test_two_judges_scored_and_their_agreement(files, tmp_path, capsys):
     for name in ("first", "second"):
         assert {"A_action_acc", "B_attr_mean_acc", "swap_action_acc", "real_action_acc"} <= set(result["judges"][name]["mean"])
     agree = result["agreement"]["first vs second"]
-    assert {f"{kind}_{h}" for kind in ("A", "B", "swap", "real") for h in JUDGE_HEADS} == set(agree["mean"])  # no Bs
+    assert {f"{kind}_{h}" for kind in ("A", "B", "swap", "real") for h in FACTORS} == set(agree["mean"])  # no Bs
     # the real videos' agreement recomputed from the two judges directly
     X = load_sprites(files["data"])["test"][0]
-    j1, j2 = ts.load_judge(files["bilstm"]), ts.load_judge(files["conv3d"])
+    j1, j2 = load_judge(files["bilstm"]), load_judge(files["conv3d"])
     with torch.inference_mode():
         p1, p2 = j1(to_float(X)), j2(to_float(X))
-    for h in JUDGE_HEADS:
+    for h in FACTORS:
         want = (p1[h].argmax(1) == p2[h].argmax(1)).double().mean().item()
         assert agree["mean"][f"real_{h}"] == pytest.approx(want)
     saved = json.loads(out.read_text())
@@ -121,16 +125,16 @@ def test_two_judges_scored_and_their_agreement(files, tmp_path, capsys):
 
 def test_both_shipped_judges_are_the_default(files, monkeypatch):
     seen = []
-    real_load = ts.load_judge
+    real_load = networks.load_judge
     monkeypatch.setattr(ts, "load_judge", lambda path, device="cpu": seen.append(path) or real_load(files["conv3d"]))
     ts.main(["--model_dir", files["model"], "--data_root", files["data"], "--niter", "1", "--device", "cpu",
              "--type_gt", "action", "--out", str(files["dir"] / "d.json")])
-    assert seen == list(ts.SHIPPED_JUDGES) == ["judges/sprite_judge.pt", "judges/clip_judge.pt"]
+    assert seen == list(SHIPPED_JUDGES) == ["judges/sprite_judge.pt", "judges/clip_judge.pt"]
 
 
 def test_a_wrong_or_missing_second_judge_is_one_line(files, tmp_path):
     bad_arch = tmp_path / "alien.pt"
-    torch.save({"model": {}, "arch": "transformer", "judge_args": {}, "heads": dict(JUDGE_HEADS)}, bad_arch)
+    torch.save({"model": {}, "arch": "transformer", "judge_args": {}, "heads": dict(FACTORS)}, bad_arch)
     misfit = tmp_path / "misfit.pt"  # conv3d weights saved as if they were a BiLSTM judge
     ck = torch.load(files["conv3d"], weights_only=True)
     torch.save({**ck, "arch": "bilstm", "judge_args": TINY_BILSTM}, misfit)
@@ -153,10 +157,10 @@ def test_train_judge_conv3d_writes_its_arch_and_robustness_card(files, tmp_path)
                       "--ckpt", str(tmp_path / "last.pt")])
     ckpt = torch.load(out, weights_only=True)
     assert ckpt["arch"] == "conv3d" and ckpt["judge_args"] == TINY_CLIP
-    assert isinstance(ts.load_judge(out), ClipJudge)
+    assert isinstance(load_judge(out), ClipJudge)
     card = ckpt["robustness"]
     assert list(card) == ["sharp", "blur_0.7", "blur_1.0", "blur_1.5", "noise_0.05", "noise_0.1"]
-    assert all(set(v) == set(JUDGE_HEADS) and all(0 <= a <= 1 for a in v.values()) for v in card.values())
+    assert all(set(v) == set(FACTORS) and all(0 <= a <= 1 for a in v.values()) for v in card.values())
     assert card["sharp"] == ckpt["test_accuracy"]  # the card's sharp row is the test accuracy, measured alike
     # --card_only recomputes the same card into a judge file that had none, weights untouched
     bare = str(tmp_path / "bare.pt")
@@ -167,7 +171,7 @@ def test_train_judge_conv3d_writes_its_arch_and_robustness_card(files, tmp_path)
     assert all(torch.equal(again["model"][k], v) for k, v in ckpt["model"].items())
 
 
-@pytest.mark.parametrize("path", ts.SHIPPED_JUDGES)
+@pytest.mark.parametrize("path", SHIPPED_JUDGES)
 def test_shipped_judges_are_right_on_real_videos_and_carded(path, tiny_data):
     path = os.path.join(ROOT, path)
     assert os.path.getsize(path) <= 25e6
@@ -175,11 +179,11 @@ def test_shipped_judges_are_right_on_real_videos_and_carded(path, tiny_data):
     assert all(v.dtype == torch.float16 for v in ckpt["model"].values() if v.is_floating_point())
     assert min(ckpt["test_accuracy"].values()) >= 0.999
     assert set(ckpt["robustness"]) >= {"blur_0.7", "blur_1.0", "blur_1.5", "noise_0.05", "noise_0.1"}
-    judge = ts.load_judge(path)
+    judge = load_judge(path)
     X, A, D = load_sprites(tiny_data)["test"]
     with torch.inference_mode():
         out = judge(to_float(X))
-    for k, y in ts.judge_targets(A, D).items():
+    for k, y in factor_labels(A, D).items():
         assert torch.equal(out[k].argmax(1), y), k
 
 
@@ -194,10 +198,10 @@ def test_for_inference_keeps_the_clip_judge_outputs():
     x = torch.rand(2, 8, 3, 64, 64)
     with torch.inference_mode():
         ref = judge(x)
-        fast = ts.for_inference(judge)
+        fast = for_inference(judge)
         assert not any(isinstance(m, torch.nn.BatchNorm3d) for m in fast.modules())
         got = fast(x)
-    for k in JUDGE_HEADS:
+    for k in FACTORS:
         torch.testing.assert_close(got[k], ref[k], atol=1e-4, rtol=1e-3)
 
 

@@ -1,0 +1,100 @@
+"""Latent probes: what a model's latents hold, read without a judge. A linear softmax classifier per
+factor, fitted on the latents of training videos and scored on the test videos, from f and from z
+(the whole path, flattened), on the posterior means or on one posterior sample per video.
+
+For a disentangled model f reads the appearance (skin, pant, top, hair) and not the motion; z reads
+the motion (action, its type and its facing direction) and not the appearance.
+"""
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from dataloader import ACTIONS, ATTRIBUTES, DIRECTIONS, FACTORS, factor_labels
+
+# the factors probed and their classes: the action (D = 3 * type + direction) also in its two parts
+PROBE_FACTORS = {"action": FACTORS["action"], "action_type": len(ACTIONS),
+                 "direction": len(DIRECTIONS), **{a: FACTORS[a] for a in ATTRIBUTES}}
+PROBE_L2 = 1e-3     # weight of 0.5 * ||W||^2 beside the mean cross-entropy (standardised features)
+PROBE_STEPS = 50    # L-BFGS iterations per classifier (at most)
+
+
+def probe_labels(A, D):
+    """{factor of PROBE_FACTORS: labels (N,)} of videos with attributes A (N, 4) and motions D
+    (N,)."""
+    labels = factor_labels(A, D)
+    n = len(DIRECTIONS)
+    return {"action": D, "action_type": D // n, "direction": D % n,
+            **{a: labels[a] for a in ATTRIBUTES}}
+
+
+def standardise(train, test):
+    """train and test features (N, d) scaled by the train mean and standard deviation of each
+    feature; a feature constant on the train set is only centred."""
+    mean, std = train.mean(0), train.std(0)
+    std = torch.where(std > 0, std, torch.ones_like(std))
+    return (train - mean) / std, (test - mean) / std
+
+
+def probe_accuracy(x_train, y_train, x_test, y_test, classes, l2=PROBE_L2, steps=PROBE_STEPS):
+    """Accuracy on (x_test, y_test) of a linear softmax classifier of `classes` classes fitted on
+    (x_train, y_train): standardised features, float64, zero initial weights, full-batch L-BFGS
+    (deterministic)."""
+    with torch.inference_mode(False), torch.enable_grad():
+        x_train, x_test = standardise(x_train.cpu().double(), x_test.cpu().double())
+        y_train, y_test = y_train.cpu(), y_test.cpu()
+        weight = torch.zeros(x_train.shape[1], classes, dtype=torch.float64, requires_grad=True)
+        bias = torch.zeros(classes, dtype=torch.float64, requires_grad=True)
+        opt = torch.optim.LBFGS([weight, bias], max_iter=steps, history_size=20,
+                                tolerance_grad=1e-9, tolerance_change=1e-12,
+                                line_search_fn="strong_wolfe")
+
+        def loss():
+            opt.zero_grad()
+            value = (F.cross_entropy(x_train @ weight + bias, y_train)
+                     + 0.5 * l2 * (weight ** 2).sum())
+            value.backward()
+            return value
+
+        opt.step(loss)
+        with torch.no_grad():
+            return ((x_test @ weight + bias).argmax(1) == y_test).double().mean().item()
+
+
+def posterior_sample(post, generator):
+    """One sample {'f', 'z'} of each video's posterior N(mean, e^logvar) from post's 'f', 'z'
+    (means) and 'f_logvar', 'z_logvar'; the noise is drawn on the CPU for all videos at once, so
+    the sample depends on the generator's state only (not on the batch size or the device)."""
+    out = {}
+    for k in ("f", "z"):
+        mean, logvar = post[k].cpu().float(), post[f"{k}_logvar"].cpu().float()
+        out[k] = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=generator)
+    return out
+
+
+def latent_probes(train, test, train_labels, test_labels, desc="probes"):
+    """{'f': {factor: accuracy}, 'z': {...}}: the test accuracy of each factor's probe fitted on
+    train, from latents train / test {'f': (N, f_dim), 'z': (N, T, z_dim)} and labels
+    {factor: (N,)} (probe_labels)."""
+    jobs = [(latent, factor) for latent in ("f", "z") for factor in PROBE_FACTORS]
+    out = {"f": {}, "z": {}}
+    for latent, factor in tqdm(jobs, desc=desc, unit="probe", disable=None, leave=False):
+        out[latent][factor] = probe_accuracy(
+            train[latent].flatten(1), train_labels[factor], test[latent].flatten(1),
+            test_labels[factor], PROBE_FACTORS[factor])
+    return out
+
+
+def probe_table(train_post, test_post, train_labels, test_labels, seed=0):
+    """The probes of a model: 'probes' from the posterior means, 'probes_sampled' from one posterior
+    sample per video (train videos first, then test, from a generator seeded with `seed`; absent
+    when the posteriors have no log-variances), and 'probes_chance' {factor: 1 / classes}."""
+    out = {"probes": latent_probes(train_post, test_post, train_labels, test_labels,
+                                   desc="probes, means")}
+    if all(f"{k}_logvar" in p for k in ("f", "z") for p in (train_post, test_post)):
+        generator = torch.Generator().manual_seed(seed)
+        train_sample = posterior_sample(train_post, generator)
+        test_sample = posterior_sample(test_post, generator)
+        out["probes_sampled"] = latent_probes(train_sample, test_sample, train_labels,
+                                              test_labels, desc="probes, samples")
+    out["probes_chance"] = {k: 1 / n for k, n in PROBE_FACTORS.items()}
+    return out
