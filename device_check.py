@@ -75,12 +75,12 @@ def epochs_asked(recipe):
 
 
 # ---- running a stage -----------------------------------------------------------------------------
-def run_stage(check, name, command, limit_s, env=None):
-    """Run `command` in its own process group under a limit (SIGTERM at the limit, which a training
-    run answers with a checkpoint, SIGKILL 20 s later), its output to <name>.log; record and return
-    {rc, seconds, limit_s, log}."""
+def run_stage(check, name, command, limit_s, env=None, reserve_s=0.0):
+    """Run `command` in its own process group under a limit, cut so that reserve_s is left before
+    the deadline (SIGTERM at the limit, which a training run answers with a checkpoint, SIGKILL
+    20 s later), its output to <name>.log; record and return {rc, seconds, limit_s, log}."""
     log = os.path.join(check["folder"], f"{name}.log")
-    limit_s = max(1.0, min(limit_s, check["deadline"] - time.time()))
+    limit_s = max(10.0, min(limit_s, check["deadline"] - time.time() - reserve_s))
     t = time.time()
     with open(log, "w") as out:
         proc = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
@@ -157,10 +157,11 @@ def benches(check, args):
 
 
 def plan_epochs(check, args):
-    """The recipes' epochs: as asked, else all if both fit the time left (less their scoring), else
-    the same share of each, at the end-to-end speed bench.py measured and EPOCH_OVERHEAD_S."""
+    """{recipe: (epochs, estimated seconds of its training)}: epochs as asked, else all if both
+    recipes fit the time left (less their scoring), else the same share of each, at the
+    end-to-end speed bench.py measured, plus EPOCH_OVERHEAD_S an epoch."""
     if args.tiny:
-        return {name: 1 for name in RECIPES}
+        return {name: (1, 60.0) for name in RECIPES}
     left = check["deadline"] - time.time() - 2 * (START_S + SCORE_S)
     full_s = {}
     for name, (epochs, batch) in RECIPES.items():
@@ -174,22 +175,22 @@ def plan_epochs(check, args):
                for name in RECIPES}
     check["plan"] = {"seconds_left_for_training": round(left), "full_run_s": {
         k: round(v) for k, v in full_s.items()}, "share": round(share, 3), "epochs": planned}
-    return planned
+    return {name: (epochs, full_s[name] * epochs / RECIPES[name][0])
+            for name, epochs in planned.items()}
 
 
-def train_and_score(check, args, name, epochs):
-    """Train one recipe for `epochs`, then score its last checkpoint (a run cut short by its limit
-    has one from its last complete epoch)."""
+def train_and_score(check, args, name, epochs, estimate_s, later_s):
+    """Train one recipe for `epochs` (estimated to take estimate_s, with later_s left to reserve
+    for the stages after), then score its last checkpoint (a run cut short by its limit has one
+    from its last complete epoch)."""
     log_dir = os.path.join(check["folder"], name)
     shutil.rmtree(log_dir, ignore_errors=True)
     script = "./run_cdsvae.sh" if name == "paper" else "./run_cdsvae_cpu.sh"
     flags = TINY_MODEL if args.tiny else ("--device", "cuda")
-    full_epochs = RECIPES[name][0]
-    limit_s = 120.0 if args.tiny else START_S + 1.5 * check["plan"]["full_run_s"][name] * (
-        epochs / full_epochs)
     stage = run_stage(check, f"train_{name}",
-                      [script, *flags, "--nEpoch", str(epochs), "--log_dir", log_dir], limit_s,
-                      {"DATA": args.data, "LOG_DIR": log_dir})
+                      [script, *flags, "--nEpoch", str(epochs), "--log_dir", log_dir],
+                      START_S + 1.5 * estimate_s, {"DATA": args.data, "LOG_DIR": log_dir},
+                      reserve_s=SCORE_S + later_s)
     rows = []
     if os.path.isfile(os.path.join(log_dir, "metrics.jsonl")):
         with open(os.path.join(log_dir, "metrics.jsonl")) as f:
@@ -206,17 +207,18 @@ def train_and_score(check, args, name, epochs):
     flags = (("--device", "cpu", "--threads", "1", "--niter", "1", "--batch_size", "16")
              if args.tiny else ("--device", "cuda"))
     score = run_stage(check, f"score_{name}", ["./run_test_sprite.sh", *flags], 2 * SCORE_S,
-                      {"MODEL": model, "OUT": out, "DATA": args.data})
+                      {"MODEL": model, "OUT": out, "DATA": args.data}, reserve_s=later_s)
     if score["rc"] == 0:
         score["figures"] = scores(out)
 
 
 def scores(path):
-    """Protocol A's and B's accuracies (%) under each judge, and the reconstruction MSE."""
+    """Protocol A's and B's accuracies (fractions) and A's IS under each judge, and the
+    reconstruction MSE."""
     with open(path) as f:
         result = json.load(f)
     figures = {name: {k: round(v, 2) for k, v in judge["mean"].items()
-                      if k.startswith(("A_", "B_")) and not k.endswith("_n")}
+                      if k.startswith(("A_", "B_")) and k.endswith(("_acc", "_IS"))}
                for name, judge in result["judges"].items()}
     return {**figures, "recon_mse_per_pixel": result.get("recon_mse_per_pixel"),
             "seconds": result.get("seconds")}
@@ -233,8 +235,11 @@ def main(argv=None):
         run_stage(check, "data", [sys.executable, "make_sprites.py", "--out", args.data], 300)
     device_tests(check, args)
     benches(check, args)
-    for name, epochs in plan_epochs(check, args).items():
-        train_and_score(check, args, name, epochs)
+    plan = plan_epochs(check, args)
+    names = list(plan)
+    for i, name in enumerate(names):
+        later_s = sum(START_S + plan[n][1] + SCORE_S for n in names[i + 1:])
+        train_and_score(check, args, name, *plan[name], later_s)
     del check["deadline"]
     check["seconds"] = round(time.time() - start, 1)
     check["ok"] = all(s["rc"] in (0, None) for s in check["stages"].values())

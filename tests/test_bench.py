@@ -75,20 +75,20 @@ def tiny_model():
     return CDSVAE(f_dim=8, z_dim=4, g_dim=8, rnn_size=8, nf=2).to(DEVICE)
 
 
-def test_compiled_model_trains_as_the_eager_one_and_keeps_its_state_dict_keys():
+def test_compiled_encoder_trains_as_the_eager_one_and_the_state_dict_keeps_its_keys():
+    # the encoder only: compiling its forward and backward takes ~30 s on a 2-core CPU, the
+    # decoder's as long again; compile_model wraps both alike
     eager, compiled = tiny_model(), compile_model(tiny_model())
     assert list(compiled.state_dict()) == list(eager.state_dict())
+    assert compiled.decoder._compiled_call_impl is not None  # nn.Module.compile's wrapper
+    assert eager.decoder._compiled_call_impl is None
     x = torch.rand(3, 8, 3, 64, 64, device=DEVICE)
-    grads = []
-    for model in (eager, compiled):
-        torch.manual_seed(1)
-        out = model(x)
-        out["recon"].square().sum().backward()
-        grads.append(model.encoder.net[0][0].weight.grad)
-        if model is eager:
-            recon = out["recon"]
-    torch.testing.assert_close(out["recon"], recon, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(grads[1], grads[0], rtol=1e-3, atol=1e-5)
+    g = [model.encoder(x) for model in (eager, compiled)]
+    torch.testing.assert_close(g[1], g[0], rtol=1e-4, atol=1e-5)
+    for features in g:
+        features.square().sum().backward()
+    torch.testing.assert_close(compiled.encoder.net[0][0].weight.grad,
+                               eager.encoder.net[0][0].weight.grad, rtol=1e-3, atol=1e-5)
 
 
 def run(script, *args, env=None):
@@ -135,7 +135,7 @@ def test_device_check_tiny_runs_every_stage_and_writes_one_summary(tiny_data, tm
         assert (folder / recipe / "model.pt").is_file()
         figures = stages[f"score_{recipe}"]["figures"]
         assert set(figures) >= {"sprite_judge", "clip_judge", "recon_mse_per_pixel"}
-        assert 0 <= figures["sprite_judge"]["A_action"] <= 100
+        assert 0 <= figures["sprite_judge"]["A_action_acc"] <= 1
 
 
 def test_device_check_refuses_bad_epochs_in_one_line(tmp_path):
