@@ -1,148 +1,276 @@
-"""Time full C-DSVAE training steps (forward, backward, Adam) and print one JSON line.
+"""Time C-DSVAE training on any device and print one JSON line, speeds in videos per second.
 
-    python bench.py [--batch_size 32] [--amp] [--device auto] [--nf 64] [--steps 5] [--paper_step]
+    python bench.py [--device auto] [--batch_size 32] [--amp] [--nf 64] [--steps 5] [--compile]
 
-Reports sequences/s, ms/step, peak RSS, and the measured bf16 (fp32 without --amp) matmul peak of this
-machine in the same run, with the share of it the training step reaches (FLOPs counted for the convs).
---paper_step also times, in the same run and at the same sizes, the step as the paper repo's code makes it: fp32,
-the paper's network, the video and both augmented views each through the whole model (encoded, prior, decoded),
-memory in PyTorch's default layout; and prints our speed-up over it.
+step_per_s: the training step (forward, cdsvae_loss with the paper's weights, backward, Adam; the
+critic's own step with --weight_mi_critic) on one batch already on the device. loader_per_s: the
+batches of SpriteBatches, the video and its motion view and content order, ready on the device.
+end_to_end_per_s: both in sequence, as train_cdsvae.py runs them. Timed with CUDA events on a GPU,
+elsewhere with perf_counter. The videos are random bytes (the speed does not depend on them). Also:
+the bf16 (fp32 without --amp) matmul peak of the device, measured in the same run, and the share of
+it the step's convolutions reach; peak memory; the device, host CPU and torch version.
+--paper_step also times the paper repo's step (fp32, the video and both views each through the
+whole model) on the same batch, and prints our speed-up over it.
 """
 import argparse
+import inspect
+import itertools
 import json
 import platform
 import resource
+import subprocess
 import time
 
 import torch
 
-from dataloader import content_augment
-from model import CDSVAE, cdsvae_loss
-from utils import amp_dtype, pick_device
+from dataloader import SpriteBatches, content_augment
+from model import CDSVAE, FZCritic, cdsvae_loss, critic_loss
+from utils import (amp_dtype, autocast, compile_model, make_adam, pick_device,
+                   prepare_for_device)
+
+VIEWS = ("x", "m_aug", "c_aug_order")  # what a training step reads of a batch
+TRAIN_VIDEOS = 9000  # the Sprites train split: the MI estimate's dataset size
+WARMUP = 2  # untimed calls before each timing (the first also compiles, with --compile)
 
 
-def conv_flops_per_video(model, frames):
-    """Multiply-adds x 2 of every conv / transposed conv for one video: encoder x 2 passes (x and the motion
-    view; the content view reuses x's features), decoder x 1; backward counted as 2x forward."""
+class OneLineErrors(argparse.ArgumentParser):
+    """A bad flag is one line on stderr, not the usage of every flag followed by it."""
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def get_args(argv=None):
+    p = OneLineErrors(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    arg = p.add_argument
+    arg("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: cuda if any")
+    arg("--batch_size", type=int, default=32, help="videos per step (default 32)")
+    arg("--steps", type=int, default=5,
+        help=f"timed steps (and batches) of each measure, after {WARMUP} untimed (default 5)")
+    arg("--amp", action="store_true", help="autocast: bf16, or fp16 where bf16 is not native")
+    arg("--compile", action="store_true",
+        help="torch.compile the frame encoder and decoder (default off)")
+    arg("--nf", type=int, default=64, help="conv width (default 64, the paper's)")
+    arg("--z_input", choices=("bilstm", "frame_delta", "full"), default="bilstm",
+        help="what q(z|x) reads (default bilstm, the paper's)")
+    arg("--f_mirror", action="store_true", help="q(f|x) reads the mirrored video too (default off)")
+    arg("--weight_mi_critic", type=float, default=0.0,
+        help="weight of the critic's I(f; z) estimate; the critic is trained too (default 0: off)")
+    arg("--threads", type=int, default=0, help="CPU threads (default 0: torch's choice)")
+    arg("--paper_step", action="store_true",
+        help="also time the paper repo's step on the same batch, and print the ratio (default off)")
+    args = p.parse_args(argv)
+    if args.batch_size < 2 or args.steps < 1 or args.nf < 1 or args.threads < 0:
+        p.error("--batch_size must be at least 2, --steps and --nf positive, --threads 0 or more")
+    if not args.weight_mi_critic >= 0:
+        p.error(f"--weight_mi_critic must be 0 (off) or positive, got {args.weight_mi_critic}")
+    return args
+
+
+# ---- what is measured ----------------------------------------------------------------------------
+def host_cpu_model():
+    """The host CPU's model name: lscpu's 'Model name', else /proc/cpuinfo's, else platform's."""
+    try:
+        lines = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        lines = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines += "\n" + f.read()
+    except OSError:
+        pass
+    for line in lines.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() == "model name" and value.strip():
+            return value.strip()
+    return platform.processor() or platform.machine()
+
+
+def seconds_per_call(work, n, device):
+    """Mean seconds of n calls of work() after WARMUP untimed ones: CUDA events around the calls on
+    a GPU (the device's own clock, the queue drained at the end), else perf_counter."""
+    for _ in range(WARMUP):
+        work()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+        start.record()
+        for _ in range(n):
+            work()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1000 / n
+    t = time.perf_counter()
+    for _ in range(n):
+        work()
+    return (time.perf_counter() - t) / n
+
+
+def matmul_peak(device, dtype):
+    """FLOP/s of square matmuls large enough to fill the device: 8192 on a GPU, 2048 on a CPU."""
+    n, reps = (8192, 20) if device.type == "cuda" else (2048, 10)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    return 2 * n ** 3 / seconds_per_call(lambda: a @ b, reps, device)
+
+
+def conv_flops_per_video(model, device):
+    """FLOPs (2 x multiply-adds) of every conv / transposed conv of one training step, per video:
+    the encoder on the video, its motion view and with f_mirror its mirror image (the content view
+    reuses the video's features), the decoder once; backward counted as 2x forward."""
     flops = {"enc": 0, "dec": 0}
     hooks = []
     for part, module in (("enc", model.encoder), ("dec", model.decoder)):
         for m in module.modules():
             if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
                 def hook(mod, inp, out, part=part):  # a batch of one frame
-                    if isinstance(mod, torch.nn.Conv2d):  # each output element: in_ch x kh x kw multiply-adds
+                    if isinstance(mod, torch.nn.Conv2d):  # per output: in_ch x kh x kw
                         flops[part] += 2 * out[0].numel() * mod.weight[0].numel()
-                    else:  # transposed: each input element is spread over out_ch x kh x kw outputs
+                    else:  # transposed: each input element spreads over out_ch x kh x kw
                         flops[part] += 2 * inp[0][0].numel() * mod.weight[0].numel()
                 hooks.append(m.register_forward_hook(hook))
     with torch.no_grad():
         model.eval()
-        g = model.encoder(torch.zeros(1, 1, 3, 64, 64))
-        model.decode(torch.zeros(1, 1, model.z_dim), torch.zeros(1, model.f_dim))
+        model.encoder(torch.zeros(1, 1, 3, 64, 64, device=device))
+        model.decode(torch.zeros(1, 1, model.z_dim, device=device),
+                     torch.zeros(1, model.f_dim, device=device))
         model.train()
     for h in hooks:
         h.remove()
-    return 3 * frames * (2 * flops["enc"] + flops["dec"])
+    encoder_passes = 3 if model.f_mirror else 2
+    return 3 * model.frames * (encoder_passes * flops["enc"] + flops["dec"])
 
 
-def matmul_peak(device, dtype, n=2048, reps=10):
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    a @ b
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return 2 * n ** 3 * reps / (time.perf_counter() - t)
+# ---- the loader and the step ---------------------------------------------------------------------
+def batch_stream(args, device, frames):
+    """(endless batches of a random uint8 store, 8 batches long, as training makes them: shuffled,
+    both views, on `device`; whether SpriteBatches makes them there, or they are copied)."""
+    g = torch.Generator().manual_seed(0)
+    n = 8 * args.batch_size
+    X = torch.randint(0, 256, (n, frames, 64, 64, 3), dtype=torch.uint8, generator=g)
+    A, D = torch.zeros(n, 4, dtype=torch.long), torch.zeros(n, dtype=torch.long)
+    on_device = "device" in inspect.signature(SpriteBatches).parameters
+    loader = SpriteBatches(X, A, D, args.batch_size, shuffle=True, augment=True, seed=0,
+                           drop_last=True, content_view=False,
+                           **({"device": device} if on_device else {}))
+
+    def stream():
+        for epoch in itertools.count():
+            loader.set_epoch(epoch)
+            for batch in loader:
+                yield {k: batch[k].to(device, non_blocking=True) for k in VIEWS}
+    return stream(), on_device
 
 
-def seconds_per_step(step, steps, device):
-    """The mean time of `steps` calls of step(), after 2 warm-up calls."""
-    for _ in range(2):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t) / steps
-
-
-def paper_step(nf, x, m_aug, order, device):
-    """A training step as the paper repo's train(): fp32, model(x), model(c_aug) and model(m_aug) each a whole
-    forward pass (the views decoded too, though no loss reads them), then the loss, backward and Adam."""
+def build_step(args, device):
+    """(the model, step(batch): one training step as train_cdsvae.py's; the conv FLOPs per video,
+    counted before compiling)."""
     torch.manual_seed(0)
-    model = CDSVAE(nf=nf, f_head_leaky=True, deconv_normal=False).to(device)
+    model = CDSVAE(nf=args.nf, z_input=args.z_input, f_mirror=args.f_mirror).to(device)
+    model = prepare_for_device(model, device)
+    flops = conv_flops_per_video(model, device)
+    if args.compile:
+        model = compile_model(model)
+    optimizer = make_adam(model.parameters(), device, lr=1e-3)
+    critic = critic_optimizer = None
+    if args.weight_mi_critic:
+        critic = FZCritic(model.f_dim, model.z_dim, model.frames).to(device)
+        critic_optimizer = make_adam(critic.parameters(), device, lr=1e-3, betas=(0.5, 0.9))
+    scaler = torch.amp.GradScaler(device.type,
+                                  enabled=args.amp and amp_dtype(device) == torch.float16)
+
+    def step(batch):
+        with autocast(device, args.amp):
+            out = model(batch["x"], m_aug=batch["m_aug"], c_aug_order=batch["c_aug_order"])
+        loss, _ = cdsvae_loss(out, batch["x"], TRAIN_VIDEOS, critic=critic,
+                              weight_critic=args.weight_mi_critic)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        if critic is not None:
+            critic_optimizer.zero_grad(set_to_none=True)
+            critic_loss(critic, out["f"].detach().float(), out["z"].detach().float()).backward()
+            critic_optimizer.step()
+    return model, step, flops
+
+
+def paper_step(args, batch, device):
+    """A training step as the paper repo's train(): fp32, model(x), model(c_aug) and model(m_aug)
+    each a whole forward pass (the views decoded too, though no loss reads them), the loss,
+    backward and Adam; memory in PyTorch's default layout."""
+    torch.manual_seed(0)
+    model = CDSVAE(nf=args.nf, f_head_leaky=True, deconv_normal=False).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    c_aug = content_augment(x, order=order)
+    x, m_aug = batch["x"], batch["m_aug"]
+    c_aug = content_augment(x, order=batch["c_aug_order"])
 
     def step():
         out, c_out, m_out = model(x), model(c_aug), model(m_aug)
-        loss, _ = cdsvae_loss({**out, "c_post": c_out, "m_post": m_out}, x, 9000)
+        loss, _ = cdsvae_loss({**out, "c_post": c_out, "m_post": m_out}, x, TRAIN_VIDEOS)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
     return step
 
 
+# ---- the run -------------------------------------------------------------------------------------
+def measure(args, device):
+    """{figure: value} of the step, the loader and the two in sequence."""
+    model, step, flops = build_step(args, device)
+    batches, on_device = batch_stream(args, device, model.frames)
+    batch = next(batches)
+    t = time.perf_counter()
+    step(batch)  # the first step: compiles with --compile, searches cudnn's algorithms on CUDA
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    first_step_s = time.perf_counter() - t
+    step_s = seconds_per_call(lambda: step(batch), args.steps, device)
+    loader_s = seconds_per_call(lambda: next(batches), args.steps, device)
+    end_to_end_s = seconds_per_call(lambda: step(next(batches)), args.steps, device)
+    B = args.batch_size
+    result = {"step_per_s": round(B / step_s, 2), "loader_per_s": round(B / loader_s, 2),
+              "end_to_end_per_s": round(B / end_to_end_s, 2),
+              "ms_per_step": round(1000 * step_s, 2), "first_step_s": round(first_step_s, 2),
+              "loader_on_device": on_device, "conv_flops": flops * B / step_s}
+    if args.paper_step:
+        paper_s = seconds_per_call(paper_step(args, batch, device), args.steps, device)
+        result.update(paper_sequences_per_s=round(B / paper_s, 2),
+                      paper_ms_per_step=round(1000 * paper_s, 2),
+                      speedup_over_paper_step=round(paper_s / step_s, 2))
+    return result
+
+
+def peak_memory_gb(device):
+    """The most memory the run held: CUDA's allocator on a GPU, else the process's resident set."""
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2), "cuda_max_allocated"
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2), "host_max_rss"
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch_size", type=int, default=32, help="videos per step (default 32)")
-    p.add_argument("--steps", type=int, default=5, help="timed steps after 2 warm-up steps (default 5)")
-    p.add_argument("--amp", action="store_true", help="bf16 autocast (CPU) / bf16 or fp16 (CUDA)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--nf", type=int, default=64, help="conv width (default 64, the paper's)")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (default 0: torch's choice)")
-    p.add_argument("--paper_step", action="store_true",
-                   help="also time the paper repo's step (fp32, all three views encoded and decoded) in the same run "
-                        "and print the ratio (default off)")
-    args = p.parse_args(argv)
-    if args.batch_size < 2 or args.steps < 1 or args.nf < 1:
-        p.error("--batch_size must be at least 2, and --steps and --nf positive")
+    args = get_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
-    torch.manual_seed(0)
-    model = CDSVAE(nf=args.nf).to(device)
-    if device.type == "cpu":
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    B, T = args.batch_size, model.frames
-    x = torch.rand(B, T, 3, 64, 64, device=device)
-    m_aug = x.flip(-1)
-    order = torch.argsort(torch.rand(B, T), dim=1).to(device)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp and amp_dtype(device) == torch.float16)
-
-    def step():
-        with torch.autocast(device.type, dtype=amp_dtype(device), enabled=args.amp):
-            out = model(x, m_aug=m_aug, c_aug_order=order)
-        loss, _ = cdsvae_loss(out, x, 9000)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-
-    sec = seconds_per_step(step, args.steps, device)
-    paper = {}
-    if args.paper_step:
-        paper_sec = seconds_per_step(paper_step(args.nf, x, m_aug, order, device), args.steps, device)
-        paper = {"paper_sequences_per_s": round(B / paper_sec, 2), "paper_ms_per_step": round(1000 * paper_sec, 1),
-                 "speedup_over_paper_step": round(paper_sec / sec, 2)}
-    peak = matmul_peak(device, torch.bfloat16 if args.amp else torch.float32)
-    achieved = conv_flops_per_video(model, T) * B / sec
+    figures = measure(args, device)
+    peak_mem, peak_mem_of = peak_memory_gb(device)  # before the matmuls' large operands
+    dtype = torch.bfloat16 if args.amp else torch.float32
+    peak = matmul_peak(device, dtype)
+    achieved = figures.pop("conv_flops")
+    host = host_cpu_model()
     result = {
-        "device": str(device), "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-        "amp": args.amp, "nf": args.nf, "batch_size": B, "sequences_per_s": round(B / sec, 2),
-        "ms_per_step": round(1000 * sec, 1), "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2),
-        "matmul_peak_gflops": round(peak / 1e9, 1), "conv_gflops_achieved": round(achieved / 1e9, 1),
-        "share_of_matmul_peak": round(achieved / peak, 3),
-        "cuda_peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2 ** 30, 2) if device.type == "cuda" else None,
-        **paper}
-    print(json.dumps(result))
+        "device": str(device), "device_name": (torch.cuda.get_device_name(device)
+                                               if device.type == "cuda" else host),
+        "host_cpu": host, "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "amp": args.amp, "amp_dtype": str(amp_dtype(device)).removeprefix("torch.") if args.amp
+        else None, "compile": args.compile, "nf": args.nf, "batch_size": args.batch_size,
+        "z_input": args.z_input, "f_mirror": args.f_mirror,
+        "weight_mi_critic": args.weight_mi_critic, "steps": args.steps, **figures,
+        "matmul_dtype": str(dtype).removeprefix("torch."),
+        "matmul_peak_gflops": round(peak / 1e9, 1),
+        "conv_gflops_achieved": round(achieved / 1e9, 1),
+        "share_of_matmul_peak": round(achieved / peak, 3), "peak_mem_gb": peak_mem,
+        "peak_mem_of": peak_mem_of}
+    print(json.dumps(result), flush=True)
     return result
 
 

@@ -1,0 +1,256 @@
+#!/usr/bin/env python3
+"""The one-command device check, for a machine with a CUDA GPU: ./device_check.py
+
+Stages, each with its own time limit, each run whatever the others did: the data (made if missing),
+the tests that take a device (those that read TEST_DEVICE, run with TEST_DEVICE=cuda), bench.py at
+the paper's sizes with and without --compile and at the CPU recipe's, the paper's recipe
+./run_cdsvae.sh and the CPU recipe ./run_cdsvae_cpu.sh --device cuda, each scored by
+./run_test_sprite.sh on the GPU. The whole check keeps within BUDGET_S seconds (default 570): the
+recipes run as many epochs as fit (all of them if they do) at the speed bench.py measured; set
+EPOCHS_PAPER / EPOCHS_CPU to choose. Everything goes to runs/device_check/; the summary, one JSON
+of every stage's exit code, seconds and key figures, to runs/device_check/device_check.json, and
+to $OUT/device_check.json when OUT is set. --tiny runs every stage on the CPU at tiny sizes, on
+the data of DATA, to check the script itself.
+"""
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+from utils import write_json
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+TRAIN_VIDEOS = 9000  # the Sprites train split: 70 steps of 128 or 140 of 64 an epoch
+# the recipes' full lengths (run_cdsvae.sh, run_cdsvae_cpu.sh): (epochs, batch size)
+RECIPES = {"paper": (100, 128), "cpu_recipe": (28, 64)}
+EPOCH_OVERHEAD_S = 2.0  # a GPU epoch's checkpoint, metrics, curves, periodic judge scores
+START_S = 25.0  # a training or scoring process's start: torch, the data, the judges
+SCORE_S = 60.0  # one ./run_test_sprite.sh on a GPU: 5 runs x 2664 videos x 2 judges, and its start
+BENCH = ("--device", "cuda", "--steps", "50")
+TINY_BENCH = ("--device", "cpu", "--steps", "1", "--threads", "1", "--nf", "4")
+TINY_MODEL = ("--device", "cpu", "--threads", "1", "--nf", "4", "--batch_size", "8", "--f_dim",
+              "8", "--z_dim", "4", "--g_dim", "8", "--rnn_size", "8", "--evl_interval", "0")
+
+
+class OneLineErrors(argparse.ArgumentParser):
+    """A bad flag is one line on stderr, not the usage of every flag followed by it."""
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def get_args(argv=None):
+    p = OneLineErrors(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiny", action="store_true",
+                   help="every stage on the CPU at tiny sizes, on $DATA, in about a minute "
+                        "(--compile's stage with TORCHDYNAMO_DISABLE=1: compiling is tested apart)")
+    p.add_argument("--folder", default=os.path.join(ROOT, "runs", "device_check"),
+                   help="where every stage writes (default runs/device_check)")
+    args = p.parse_args(argv)
+    args.folder = os.path.abspath(args.folder)
+    args.data = os.path.abspath(os.environ.get("DATA", os.path.join(ROOT, "data/Sprite/data.pkl")))
+    if args.tiny and not os.path.isfile(args.data):
+        p.error(f"--tiny runs on a small data set of make_sprites.py: set DATA to one "
+                f"({args.data} does not exist)")
+    try:
+        args.budget_s = float(os.environ.get("BUDGET_S", "570"))
+        args.epochs = {name: epochs_asked(name) for name in RECIPES}
+    except ValueError as e:
+        p.error(str(e))
+    return args
+
+
+def epochs_asked(recipe):
+    """The recipe's epochs from EPOCHS_PAPER / EPOCHS_CPU: a positive number, or None (auto)."""
+    var = "EPOCHS_PAPER" if recipe == "paper" else "EPOCHS_CPU"
+    value = os.environ.get(var, "auto")
+    if value == "auto":
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{var} must be 'auto' or a positive whole number, got {value!r}")
+    return int(value)
+
+
+# ---- running a stage -----------------------------------------------------------------------------
+def run_stage(check, name, command, limit_s, env=None, reserve_s=0.0):
+    """Run `command` in its own process group under a limit, cut so that reserve_s is left before
+    the deadline (SIGTERM at the limit, which a training run answers with a checkpoint, SIGKILL
+    20 s later), its output to <name>.log; record and return {rc, seconds, limit_s, log}."""
+    log = os.path.join(check["folder"], f"{name}.log")
+    limit_s = max(10.0, min(limit_s, check["deadline"] - time.time() - reserve_s))
+    t = time.time()
+    with open(log, "w") as out:
+        proc = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, **(env or {})}, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=limit_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            rc = "timeout"
+    stage = {"rc": rc, "seconds": round(time.time() - t, 1), "limit_s": round(limit_s), "log": log}
+    if rc != 0:
+        with open(log, errors="replace") as f:
+            stage["tail"] = f.read()[-600:]
+    check["stages"][name] = stage
+    print(f"{name}: rc {rc}, {stage['seconds']} s", flush=True)
+    return stage
+
+
+def skip(check, name, why):
+    check["stages"][name] = {"rc": None, "skipped": why}
+    print(f"{name}: skipped, {why}", flush=True)
+
+
+def last_json_line(path):
+    """The last line of a log that is a JSON object, or {}."""
+    with open(path, errors="replace") as f:
+        for line in reversed(f.read().splitlines()):
+            try:
+                value = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(value, dict):
+                return value
+    return {}
+
+
+# ---- the stages ----------------------------------------------------------------------------------
+def device_tests(check, args):
+    """The test files that read TEST_DEVICE, with TEST_DEVICE=cuda."""
+    if args.tiny:
+        return skip(check, "tests", "--tiny (the tests run this script)")
+    files = []
+    for name in sorted(os.listdir(os.path.join(ROOT, "tests"))):
+        if name.startswith("test_") and name.endswith(".py"):
+            with open(os.path.join(ROOT, "tests", name)) as f:
+                if "TEST_DEVICE" in f.read():
+                    files.append(os.path.join("tests", name))
+    stage = run_stage(check, "tests", [sys.executable, "-m", "pytest", "-q", *files], 120,
+                      {"TEST_DEVICE": "cuda"})
+    with open(stage["log"], errors="replace") as f:
+        lines = f.read().strip().splitlines()
+    stage.update(files=files, result=lines[-1] if lines else "")
+
+
+def benches(check, args):
+    """bench.py at the paper's sizes (fp32 as its recipe), with --compile, and at the CPU recipe's
+    sizes; their JSON lines go into the summary."""
+    base = TINY_BENCH + ("--batch_size", "4") if args.tiny else BENCH + ("--batch_size", "128")
+    cpu_recipe = ("--amp", "--z_input", "frame_delta", "--f_mirror", "--weight_mi_critic", "10")
+    cpu_recipe += TINY_BENCH + ("--batch_size", "4") if args.tiny else BENCH + (
+        "--nf", "32", "--batch_size", "64")
+    no_compiling = {"TORCHDYNAMO_DISABLE": "1"} if args.tiny else {}
+    for name, flags, limit_s, env in (("bench_paper", base, 90, {}),
+                                      ("bench_paper_compile", base + ("--compile",), 180,
+                                       no_compiling),
+                                      ("bench_cpu_recipe", cpu_recipe, 60, {})):
+        stage = run_stage(check, name, [sys.executable, "bench.py", *flags], limit_s, env)
+        stage["figures"] = last_json_line(stage["log"])
+
+
+def plan_epochs(check, args):
+    """{recipe: (epochs, estimated seconds of its training)}: epochs as asked, else all if both
+    recipes fit the time left (less their scoring), else the same share of each, at the
+    end-to-end speed bench.py measured, plus EPOCH_OVERHEAD_S an epoch."""
+    if args.tiny:
+        return {name: (1, 60.0) for name in RECIPES}
+    left = check["deadline"] - time.time() - 2 * (START_S + SCORE_S)
+    full_s = {}
+    for name, (epochs, batch) in RECIPES.items():
+        bench = "bench_paper" if name == "paper" else "bench_cpu_recipe"
+        speed = check["stages"][bench].get("figures", {}).get("end_to_end_per_s")
+        speed = speed or 1000.0  # no figure: a guess of a few GPU ms a step with a CPU loader
+        steps = TRAIN_VIDEOS // batch
+        full_s[name] = epochs * (steps * batch / speed + EPOCH_OVERHEAD_S)
+    share = min(1.0, max(0.0, left) / sum(full_s.values()))
+    planned = {name: args.epochs[name] or max(1, int(share * RECIPES[name][0]))
+               for name in RECIPES}
+    check["plan"] = {"seconds_left_for_training": round(left), "full_run_s": {
+        k: round(v) for k, v in full_s.items()}, "share": round(share, 3), "epochs": planned}
+    return {name: (epochs, full_s[name] * epochs / RECIPES[name][0])
+            for name, epochs in planned.items()}
+
+
+def train_and_score(check, args, name, epochs, estimate_s, later_s):
+    """Train one recipe for `epochs` (estimated to take estimate_s, with later_s left to reserve
+    for the stages after), then score its last checkpoint (a run cut short by its limit has one
+    from its last complete epoch)."""
+    log_dir = os.path.join(check["folder"], name)
+    shutil.rmtree(log_dir, ignore_errors=True)
+    script = "./run_cdsvae.sh" if name == "paper" else "./run_cdsvae_cpu.sh"
+    flags = TINY_MODEL if args.tiny else ("--device", "cuda")
+    stage = run_stage(check, f"train_{name}",
+                      [script, *flags, "--nEpoch", str(epochs), "--log_dir", log_dir],
+                      START_S + 1.5 * estimate_s, {"DATA": args.data, "LOG_DIR": log_dir},
+                      reserve_s=SCORE_S + later_s)
+    rows = []
+    if os.path.isfile(os.path.join(log_dir, "metrics.jsonl")):
+        with open(os.path.join(log_dir, "metrics.jsonl")) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    stage["epochs"] = epochs
+    if rows:
+        stage["last_epoch"] = {k: rows[-1][k] for k in ("epoch", "step", "loss", "recon", "kld_z",
+                                                        "mi_fz", "con_f", "con_z") if k in rows[-1]}
+        stage["train_seconds"] = round(sum(r["seconds"] for r in rows), 1)
+    model = os.path.join(log_dir, "model.pt")
+    if not os.path.isfile(model):
+        return skip(check, f"score_{name}", f"no checkpoint {model}")
+    out = os.path.join(check["folder"], f"score_{name}.json")
+    flags = (("--device", "cpu", "--threads", "1", "--niter", "1", "--batch_size", "16")
+             if args.tiny else ("--device", "cuda"))
+    score = run_stage(check, f"score_{name}", ["./run_test_sprite.sh", *flags], 2 * SCORE_S,
+                      {"MODEL": model, "OUT": out, "DATA": args.data}, reserve_s=later_s)
+    if score["rc"] == 0:
+        score["figures"] = scores(out)
+
+
+def scores(path):
+    """Protocol A's and B's accuracies (fractions) and A's IS under each judge, and the
+    reconstruction MSE."""
+    with open(path) as f:
+        result = json.load(f)
+    figures = {name: {k: round(v, 2) for k, v in judge["mean"].items()
+                      if k.startswith(("A_", "B_")) and k.endswith(("_acc", "_IS"))}
+               for name, judge in result["judges"].items()}
+    return {**figures, "recon_mse_per_pixel": result.get("recon_mse_per_pixel"),
+            "seconds": result.get("seconds")}
+
+
+def main(argv=None):
+    args = get_args(argv)
+    os.makedirs(args.folder, exist_ok=True)
+    os.chdir(ROOT)
+    start = time.time()
+    check = {"tiny": args.tiny, "budget_s": args.budget_s, "deadline": start + args.budget_s,
+             "data": args.data, "folder": args.folder, "stages": {}}
+    if not os.path.isfile(args.data):
+        run_stage(check, "data", [sys.executable, "make_sprites.py", "--out", args.data], 300)
+    device_tests(check, args)
+    benches(check, args)
+    plan = plan_epochs(check, args)
+    names = list(plan)
+    for i, name in enumerate(names):
+        later_s = sum(START_S + plan[n][1] + SCORE_S for n in names[i + 1:])
+        train_and_score(check, args, name, *plan[name], later_s)
+    del check["deadline"]
+    check["seconds"] = round(time.time() - start, 1)
+    check["ok"] = all(s["rc"] in (0, None) for s in check["stages"].values())
+    paths = [os.path.join(args.folder, "device_check.json")]
+    if os.environ.get("OUT") and os.path.isdir(os.environ["OUT"]):
+        paths.append(os.path.join(os.environ["OUT"], "device_check.json"))
+    for path in paths:
+        write_json(check, path)
+    print(json.dumps(check))
+    return 0 if check["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""bench.py's figures, the device helpers of utils.py, and device_check.py's stages at tiny sizes.
+Speeds are not asserted (they are benchmarks). TEST_DEVICE=cuda runs the device tests on a GPU
+(device_check.py does)."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import bench
+from model import CDSVAE
+from utils import compile_model, make_adam, prepare_for_device
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEVICE = torch.device(os.environ.get("TEST_DEVICE", "cpu"))
+TINY = ["--device", DEVICE.type, "--nf", "4", "--batch_size", "4", "--steps", "2",
+        "--threads", "1"]
+
+
+def test_bench_prints_one_json_line_of_sane_figures(capsys):
+    result = bench.main(TINY + ["--amp", "--f_mirror", "--weight_mi_critic", "10"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0]) == result
+    speeds = [result[k] for k in ("step_per_s", "loader_per_s", "end_to_end_per_s")]
+    for value in speeds + [result[k] for k in ("matmul_peak_gflops", "conv_gflops_achieved",
+                                                 "peak_mem_gb", "ms_per_step")]:
+        assert math.isfinite(value) and value > 0
+    step, loader, end_to_end = speeds
+    assert end_to_end <= 1.5 * min(step, loader)  # each step of it waits for a batch and a step
+    if DEVICE.type == "cpu":  # in sequence: a video costs the loader's time plus the step's
+        assert end_to_end <= 2 / (1 / step + 1 / loader)
+    assert abs(result["ms_per_step"] - 1000 * 4 / step) <= 0.01 * result["ms_per_step"] + 0.05
+    assert 0 < result["share_of_matmul_peak"] < 1  # a tiny model is far from the peak
+    assert result["device"].startswith(DEVICE.type) and result["torch"] == torch.__version__
+    assert result["host_cpu"] and result["device_name"] and result["amp_dtype"] in (
+        "bfloat16", "float16")
+    assert result["matmul_dtype"] == "bfloat16" and result["f_mirror"] and not result["compile"]
+
+
+def expected_conv_flops(nf, g_dim, in_dim, frames, encoder_passes):
+    """The conv FLOPs of a training step per video, by hand: 2 x c_in x c_out x 16 per output
+    pixel of a conv, per input pixel of a transposed conv; backward twice the forward."""
+    enc = sum(2 * c_in * c_out * 16 * size ** 2 for c_in, c_out, size in (
+        (3, nf, 32), (nf, 2 * nf, 16), (2 * nf, 4 * nf, 8), (4 * nf, 8 * nf, 4),
+        (8 * nf, g_dim, 1)))
+    dec = sum(2 * c_in * c_out * 16 * size ** 2 for c_in, c_out, size in (
+        (in_dim, 8 * nf, 1), (8 * nf, 4 * nf, 4), (4 * nf, 2 * nf, 8), (2 * nf, nf, 16),
+        (nf, 3, 32)))
+    return 3 * frames * (encoder_passes * enc + dec)
+
+
+@pytest.mark.parametrize("f_mirror", [False, True])
+def test_conv_flops_are_counted_on_the_device_as_by_hand(f_mirror):
+    model = prepare_for_device(CDSVAE(nf=4, f_mirror=f_mirror).to(DEVICE), DEVICE)
+    counted = bench.conv_flops_per_video(model, DEVICE)
+    assert counted == expected_conv_flops(4, 128, 32 + 256, 8, 3 if f_mirror else 2)
+    assert model.training
+
+
+def test_device_settings():
+    model = prepare_for_device(CDSVAE(nf=4).to(DEVICE), DEVICE)
+    assert model.encoder.net[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+    adam = make_adam(model.parameters(), DEVICE, lr=1e-3)
+    # fused on CUDA; on the CPU torch's default Adam, as training had it
+    assert adam.defaults["fused"] is (True if DEVICE.type == "cuda" else None)
+    if DEVICE.type == "cuda":
+        assert torch.backends.cudnn.benchmark
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    return CDSVAE(f_dim=8, z_dim=4, g_dim=8, rnn_size=8, nf=2).to(DEVICE)
+
+
+def test_compiled_encoder_trains_as_the_eager_one_and_the_state_dict_keeps_its_keys():
+    # the encoder only: compiling its forward and backward takes ~30 s on a 2-core CPU, the
+    # decoder's as long again; compile_model wraps both alike
+    eager, compiled = tiny_model(), compile_model(tiny_model())
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    assert compiled.decoder._compiled_call_impl is not None  # nn.Module.compile's wrapper
+    assert eager.decoder._compiled_call_impl is None
+    x = torch.rand(3, 8, 3, 64, 64, device=DEVICE)
+    g = [model.encoder(x) for model in (eager, compiled)]
+    torch.testing.assert_close(g[1], g[0], rtol=1e-4, atol=1e-5)
+    for features in g:
+        features.square().sum().backward()
+    torch.testing.assert_close(compiled.encoder.net[0][0].weight.grad,
+                               eager.encoder.net[0][0].weight.grad, rtol=1e-3, atol=1e-5)
+
+
+def run(script, *args, env=None):
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args],
+                          capture_output=True, text=True, env={**os.environ, **(env or {})})
+
+
+@pytest.mark.parametrize("args, words", [(["--batch_size", "1"], "--batch_size"),
+                                         (["--weight_mi_critic", "nan"], "--weight_mi_critic"),
+                                         (["--device", "tpu"], "--device")])
+def test_bad_bench_flags_are_one_line(args, words):
+    r = run("bench.py", *args)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.startswith("error: ") and words in r.stderr and r.stderr.count("\n") == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")
+def test_bench_on_cuda_without_a_gpu_is_one_line():
+    r = run("bench.py", "--device", "cuda")
+    assert r.returncode != 0 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1
+
+
+def test_device_check_tiny_runs_every_stage_and_writes_one_summary(tiny_data, tmp_path):
+    folder, out = tmp_path / "check", tmp_path / "out"
+    out.mkdir()
+    r = run("device_check.py", "--tiny", "--folder", str(folder),
+            env={"DATA": tiny_data, "OUT": str(out)})
+    assert r.returncode == 0, r.stdout + r.stderr
+    summary = json.loads((out / "device_check.json").read_text())
+    assert summary == json.loads((folder / "device_check.json").read_text())
+    assert summary["ok"] and json.loads(r.stdout.strip().splitlines()[-1]) == summary
+    stages = summary["stages"]
+    assert list(stages) == ["tests", "bench_paper", "bench_paper_compile", "bench_cpu_recipe",
+                            "train_paper", "score_paper", "train_cpu_recipe",
+                            "score_cpu_recipe"]
+    assert stages["tests"]["rc"] is None  # --tiny: the tests are what runs it
+    for name, stage in stages.items():
+        if name != "tests":
+            assert stage["rc"] == 0 and stage["seconds"] > 0 and os.path.isfile(stage["log"])
+    assert stages["bench_paper_compile"]["figures"]["compile"]
+    assert stages["bench_cpu_recipe"]["figures"]["f_mirror"]
+    for recipe in ("paper", "cpu_recipe"):
+        assert stages[f"train_{recipe}"]["last_epoch"]["epoch"] == 1
+        assert (folder / recipe / "model.pt").is_file()
+        figures = stages[f"score_{recipe}"]["figures"]
+        assert set(figures) >= {"sprite_judge", "clip_judge", "recon_mse_per_pixel"}
+        assert 0 <= figures["sprite_judge"]["A_action_acc"] <= 1
+
+
+def test_device_check_refuses_bad_epochs_in_one_line(tmp_path):
+    r = run("device_check.py", "--folder", str(tmp_path), env={"EPOCHS_PAPER": "-3"})
+    assert r.returncode == 2 and r.stderr.startswith("error: EPOCHS_PAPER")
+    assert r.stderr.count("\n") == 1 and not os.listdir(tmp_path)
