@@ -13,7 +13,6 @@ it the step's convolutions reach; peak memory; the device, host CPU and torch ve
 whole model) on the same batch, and prints our speed-up over it.
 """
 import argparse
-import inspect
 import itertools
 import json
 import platform
@@ -25,18 +24,11 @@ import torch
 
 from dataloader import SpriteBatches, content_augment
 from model import CDSVAE, FZCritic, cdsvae_loss, critic_loss
-from utils import (amp_dtype, autocast, compile_model, make_adam, pick_device,
+from utils import (OneLineErrors, amp_dtype, autocast, compile_model, make_adam, pick_device,
                    prepare_for_device)
 
-VIEWS = ("x", "m_aug", "c_aug_order")  # what a training step reads of a batch
 TRAIN_VIDEOS = 9000  # the Sprites train split: the MI estimate's dataset size
 WARMUP = 2  # untimed calls before each timing (the first also compiles, with --compile)
-
-
-class OneLineErrors(argparse.ArgumentParser):
-    """A bad flag is one line on stderr, not the usage of every flag followed by it."""
-    def error(self, message):
-        self.exit(2, f"error: {message} (see --help)\n")
 
 
 def get_args(argv=None):
@@ -141,23 +133,17 @@ def conv_flops_per_video(model, device):
 
 # ---- the loader and the step ---------------------------------------------------------------------
 def batch_stream(args, device, frames):
-    """(endless batches of a random uint8 store, 8 batches long, as training makes them: shuffled,
-    both views, on `device`; whether SpriteBatches makes them there, or they are copied)."""
+    """Endless batches of a random uint8 store, 8 batches long, as training makes them: shuffled,
+    both views, made on `device`."""
     g = torch.Generator().manual_seed(0)
     n = 8 * args.batch_size
     X = torch.randint(0, 256, (n, frames, 64, 64, 3), dtype=torch.uint8, generator=g)
     A, D = torch.zeros(n, 4, dtype=torch.long), torch.zeros(n, dtype=torch.long)
-    on_device = "device" in inspect.signature(SpriteBatches).parameters
     loader = SpriteBatches(X, A, D, args.batch_size, shuffle=True, augment=True, seed=0,
-                           drop_last=True, content_view=False,
-                           **({"device": device} if on_device else {}))
-
-    def stream():
-        for epoch in itertools.count():
-            loader.set_epoch(epoch)
-            for batch in loader:
-                yield {k: batch[k].to(device, non_blocking=True) for k in VIEWS}
-    return stream(), on_device
+                           drop_last=True, content_view=False, device=device)
+    for epoch in itertools.count():
+        loader.set_epoch(epoch)
+        yield from loader
 
 
 def build_step(args, device):
@@ -216,7 +202,7 @@ def paper_step(args, batch, device):
 def measure(args, device):
     """{figure: value} of the step, the loader and the two in sequence."""
     model, step, flops = build_step(args, device)
-    batches, on_device = batch_stream(args, device, model.frames)
+    batches = batch_stream(args, device, model.frames)
     batch = next(batches)
     t = time.perf_counter()
     step(batch)  # the first step: compiles with --compile, searches cudnn's algorithms on CUDA
@@ -230,7 +216,7 @@ def measure(args, device):
     result = {"step_per_s": round(B / step_s, 2), "loader_per_s": round(B / loader_s, 2),
               "end_to_end_per_s": round(B / end_to_end_s, 2),
               "ms_per_step": round(1000 * step_s, 2), "first_step_s": round(first_step_s, 2),
-              "loader_on_device": on_device, "conv_flops": flops * B / step_s}
+              "conv_flops": flops * B / step_s}
     if args.paper_step:
         paper_s = seconds_per_call(paper_step(args, batch, device), args.steps, device)
         result.update(paper_sequences_per_s=round(B / paper_s, 2),

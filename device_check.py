@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 
-from utils import write_json
+from utils import OneLineErrors, write_json
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 TRAIN_VIDEOS = 9000  # the Sprites train split: 70 steps of 128 or 140 of 64 an epoch
@@ -34,12 +34,6 @@ BENCH = ("--device", "cuda", "--steps", "50")
 TINY_BENCH = ("--device", "cpu", "--steps", "1", "--threads", "1", "--nf", "4")
 TINY_MODEL = ("--device", "cpu", "--threads", "1", "--nf", "4", "--batch_size", "8", "--f_dim",
               "8", "--z_dim", "4", "--g_dim", "8", "--rnn_size", "8", "--evl_interval", "0")
-
-
-class OneLineErrors(argparse.ArgumentParser):
-    """A bad flag is one line on stderr, not the usage of every flag followed by it."""
-    def error(self, message):
-        self.exit(2, f"error: {message} (see --help)\n")
 
 
 def get_args(argv=None):

@@ -36,8 +36,9 @@ from judges.networks import SHIPPED_JUDGES, judge_name, load_judge
 from model import CDSVAE, FZCritic, cdsvae_loss, critic_loss
 from utils import (MODEL_ARGS, REMOVED_AT, REMOVED_TRAIN_ARGS, CheckpointError, OneLineErrors,
                    amp_dtype, autocast,
-                   check_sizes, folders_held, git_revision, half_precision, mismatched_model_args,
-                   pick_device, plot_loss_curves, read_checkpoint, save_atomic, write_text)
+                   check_sizes, compile_model, folders_held, git_revision, half_precision,
+                   make_adam, mismatched_model_args, pick_device, plot_loss_curves,
+                   prepare_for_device, read_checkpoint, save_atomic, write_text)
 
 
 # ---- arguments -----------------------------------------------------------------------------------
@@ -105,6 +106,8 @@ def get_args(argv=None):
     arg("--amp", action="store_true", help="autocast: bf16, or fp16 where bf16 is not native")
     arg("--threads", type=int, default=0, help="CPU threads per process (default 0: torch's)")
     arg("--sync_bn", action="store_true", help="SyncBatchNorm across processes under torchrun")
+    arg("--compile", action="store_true",
+        help="torch.compile the frame encoder and decoder; the LSTMs stay eager (default off)")
     args = p.parse_args(argv)
     check_args(p, args)
     args.model_dir = args.model_dir or args.log_dir
@@ -251,16 +254,16 @@ def build_networks(run):
     torch.manual_seed(args.seed)  # the critic is trained on the whole batch in every process
     run.critic = (FZCritic(args.f_dim, args.z_dim, run.frames).to(device)
                   if args.weight_mi_critic else None)
-    run.critic_optimizer = (torch.optim.Adam(run.critic.parameters(), lr=args.lr_critic,
-                                             betas=(0.5, 0.9)) if run.critic is not None else None)
+    run.critic_optimizer = (make_adam(run.critic.parameters(), device, lr=args.lr_critic,
+                                      betas=(0.5, 0.9)) if run.critic is not None else None)
     torch.manual_seed(args.seed + run.rank)
     run.model_args = {k: getattr(args, k) for k in MODEL_ARGS if hasattr(args, k)}
     run.model_args.update(frames=run.frames, deconv_normal=args.deconv_init == "normal")
-    model = CDSVAE(**run.model_args).to(device)
-    if device.type == "cpu":
-        model = model.to(memory_format=torch.channels_last)  # oneDNN's bf16 convs: ~2x faster
+    model = prepare_for_device(CDSVAE(**run.model_args).to(device), device)
+    if args.compile:
+        compile_model(model)
     run.raw_model = run.model = model
-    run.optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.999))
+    run.optimizer = make_adam(model.parameters(), device, lr=args.lr, betas=(0.9, 0.999))
     run.scheduler = torch.optim.lr_scheduler.LambdaLR(
         run.optimizer, lr_lambda(args.sche, args.nEpoch, len(run.loader), args.lr))
     run.scaler = torch.amp.GradScaler(device.type,
