@@ -48,6 +48,9 @@ def get_args(argv=None):
     arg("--weight_mi_critic", type=float, default=0.0,
         help="weight of the critic's I(f; z) estimate; the critic is trained too (default 0: off)")
     arg("--threads", type=int, default=0, help="CPU threads (default 0: torch's choice)")
+    arg("--profile", action="store_true",
+        help="also profile two steps (torch.profiler): each op's share of their self time, the "
+             "largest first (default off)")
     arg("--paper_step", action="store_true",
         help="also time the paper repo's step on the same batch, and print the ratio (default off)")
     args = p.parse_args(argv)
@@ -198,6 +201,23 @@ def paper_step(args, batch, device):
     return step
 
 
+def profile_step(step, batch, device, top=12):
+    """{op: share of the self time of two steps}, the `top` largest, from torch.profiler (the
+    device's time on CUDA, the CPU's elsewhere)."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        for _ in range(2):
+            step(batch)
+        if cuda:
+            torch.cuda.synchronize(device)
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = prof.key_averages()
+    total = sum(getattr(e, key) for e in events)
+    ranked = sorted(events, key=lambda e: -getattr(e, key))[:top]
+    return {e.key: round(getattr(e, key) / total, 3) for e in ranked}
+
+
 # ---- the run -------------------------------------------------------------------------------------
 def measure(args, device):
     """{figure: value} of the step, the loader and the two in sequence."""
@@ -217,6 +237,8 @@ def measure(args, device):
               "end_to_end_per_s": round(B / end_to_end_s, 2),
               "ms_per_step": round(1000 * step_s, 2), "first_step_s": round(first_step_s, 2),
               "conv_flops": flops * B / step_s}
+    if args.profile:
+        result["profile"] = profile_step(step, batch, device)
     if args.paper_step:
         paper_s = seconds_per_call(paper_step(args, batch, device), args.steps, device)
         result.update(paper_sequences_per_s=round(B / paper_s, 2),

@@ -41,6 +41,7 @@ stdout as a table laid out like the paper's and, with every run, in a JSON file 
 Time on the 2-core CPU of the README: see its Speed table.
 """
 import argparse
+import os
 import sys
 import time
 

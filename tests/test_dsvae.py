@@ -8,7 +8,6 @@ import sys
 import pytest
 import torch
 
-import test_sprite
 import train_cdsvae
 from dataloader import load_sprites
 from evaluation import evaluate

@@ -13,7 +13,7 @@ import evaluation as ev
 import judges.networks as networks
 import test_sprite as ts
 from dataloader import FACTORS, factor_labels, gaussian_blur, judge_corrupt, load_sprites, to_float
-from judges.networks import JUDGES, SHIPPED_JUDGES, ClipJudge, SpriteJudge, load_judge
+from judges.networks import JUDGES, SHIPPED_JUDGES, ClipJudge, load_judge
 from model import CDSVAE
 from utils import for_inference
 

@@ -176,7 +176,6 @@ def test_the_paper_repos_sample_checkpoint_loads_and_computes_the_same(tmp_path)
 
 
 def test_the_paper_repos_judge_loads_and_computes_the_same(tmp_path):
-    import test_sprite
     torch.manual_seed(0)
     paper = randomise_batchnorm(PaperJudge())
     torch.save({"state_dict": paper.state_dict(), "epoch": 3}, tmp_path / "sprite_judge.tar")
@@ -189,7 +188,6 @@ def test_the_paper_repos_judge_loads_and_computes_the_same(tmp_path):
 
 
 def test_files_that_do_not_fit_are_refused_in_one_line(tmp_path):
-    import test_sprite
     from utils import CheckpointError
     torch.manual_seed(0)
     state = PaperCDSVAE().state_dict()

@@ -1,5 +1,4 @@
 """The training script as a user runs it: resume equivalence, DDP, smoke training, refusals."""
-import copy
 import hashlib
 import json
 import math
@@ -192,7 +191,6 @@ def test_bad_flags_are_refused(bad, tmp_path):
 
 def test_periodic_scoring_under_each_judge_is_test_sprites(tiny_data, tmp_path):
     """The eval_<judge>_* figures of metrics.jsonl are test_sprite.evaluate's on the model of that epoch."""
-    import test_sprite
     from dataloader import load_sprites
     from judges.networks import ClipJudge, SpriteJudge
     from utils import load_model
