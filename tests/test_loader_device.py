@@ -1,10 +1,7 @@
 """Batches made on the training device: the whole-batch way (what an accelerator runs) equals the
 CPU's few-sequences-at-a-time way and the batches of before, resume included, and it reads nothing
 back to the host (run on the meta device, where any such read raises)."""
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,7 +11,6 @@ import dataloader
 from dataloader import SpriteBatches, _augmentation_draws, motion_augment, to_float
 
 torch.set_num_threads(1)
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def synthetic(n, seed, size=64):
@@ -149,21 +145,3 @@ def test_a_split_that_does_not_fit_stays_on_the_host(monkeypatch):
     assert mode.copies == 2 * 3  # each batch's uint8 rows and its draws
     assert dataloader._store_on(X, torch.device("cpu")) is X
 
-
-def bench_loader(*args):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "bench_loader.py"), *args],
-                          capture_output=True, text=True, cwd=ROOT)
-
-
-def test_bench_loader_prints_one_json_line_and_refuses_bad_counts():
-    r = bench_loader("--synthetic", "24", "--batch_size", "8", "--batches", "2", "--repeats", "1",
-                     "--chunk", "8", "--no_c_aug")
-    assert r.returncode == 0, r.stderr
-    out = json.loads(r.stdout)
-    assert out["sequences_per_s"] > 0 and out["device"] == "cpu" and out["store"] == "cpu"
-    assert out["chunk"] == 8 and out["c_aug"] is False
-    r = bench_loader("--synthetic", "8", "--batch_size", "8", "--batches", "2")
-    assert r.returncode != 0 and r.stderr.startswith("error: 8 sequences")
-    assert r.stderr.strip().count("\n") == 0
-    r = bench_loader("--batches", "0")
-    assert r.returncode == 2 and "error: --batches must be at least 1" in r.stderr
