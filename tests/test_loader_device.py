@@ -1,7 +1,6 @@
 """Batches made on the training device: the whole-batch way (what an accelerator runs) equals the
 CPU's few-sequences-at-a-time way and the batches of before, resume included, and it reads nothing
 back to the host (run on the meta device, where any such read raises)."""
-import os
 
 import pytest
 import torch
