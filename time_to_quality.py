@@ -18,6 +18,7 @@ import re
 import sys
 
 import torch
+from tqdm import tqdm
 
 from dataloader import DataError, load_sprites
 from evaluation import NotFiniteError, evaluate
@@ -146,7 +147,7 @@ def main(argv=None):
         sys.exit(f"error: {metrics} has no row of epoch(s) {unlogged}: it is not the metrics of "
                  f"these snapshots; give the --run folder that holds both")
     curves = {name: [] for name in judges}
-    for epoch, path in snaps:
+    for epoch, path in tqdm(snaps, desc="snapshots", unit="snapshot", disable=None, leave=False):
         try:
             model = for_inference(load_model(path, device))
             result = evaluate(model, judges, test, device, seeds=[0], amp=True, type_gt="action")
@@ -154,8 +155,8 @@ def main(argv=None):
             sys.exit(f"error: {path}: {e}" if isinstance(e, NotFiniteError) else f"error: {e}")
         for name in judges:
             curves[name].append((minutes[epoch], result["judges"][name]["mean"]["A_action_acc"]))
-        print(f"epoch {epoch} ({minutes[epoch]:.1f} min): " + ", ".join(
-            f"{name} {pts[-1][1]:.2%}" for name, pts in curves.items()), flush=True)
+        tqdm.write(f"epoch {epoch} ({minutes[epoch]:.1f} min): " + ", ".join(
+            f"{name} {pts[-1][1]:.2%}" for name, pts in curves.items()))
     reached = {name: {f"{level:.0%}": first_reaching(pts, level) for level in LEVELS}
                for name, pts in curves.items()}
     plot(curves, reference, args.out)

@@ -525,7 +525,7 @@ def read_progress(run):
     if first_bad >= 0:
         kept = (f"the last good checkpoint {run.ckpt_path} is kept" if os.path.exists(run.ckpt_path)
                 else "no checkpoint was written yet")
-        log(run, f"error: non-finite loss at epoch {run.epoch + 1}, step {int(first_bad) + 1} "
+        log(run, f"error: non-finite loss at epoch {run.epoch + 1}, step {int(first_bad)} "
                  f"({dict(zip(run.keys, run.bad_terms.tolist()))}); {kept}; "
                  f"try a lower --lr or --amp off")
         sys.exit(1)
