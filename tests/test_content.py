@@ -343,12 +343,14 @@ def test_training_refuses_numbers_that_are_not_finite(tmp_path, capsys, flag):
 
 @pytest.mark.parametrize("argv, words", [(["--threads", "-1"], "--threads -1 must be 0 or more"),
                                          (["--out", "{tmp}"], "is a folder")])
-def test_test_sprite_refuses_a_bad_number_or_out_before_scoring(files, tmp_path, argv, words):
+def test_test_sprite_refuses_a_bad_number_or_out_before_scoring(files, tmp_path, capsys, argv,
+                                                               words):
     argv = [a.format(tmp=tmp_path) for a in argv]
     with pytest.raises(SystemExit) as e:
         test_sprite.main(["--model_dir", str(files["model"]), "--judge", str(files["judge"]),
                           *argv])
-    assert str(e.value).startswith("error: ") and words in str(e.value) and "\n" not in str(e.value)
+    said = str(e.value) if isinstance(e.value.code, str) else capsys.readouterr().err
+    assert said.startswith("error: ") and words in said and said.strip().count("\n") == 0
     assert os.listdir(tmp_path) == []
 
 

@@ -110,6 +110,8 @@ def test_two_process_ddp_shares_each_epoch_and_keeps_ranks_identical(tiny_data, 
 import json, sys, torch, torch.distributed as dist
 sys.path.insert(0, {ROOT!r})
 import dataloader, train_cdsvae
+destroy = dist.destroy_process_group  # main ends its process group; this script gathers after it
+dist.destroy_process_group = lambda: None
 seen, batches = [], dataloader.SpriteBatches.__iter__
 def spy(self):
     seen.append([])
@@ -124,7 +126,7 @@ dist.all_gather(weights, flat)
 dist.all_gather_object(shares, seen)
 if dist.get_rank() == 0:
     json.dump({{"identical": torch.equal(*weights), "shares": shares}}, open({str(tmp_path / "ranks.json")!r}, "w"))
-dist.destroy_process_group()
+destroy()
 """)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         str(script), *TINY, "--data_root", tiny_data, "--nEpoch", "2",
@@ -176,9 +178,23 @@ def test_existing_run_is_not_overwritten_and_nan_loss_keeps_the_checkpoint(tiny_
     digest = hashlib.sha256((tmp_path / "model.pt").read_bytes()).hexdigest()
     r = run(TINY + ["--data_root", tiny_data, "--nEpoch", "2", "--log_dir", str(tmp_path)])
     assert r.returncode != 0 and "--resume" in r.stderr
-    r = run(TINY + ["--data_root", tiny_data, "--nEpoch", "2", "--log_dir", str(tmp_path), "--resume",
-                    "--lr", "1e30"])  # the weights go to inf in one step: the next loss is NaN
-    assert r.returncode == 1 and "non-finite loss" in r.stdout + r.stderr
+    script = tmp_path / "diverged.py"  # the loss of every step of the resumed run is NaN
+    script.write_text(f"""
+import sys
+sys.path.insert(0, {ROOT!r})
+import train_cdsvae
+loss = train_cdsvae.cdsvae_loss
+def diverged(*a, **k):
+    total, terms = loss(*a, **k)
+    terms["recon"] = terms["recon"] * float("nan")
+    return total * float("nan"), terms
+train_cdsvae.cdsvae_loss = diverged
+train_cdsvae.main(sys.argv[1:])
+""")
+    r = subprocess.run([sys.executable, str(script), *TINY, "--data_root", tiny_data, "--nEpoch", "2",
+                        "--log_dir", str(tmp_path), "--resume"], capture_output=True, text=True,
+                       cwd=ROOT, timeout=600)
+    assert r.returncode == 1 and "non-finite loss at epoch 2, step 3" in r.stdout + r.stderr
     assert hashlib.sha256((tmp_path / "model.pt").read_bytes()).hexdigest() == digest
 
 
