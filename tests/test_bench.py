@@ -138,3 +138,16 @@ def test_device_check_refuses_bad_epochs_in_one_line(tmp_path):
     r = run("device_check.py", "--folder", str(tmp_path), env={"EPOCHS_PAPER": "-3"})
     assert r.returncode == 2 and r.stderr.startswith("error: EPOCHS_PAPER")
     assert r.stderr.count("\n") == 1 and not os.listdir(tmp_path)
+
+
+def test_amp_is_bf16_only_where_the_gpu_has_it_natively(monkeypatch):
+    """--amp picks fp16 (with loss scaling) on a GPU whose bf16 is emulated (V100, T4)."""
+    from utils import amp_dtype
+    asked = []
+
+    def bf16(including_emulation=True):
+        asked.append(including_emulation)
+        return including_emulation  # emulated bf16 only
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", bf16)
+    assert amp_dtype(torch.device("cuda")) == torch.float16 and asked == [False]
+    assert amp_dtype(torch.device("cpu")) == torch.bfloat16
