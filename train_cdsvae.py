@@ -660,7 +660,9 @@ def train(args):
                 stopped(run, f"after epoch {epoch + 1}")
                 break
         return run.raw_model
-    finally:
+    finally:  # however the run ends: a signal from here on ends the process (torchrun's included)
+        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(s, signal.SIG_DFL)
         if getattr(run, "tensorboard", None) is not None:
             run.tensorboard.close()
         if dist.is_initialized():

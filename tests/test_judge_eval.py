@@ -22,8 +22,6 @@ from model import CDSVAE
 from utils import for_inference, load_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "judges"))
-import train_judge  # noqa: E402
 
 TINY_MODEL = dict(f_dim=8, z_dim=4, g_dim=16, rnn_size=16, nf=8)
 TINY_JUDGE = dict(g_dim=16, rnn_size=16, hidden=16, nf=8)
@@ -293,38 +291,6 @@ def test_script_exits_nonzero_on_a_missing_checkpoint(tmp_path):
                        capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode != 0
     assert r.stderr.strip().splitlines() == [f"error: no checkpoint at {tmp_path / 'x.pt'}"]
-
-
-def test_train_judge_writes_a_half_precision_judge_and_resumes_exactly(files, tmp_path, monkeypatch):
-    """Two tiny epochs of judges/train_judge.py: the file loads with weights_only and through load_judge; a run
-    killed after its first epoch and resumed from that epoch's checkpoint writes the same judge."""
-    def train(out, ckpt, *extra):
-        train_judge.main(["--data_root", files["data"], "--out", str(tmp_path / out), "--nEpoch", "2",
-                          "--batch_size", "16", "--nf", "8", "--g_dim", "16", "--rnn_size", "16", "--hidden", "16",
-                          "--val_chars", "2", "--threads", "1", "--amp", "--ckpt", str(tmp_path / ckpt), *extra])
-        return torch.load(tmp_path / out, weights_only=True)
-
-    whole = train("whole.pt", "whole_last.pt")
-    assert whole["judge_args"] == TINY_JUDGE and whole["heads"] == FACTORS
-    assert all(v.dtype == torch.float16 for v in whole["model"].values() if v.is_floating_point())
-    assert set(whole["test_accuracy"]) == set(FACTORS)
-    judge = load_judge(str(tmp_path / "whole.pt"))
-    assert isinstance(judge, SpriteJudge) and not judge.training
-
-    save_atomic = train_judge.save_atomic
-
-    def killed_after_saving(obj, path):
-        save_atomic(obj, path)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_judge, "save_atomic", killed_after_saving)
-    with pytest.raises(KeyboardInterrupt):
-        train("cut.pt", "cut_last.pt")
-    assert torch.load(tmp_path / "cut_last.pt", weights_only=True)["epoch"] == 1 and not (tmp_path / "cut.pt").exists()
-    monkeypatch.setattr(train_judge, "save_atomic", save_atomic)
-    resumed = train("cut.pt", "cut_last.pt", "--resume")
-    torch.testing.assert_close(resumed["model"], whole["model"], rtol=0, atol=0)
-    assert resumed["test_accuracy"] == whole["test_accuracy"]
 
 
 def test_run_test_sprite_sh_passes_arguments_through(files, tmp_path):
