@@ -2,7 +2,7 @@
 # Train C-DSVAE on Sprites with the paper's settings: a GPU job (100 epochs; about 20 h on a 2-core CPU, 9-11 s a
 # step). Outputs go to runs/cdsvae_paper/; a stopped run continues with ./run_cdsvae.sh --resume. Extra arguments
 # pass through, e.g. ./run_cdsvae.sh --amp --log_dir runs/mine. The paper's network (--f_head_leaky, --deconv_init
-# default) and loss; what still differs from the paper repo is listed in the README ("Differences from the paper").
+# default) and loss; what still differs from the paper repo is listed in the README ("Differences from the paper repo").
 set -euo pipefail
 cd "$(dirname "$0")"
 python -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/dev/null ||

@@ -206,7 +206,7 @@ def test_bad_flags_are_refused(bad, tmp_path):
 
 
 def test_periodic_scoring_under_each_judge_is_test_sprites(tiny_data, tmp_path):
-    """The eval_<judge>_* figures of metrics.jsonl are test_sprite.evaluate's on the model of that epoch."""
+    """The eval_<judge>_* figures of metrics.jsonl are evaluation.evaluate's on the model of that epoch."""
     from dataloader import load_sprites
     from judges.networks import ClipJudge, SpriteJudge
     from utils import load_model
