@@ -659,6 +659,8 @@ def train(args):
             if run.stop is not None:  # the stop came at the last batch: the epoch is complete
                 stopped(run, f"after epoch {epoch + 1}")
                 break
+        if run.distributed:  # the processes end together: one gone early can abort another's exit
+            dist.barrier()
         return run.raw_model
     finally:  # however the run ends: a signal from here on ends the process (torchrun's included)
         for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):

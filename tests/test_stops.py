@@ -171,7 +171,9 @@ def test_non_finite_loss_before_any_checkpoint_says_none_is_kept(tiny_data, tmp_
 # ---- messages ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("bad", [["--lr", "nan"], ["--lr", "-1"], ["--lr", "0"], ["--threads", "-1"],
                                  ["--subset", "-5"], ["--batch_size", "1"], ["--weight_mi_after", "1.5", "10"],
-                                 ["--temperature", "inf"], ["--device", "tpu"]])
+                                 ["--temperature", "inf"], ["--device", "tpu"], ["--batch_size", "0"],
+                                 ["--weight_mi_critic", "-1"], ["--weight_mi_critic", "nan"],
+                                 ["--weight_rec", "nan"], ["--f_film"], ["--weight_swap", "1"]])
 def test_bad_flags_are_refused_in_one_line(bad, capsys):
     with pytest.raises(SystemExit) as stop:
         train_cdsvae.get_args(bad)
