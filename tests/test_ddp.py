@@ -15,6 +15,9 @@ import torch.multiprocessing as mp
 import train_cdsvae
 from model import FZCritic, cdsvae_loss
 
+# the tests that start process groups run one at a time (one xdist worker): ports are not shared
+pytestmark = pytest.mark.xdist_group("ddp")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 B, T, N = 6, 3, 100  # global batch, frames, dataset size
 KEYS = ("f", "f_mean", "f_logvar", "z", "z_mean", "z_logvar", "z_prior_mean", "z_prior_logvar", "recon")

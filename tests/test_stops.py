@@ -181,6 +181,7 @@ def test_bad_flags_are_refused_in_one_line(bad, capsys):
     assert stop.value.code == 2 and one_line(err) and err.startswith("error: ") and bad[0] in err
 
 
+@pytest.mark.xdist_group("ddp")  # process groups one at a time (ports)
 def test_batch_of_one_video_per_process_is_refused(tiny_data, tmp_path):
     """Two processes and --batch_size 2: one video each, no negatives for the InfoNCE terms."""
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29518",

@@ -101,6 +101,7 @@ def test_smoke_training_lowers_the_loss_and_writes_everything(tiny_data, tmp_pat
     assert load_model(str(tmp_path / "model.pt")).f_dim == 8
 
 
+@pytest.mark.xdist_group("ddp")  # process groups one at a time (ports)
 def test_two_process_ddp_shares_each_epoch_and_keeps_ranks_identical(tiny_data, tmp_path):
     """Two gloo processes on a port found at run time (--standalone): each rank trains on its own share of every
     epoch, the shares are disjoint and cover the epoch but for the videos drop_last leaves out, the ranks end with
