@@ -24,8 +24,8 @@ import torch
 
 from dataloader import SpriteBatches, content_augment
 from model import CDSVAE, FZCritic, cdsvae_loss, critic_loss
-from utils import (OneLineErrors, amp_dtype, autocast, compile_model, make_adam, pick_device,
-                   prepare_for_device)
+from utils import (OneLineErrors, amp_dtype, autocast, compile_model, grad_scaler, make_adam,
+                   pick_device, prepare_for_device)
 
 TRAIN_VIDEOS = 9000  # the Sprites train split: the MI estimate's dataset size
 WARMUP = 2  # untimed calls before each timing (the first also compiles, with --compile)
@@ -163,8 +163,7 @@ def build_step(args, device):
     if args.weight_mi_critic:
         critic = FZCritic(model.f_dim, model.z_dim, model.frames).to(device)
         critic_optimizer = make_adam(critic.parameters(), device, lr=1e-3, betas=(0.5, 0.9))
-    scaler = torch.amp.GradScaler(device.type,
-                                  enabled=args.amp and amp_dtype(device) == torch.float16)
+    scaler = grad_scaler(device, args.amp)
 
     def step(batch):
         with autocast(device, args.amp):

@@ -35,7 +35,7 @@ from evaluation import evaluate
 from judges.networks import SHIPPED_JUDGES, judge_name, load_judge
 from model import CDSVAE, FZCritic, cdsvae_loss, critic_loss
 from utils import (MODEL_ARGS, REMOVED_AT, REMOVED_TRAIN_ARGS, CheckpointError, OneLineErrors,
-                   amp_dtype, autocast,
+                   autocast, grad_scaler,
                    check_sizes, compile_model, folders_held, git_revision, half_precision,
                    make_adam, mismatched_model_args, pick_device, plot_loss_curves,
                    prepare_for_device, read_checkpoint, save_atomic, write_text)
@@ -266,8 +266,7 @@ def build_networks(run):
     run.optimizer = make_adam(model.parameters(), device, lr=args.lr, betas=(0.9, 0.999))
     run.scheduler = torch.optim.lr_scheduler.LambdaLR(
         run.optimizer, lr_lambda(args.sche, args.nEpoch, len(run.loader), args.lr))
-    run.scaler = torch.amp.GradScaler(device.type,
-                                      enabled=args.amp and amp_dtype(device) == torch.float16)
+    run.scaler = grad_scaler(device, args.amp)
 
 
 def resume_mismatch(ckpt, args, world):

@@ -56,6 +56,11 @@ def amp_dtype(device):
     return torch.float16
 
 
+def grad_scaler(device, amp):
+    """Loss scaling where --amp means fp16, whose small gradients underflow; bf16 needs none."""
+    return torch.amp.GradScaler(device.type, enabled=amp and amp_dtype(device) == torch.float16)
+
+
 def autocast(device, enabled):
     """Mixed precision on `device` when enabled, in amp_dtype(device)."""
     return torch.autocast(device.type, dtype=amp_dtype(device), enabled=enabled)

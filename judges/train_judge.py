@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dataloader import (FACTORS, DataError, SpriteBatches, factor_labels,  # noqa: E402
                         gaussian_blur, judge_corrupt, load_sprites, validation_split)
 from judges.networks import JUDGES, load_judge  # noqa: E402
-from utils import (CheckpointError, amp_dtype, autocast, half_precision,  # noqa: E402
+from utils import (CheckpointError, autocast, grad_scaler, half_precision,  # noqa: E402
                    pick_device, read_checkpoint, save_atomic)
 
 def noisy(x, g, std):
@@ -176,9 +176,7 @@ def set_up(args, train, device):
                  f"sequences; a smaller batch makes at least one step")
     run = {"judge": judge, "optimizer": torch.optim.Adam(judge.parameters(), lr=args.lr),
            "corrupt_g": torch.Generator().manual_seed(args.seed + 1),
-           # fp16 gradients underflow without loss scaling; bf16 needs none
-           "scaler": torch.amp.GradScaler(device.type,
-                                          enabled=args.amp and amp_dtype(device) == torch.float16)}
+           "scaler": grad_scaler(device, args.amp)}
     run["sched"] = torch.optim.lr_scheduler.OneCycleLR(run["optimizer"], args.lr,
                                                        total_steps=args.nEpoch * len(loader))
     return loader, held_out, judge_args, run
