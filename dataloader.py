@@ -1,12 +1,8 @@
-"""Sprites: its factors and label maps, a restricted unpickler, in-memory uint8 storage, and
-augmentations made per batch.
+"""Sprites: its factors and label maps, a safe loader of uint8 videos, and the batches.
 
-A batch is a dict of float tensors in [0, 1] of shape (B, 8, 3, 64, 64): `x`, its content-augmented
-view `c_aug` (frames shuffled: same character, motion destroyed) and its motion-augmented view
-`m_aug` (one colour / blur change for the whole sequence: same motion, new appearance); plus `A`
-(B, 4) and `D` (B,) labels and `c_aug_order` (B, 8), the frame order of `c_aug`. With a training
-device, the uint8 split lives there and the batches are made there, whole; on the CPU, a few
-sequences at a time.
+A batch holds float videos in [0, 1] (B, 8, 3, 64, 64): `x`, its content view `c_aug` (frames
+shuffled: same character, no motion; their order `c_aug_order`) and its motion view `m_aug` (one
+colour / blur change per video: same motion, new look); and labels `A` (B, 4), `D` (B,).
 """
 import importlib
 import math
@@ -104,8 +100,7 @@ def _one_hot_indices(L, key, path):
 
 
 def _label_indices(L, key, path, classes, row_dims):
-    """Integer labels from ours ((n,) + row_dims integers) or from the paper repo's one-hot labels:
-    (n,) + row_dims + (classes,), or (n, frames) + row_dims + (classes,) alike in every frame."""
+    """Integer labels, from ours or the paper repo's one-hot ones (per video or per frame)."""
     L = np.asarray(L)
     one_hot = L.ndim - 1 - row_dims  # 1: one-hot; 2: one-hot per frame
     if L.dtype.kind not in ("iuf" if one_hot in (1, 2) else "iu"):
@@ -126,8 +121,7 @@ def _label_indices(L, key, path, classes, row_dims):
 
 
 def _labels(A, D, n, path, split):
-    """Attribute (n, 4) and action (n,) int labels, checked, from ours or the paper repo's one-hot
-    (n, 8, 4, 6) / (n, 8, 9)."""
+    """Attribute (n, 4) and action (n,) labels, checked, from ours or the paper repo's one-hot."""
     A = _label_indices(A, f"A_{split}", path, FACTORS["skin"], 1)
     D = _label_indices(D, f"D_{split}", path, FACTORS["action"], 0)
     if A.shape != (n, 4) or D.shape != (n,):
@@ -148,8 +142,7 @@ _CHECK_VIDEOS = 256
 
 
 def _images(X, path, split):
-    """X as uint8; refused in one line when its dtype is not one we read, when its floats are not
-    finite and in [0, 1] (nothing is rescaled), or when every pixel is 0 or 1 out of 255."""
+    """X as uint8, refused unless uint8 or floats in [0, 1] (never rescaled), and not all 0 / 1."""
     key = f"X_{split}"
     if len(X) == 0:
         raise DataError(f"{path}: {key} holds no videos; {_rebuild(path)}")
@@ -175,11 +168,7 @@ def _images(X, path, split):
 
 
 def load_sprites(path):
-    """{'train': (X, A, D), 'test': (X, A, D)} with X a uint8 tensor (N, 8, 64, 64, 3).
-
-    Reads our data.pkl and the paper repo's (float images in [0, 1]; its stored augmentations are
-    ignored, ours are made on the fly).
-    """
+    """{'train': (X, A, D), 'test': (X, A, D)}, X uint8 (N, 8, 64, 64, 3); ours or the paper's."""
     data = safe_load_pickle(path)
     if not isinstance(data, dict):
         raise DataError(f"{path} holds a {type(data).__name__}, expected a dict with X_train, "
@@ -201,8 +190,7 @@ def load_sprites(path):
 
 
 def validation_split(X, A, D, n_characters, seed=0):
-    """Hold out every sequence of `n_characters` train characters (all their motions) for model
-    selection."""
+    """Hold out every video of `n_characters` train characters (a seeded choice)."""
     if n_characters <= 0:
         return (X, A, D), None
     character = character_id(A)
@@ -227,17 +215,14 @@ def _chunk_size(device, B):
 
 
 def _empty(shape, device=None):
-    """A fresh float tensor; on the CPU from numpy, which asks for transparent huge pages on large
-    arrays: first touching a 50 MB batch then costs a few hundred page faults instead of ~12000
-    (torch.empty does that only when torch runs with THP_MEM_ALLOC_ENABLE=1)."""
+    """A fresh float tensor; on the CPU numpy's, in huge pages (~40x fewer page faults)."""
     if device is not None and device.type != "cpu":
         return torch.empty(tuple(shape), device=device)
     return torch.from_numpy(np.empty(tuple(shape), np.float32))
 
 
 def _to_float_into(out, x_uint8, scratch=None):
-    """out (n, T, 3, H, W) <- x_uint8 (n, T, H, W, 3) / 255: de-interleaving bytes first, then
-    converting contiguous memory, is faster than converting across the transpose."""
+    """out (n, T, 3, H, W) <- x_uint8 (n, T, H, W, 3) / 255, the bytes de-interleaved first."""
     if scratch is None:
         scratch = torch.empty(out.shape, dtype=torch.uint8, device=out.device)
     scratch = scratch[:len(out)].copy_(x_uint8.permute(0, 1, 4, 2, 3))
@@ -261,28 +246,20 @@ def content_order(B, T, generator=None):
     return torch.argsort(torch.rand(B, T, generator=generator), dim=1)
 
 
-def content_augment(x, generator=None, order=None, mirror=False):
-    """Each sequence's frames in a random order of its own: keeps the character, destroys the
-    motion. mirror=True also flips every frame left-right, which turns a left-facing video into a
-    right-facing one."""
+def content_augment(x, generator=None, order=None):
+    """Each sequence's frames in a random order of its own: keeps the character, not the motion."""
     order = content_order(*x.shape[:2], generator) if order is None else order
-    view = x[torch.arange(x.shape[0], device=x.device)[:, None], order.to(x.device)]
-    return view.flip(-1) if mirror else view
+    return x[torch.arange(x.shape[0], device=x.device)[:, None], order.to(x.device)]
 
 
 _GREY = torch.tensor([0.299, 0.587, 0.114])
 
 
 def _colour_maps_linear(B, generator, strength=0.8, hue=0.2, p_jitter=0.8, p_grey=0.2):
-    """Per-sequence affine colour maps x -> M x + v with v = P m + q for a sequence of channel
-    means m.
-
-    Brightness, contrast, saturation (factors in 1 +- strength) and hue (rotation by up to +-hue
-    turns in YIQ space) in a random order per sequence, with probability p_jitter; then greyscale
-    with probability p_grey. Each step is affine in RGB (contrast blends towards the mean grey of
-    its input, which an affine map carries exactly, and which is linear in m), so the whole change
-    is one M (B, 3, 3) and v (B, 3); the random draws do not depend on m.
-    """
+    """Per-sequence colour maps x -> M x + P m + q, m the sequence's channel means: brightness,
+    contrast, saturation (x 1 +- strength) and hue (+- hue turns in YIQ) in a random order with
+    probability p_jitter, then greyscale with p_grey. Each step is affine in RGB (contrast blends
+    to its input's mean grey, linear in m), so the whole change is one affine map."""
     def uniform(lo, hi):
         return lo + (hi - lo) * torch.rand(B, generator=generator)
 
@@ -314,20 +291,9 @@ def _colour_maps_linear(B, generator, strength=0.8, hue=0.2, p_jitter=0.8, p_gre
     return G @ M, G @ P, (G @ q[..., None])[..., 0]
 
 
-def _colour_maps(channel_mean, generator, **kwargs):
-    """(M, v): the affine colour maps x -> M x + v for sequences of channel means `channel_mean`
-    (B, 3)."""
-    M, P, q = _colour_maps_linear(channel_mean.shape[0], generator, **kwargs)
-    return M, (P @ channel_mean[..., None])[..., 0] + q
-
-
 def _motion_params(B, generator):
-    """Every random draw of a motion augmentation of B sequences: colour maps M (B, 3, 3), P (B, 3,
-    3), q (B, 3) and the blur's side weight c (B,) (0: no blur).
-
-    The 3x3 Gaussian of sigma is the kernel [c, 1, c] x [c, 1, c] with c = exp(-1 / (2 sigma^2)),
-    divided by (1 + 2c)^2; blur and colour map are linear, so that divisor is folded into the colour
-    map."""
+    """The draws of B motion views: colour maps M, P, q and the blur's side weight c (0: none); the
+    Gaussian's divisor (1 + 2c)^2 is folded into the (linear) colour map."""
     M, P, q = _colour_maps_linear(B, generator)
     sigma = 0.1 + 1.9 * torch.rand(B, generator=generator)
     blur = torch.rand(B, generator=generator) < 0.5
@@ -337,10 +303,8 @@ def _motion_params(B, generator):
 
 
 def _blur_unnormalised_(y, c, h):
-    """y (n, ..., H, W) <- y filtered by the separable 3x3 kernel [c, 1, c] x [c, 1, c] of each
-    sequence's own weight c (n,) (0: unchanged), with reflect padding, in place (4 passes); h:
-    scratch of y's shape. Divided by (1 + 2c)^2, with c = exp(-1 / (2 sigma^2)), this is the 3x3
-    Gaussian of sigma."""
+    """y <- y filtered by [c, 1, c] x [c, 1, c], c (n,) per sequence, reflect padding, h: scratch;
+    with c = exp(-1 / (2 sigma^2)) and divided by (1 + 2c)^2, the 3x3 Gaussian of sigma."""
     c = c.view((-1,) + (1,) * (y.dim() - 1))
     src, dst = y, h
     for dim in (-1, -2):
@@ -355,9 +319,7 @@ def _blur_unnormalised_(y, c, h):
 
 
 def _motion_into(x, out, M, P, q, c, h):
-    """out = clamp(blur_c(M x + v), 0, 1) for sequences x (n, T, 3, H, W), v = P mean(x) + q, with
-    the draws of these sequences from `_motion_params`, all on x's device; h: scratch of at least
-    x's shape. Every sequence at once, nothing read back to the host."""
+    """out = clamp(blur_c(M x + P mean(x) + q), 0, 1) for sequences x, on x's device; h: scratch."""
     n, T = x.shape[:2]
     v = torch.baddbmm(q[..., None], P, x.mean(dim=(1, 3, 4))[..., None])
     torch.baddbmm(v.repeat_interleave(T, 0), M.repeat_interleave(T, 0), x.view(n * T, 3, -1),
@@ -367,9 +329,8 @@ def _motion_into(x, out, M, P, q, c, h):
 
 
 def motion_augment(x, generator=None):
-    """One random appearance change per sequence, applied alike to all its frames: colour jitter
-    (brightness, contrast, saturation +-0.8, hue +-0.2; p 0.8), greyscale (p 0.2), 3x3 Gaussian blur
-    (sigma in [0.1, 2]; p 0.5). Keeps the motion, changes the look."""
+    """One look change per sequence, alike in its frames: colour jitter (brightness, contrast,
+    saturation +-0.8, hue +-0.2; p 0.8), greyscale (p 0.2), 3x3 blur (sigma 0.1..2; p 0.5)."""
     x = x.contiguous()
     B, device = x.shape[0], x.device
     M, P, q, c = (t.to(device) for t in _motion_params(B, generator))
@@ -382,40 +343,24 @@ def motion_augment(x, generator=None):
 
 
 def _augmentation_draws(B, T, generator):
-    """Every random draw of one batch's views: the content view's frame order and the motion view's
-    parameters."""
+    """Every random draw of a batch's views: the content order and the motion parameters."""
     return content_order(B, T, generator), _motion_params(B, generator)
 
 
-def _pack_draws(order, M, P, q, c):
-    """A batch's draws as one float tensor (B, T + 22), so that they reach the device in one copy
-    (frame indices are small integers, exact in float32)."""
-    B = len(order)
-    return torch.cat([order.float(), M.reshape(B, 9), P.reshape(B, 9), q, c[:, None]], 1)
-
-
-def _unpack_draws(draws, T):
-    """(order, M, P, q, c) of `_pack_draws`."""
-    B = len(draws)
-    order, M, P, q, c = draws.split([T, 9, 9, 3, 1], 1)
+def _device_draws(B, T, generator, device):
+    """A batch's draws (frame order; M, P, q, c), sent to the device in one copy."""
+    order, (M, P, q, c) = _augmentation_draws(B, T, generator)
+    draws = torch.cat([order.float(), M.reshape(B, 9), P.reshape(B, 9), q, c[:, None]], 1)
+    if device.type == "cuda":
+        draws = draws.pin_memory()
+    order, M, P, q, c = draws.to(device, non_blocking=True).split([T, 9, 9, 3, 1], 1)
     return order.long(), M.reshape(B, 3, 3), P.reshape(B, 3, 3), q, c[:, 0]
 
 
-def _to_device(t, device):
-    """A small CPU tensor on the device, copied without waiting (from pinned memory on CUDA)."""
-    if device.type == "cuda":
-        t = t.pin_memory()
-    return t.to(device, non_blocking=True)
-
-
 def _make_batch(X, i, generator=None, content_view=True, chunk=None):
-    """x of the sequences X[i] and, with a generator, c_aug (with its frame order) and m_aug: the
-    same as x = to_float(X[i]), content_augment(x, order=content_order(B, T, generator)),
-    motion_augment(x, generator), made straight from the uint8 store on its device (i there too),
-    `chunk` sequences at a time (default: a few on the CPU, the whole batch elsewhere). The draws
-    are made on the CPU and reach the device in one copy; nothing is read back to the host.
-    content_view=False leaves out the c_aug tensor (its order is still drawn and returned), for a
-    model that shuffles x's frame features instead."""
+    """x = to_float(X[i]) and, with a generator, its views as content_augment and motion_augment
+    make them, on X's device, `chunk` sequences at a time, nothing read back to the host;
+    content_view=False leaves out c_aug (a model shuffles x's features in that order instead)."""
     device, B, T, H, W = X.device, len(i), *X.shape[1:4]
     n = chunk or _chunk_size(device, B)
     x = _empty((B, T, 3, H, W), device)
@@ -423,8 +368,7 @@ def _make_batch(X, i, generator=None, content_view=True, chunk=None):
     u8t = torch.empty((min(n, B), T, 3, H, W), dtype=torch.uint8, device=device)
     batch = {"x": x}
     if generator is not None:
-        order, (M, P, q, c) = _augmentation_draws(B, T, generator)
-        order, M, P, q, c = _unpack_draws(_to_device(_pack_draws(order, M, P, q, c), device), T)
+        order, M, P, q, c = _device_draws(B, T, generator, device)
         batch.update(c_aug_order=order, m_aug=_empty(x.shape, device))
         h = torch.empty(u8t.shape, device=device)
         if content_view:
@@ -443,8 +387,7 @@ def _make_batch(X, i, generator=None, content_view=True, chunk=None):
 
 
 def _store_on(X, device):
-    """X moved once to the device where it fits (in half its free memory: the rest is the model's),
-    else X itself, left in host memory."""
+    """X on the device if it fits in half its free memory, else X in host memory."""
     if device.type == "cpu":
         return X
     if device.type == "cuda" and X.nbytes > torch.cuda.mem_get_info(device)[0] // 2:
@@ -456,19 +399,12 @@ def _store_on(X, device):
 
 
 class SpriteBatches:
-    """Batches of one split, in memory: `for batch in SpriteBatches(X, A, D, 128, shuffle=True)`.
+    """Batches of one split: `for batch in SpriteBatches(X, A, D, 128, shuffle=True)`.
 
-    The order and the augmentations depend only on (seed, epoch), so a resumed run sees the same
-    batches; `set_epoch(epoch, start)` yields the batches of an epoch from batch `start` on, without
-    making the ones before. With `rank`/`world_size`, each process gets its own strided share of
-    every epoch (DistributedSampler-like).
-
-    With a `device`, x, m_aug, c_aug and c_aug_order are made on it (A, D and index stay on the
-    CPU): the uint8 split is moved there once (`store`) and every batch is made there whole, its
-    random draws still made on the CPU; where the split does not fit, each batch's uint8 rows are
-    gathered on the CPU into pinned memory and copied without waiting. `chunk`: sequences made at a
-    time (None: a few on the CPU, the whole batch on an accelerator).
-    """
+    Order and views depend only on (seed, epoch), so a resumed run sees the same batches, and
+    set_epoch(epoch, start) skips making the first `start`. With rank / world_size each process gets
+    a strided share (as DistributedSampler). The views are made on `device`, from the uint8 split
+    moved there once where it fits, else from pinned host rows; A, D and index stay on the CPU."""
 
     def __init__(self, X, A, D, batch_size, shuffle=False, augment=False, seed=0, drop_last=False,
                  rank=0, world_size=1, content_view=True, device=None):
@@ -520,16 +456,13 @@ class SpriteBatches:
                 if self.augment:
                     _augmentation_draws(len(i), self.X.shape[1], g)
                 continue
-            # with augment, the c_aug order travels with the view: a model can shuffle x's frame
-            # features instead of re-encoding c_aug, and content_view=False then skips making c_aug
             batch = self._make(idx_store[span], g if self.augment else None)
             batch.update({"A": self.A[i], "D": self.D[i], "index": i})
             yield batch
 
 
 def gaussian_blur(x, sigma):
-    """Each video of x (B, T, 3, H, W) blurred by a Gaussian of its own sigma (B,) in pixels
-    (0: unchanged), with reflect padding; the kernel is cut at 3 sigma of the largest."""
+    """Each video of x (B, T, 3, H, W) blurred by a Gaussian of its own sigma (B,) px (0: none)."""
     sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).expand(x.shape[0])
     radius = max(1, math.ceil(3 * sigma.max().item()))
     offsets = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
@@ -545,9 +478,8 @@ def gaussian_blur(x, sigma):
 
 
 def judge_corrupt(x, generator=None, p_blur=0.5, max_sigma=2.0, p_noise=0.5, max_noise=0.1):
-    """What a judge is trained on, so that it reads the factors and not the sharpness: each video
-    blurred with probability p_blur (sigma uniform in [0, max_sigma] px), then with probability
-    p_noise given Gaussian pixel noise (std uniform in [0, max_noise]), clamped to [0, 1]."""
+    """A judge's training videos, so that it reads the factors, not the sharpness: blur (p_blur,
+    sigma up to max_sigma px), then pixel noise (p_noise, std up to max_noise), clamped."""
     B = x.shape[0]
     sigma = (torch.rand(B, generator=generator) * max_sigma
              * (torch.rand(B, generator=generator) < p_blur))

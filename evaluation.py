@@ -1,8 +1,5 @@
-"""The evaluation of a sequential VAE on the Sprites test split under judges: the generation
-protocols' videos (protocol A, protocol B, swaps) decoded once and shown to every judge, the figures
-of each judge (accuracies, IS, entropies, which video the motion came from), the agreement of every
-pair of judges, and the latent probes (probes.py). test_sprite.py prints and writes them;
-train_cdsvae.py scores along training; time_to_quality.py along snapshots.
+"""A sequential VAE scored on the Sprites test split: the protocols' videos (A, B, swaps), each
+decoded once and shown to every judge; each judge's figures, their agreement, the latent probes.
 """
 import math
 
@@ -34,11 +31,7 @@ def entropy(p, dim=-1):
 
 
 def inception_score(probs):
-    """IS = exp(E_x KL(p(y|x) || p(y))) of class probabilities probs (N, K), with p(y) the mean of
-    probs over x.
-
-    1 when every prediction is the same; K when each prediction is one-hot and the classes are
-    balanced."""
+    """IS = exp(E_x KL(p(y|x) || p(y))) of probabilities probs (N, K), p(y) their mean: 1 to K."""
     probs = probs.double()
     marginal = probs.mean(0, keepdim=True)
     kl = (probs * (torch.log(probs.clamp_min(1e-30)) - torch.log(marginal.clamp_min(1e-30)))).sum(1)
@@ -46,22 +39,17 @@ def inception_score(probs):
 
 
 def conditional_entropy(probs):
-    """H(y|x) = E_x H(p(y|x)) in nats: the mean entropy of each prediction (0 when the judge is
-    certain)."""
+    """H(y|x) = E_x H(p(y|x)) in nats: 0 when the judge is certain."""
     return entropy(probs).mean().item()
 
 
 def marginal_entropy(probs):
-    """H(y) = H(E_x p(y|x)) in nats: the entropy of the mean prediction (ln K for balanced classes).
-
-    log IS = H(y) - H(y|x)."""
+    """H(y) = H(E_x p(y|x)) in nats (ln K for balanced classes; log IS = H(y) - H(y|x))."""
     return entropy(probs.double().mean(0)).item()
 
 
 def kl_marginals(probs_p, probs_q):
-    """KL(p(y) || q(y)) in nats between the mean predictions p(y) = E probs_p and q(y) = E probs_q:
-    how far the class mix of one set of videos is from that of another (0 when they are the
-    same)."""
+    """KL(p(y) || q(y)) in nats between the mean predictions of two sets of videos."""
     p, q = probs_p.double().mean(0), probs_q.double().mean(0)
     return (p * (torch.log(p.clamp_min(1e-30)) - torch.log(q.clamp_min(1e-30)))).sum().item()
 
@@ -82,8 +70,7 @@ def derangement(n, generator):
 
 
 def mean_std(values):
-    """(mean, sample standard deviation) of a list of numbers; the std is None for a single
-    value."""
+    """(mean, sample standard deviation) of a list of numbers; the std is None for one value."""
     m = sum(values) / len(values)
     if len(values) < 2:
         return m, None
@@ -99,8 +86,7 @@ def _cat(parts):
 
 
 def judge_all(judges, videos, amp, what="the videos"):
-    """{judge name: {head: probabilities (CPU)}} of every judge on a batch of videos, read back to
-    the host at once; videos or judge outputs that are not finite are refused."""
+    """{judge: {head: probabilities}} on a batch, in one read to the host; refuses NaN or inf."""
     heads, parts = [], []
     for name, judge in judges.items():
         with autocast(videos.device, amp):
@@ -122,11 +108,9 @@ def judge_all(judges, videos, amp, what="the videos"):
 @torch.inference_mode()
 def encode_videos(model, X, device, batch_size=256, amp=False, judges=None, decode=True,
                   desc="encode"):
-    """Of every video of X (N, T, 64, 64, 3) uint8 (converted on the device), in one pass: posterior
-    means 'z' (N, T, z_dim) and 'f' (N, f_dim) on `device`, their log-variances 'z_logvar' and
-    'f_logvar' where the model gives them, with decode 'se' the summed squared error of
-    decode(z_mean, f_mean), and with judges 'probs': {judge name: {head: probabilities}} on the
-    real videos."""
+    """Of every video of X (uint8), in one pass: posterior means 'z', 'f' (and 'z_logvar',
+    'f_logvar') on `device`; with decode 'se', the squared error of decode(z_mean, f_mean); with
+    judges 'probs', {judge: {head: probabilities}} on the real videos."""
     parts = []
     with tqdm(total=len(X), desc=desc, unit="video", disable=None, leave=False) as bar:
         for s in range(0, len(X), batch_size):
@@ -151,11 +135,8 @@ def encode_videos(model, X, device, batch_size=256, amp=False, judges=None, deco
 
 @torch.inference_mode()
 def run_latents(model, post, seed, type_gt="all", sampled_b=False):
-    """The (z, f) that run `seed` decodes for each protocol of model.py, from the posterior means
-    post['z'], post['f'], and the swap pairing perm (video i gets the z of video perm[i]): 'A'
-    (type_gt action / all), 'B' and with sampled_b 'Bs' (type_gt static / all), and 'swap'. Each
-    protocol's random draws are those of the model's generate_* after torch.manual_seed(seed); the
-    caller's random state is left as it was."""
+    """The (z, f) that run `seed` decodes for each protocol ('A', 'B', 'Bs', 'swap'), with the draws
+    of model.generate_* after manual_seed(seed), and the swap's pairing perm."""
     out = {}
     device = post["f"].device
     with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
@@ -174,8 +155,7 @@ def run_latents(model, post, seed, type_gt="all", sampled_b=False):
 
 @torch.inference_mode()
 def decode_and_judge(model, judges, z, f, batch_size=256, amp=False, desc="decode"):
-    """{judge name: {head: probabilities (CPU)}} on decode(z, f), batch by batch: each video is
-    decoded once and shown to every judge."""
+    """{judge: {head: probabilities}} on decode(z, f): each video decoded once for every judge."""
     parts = []
     for s in tqdm(range(0, len(z), batch_size), desc=desc, unit="batch", disable=None, leave=False):
         with autocast(z.device, amp):
@@ -194,9 +174,7 @@ def _action_scores(prefix, probs, D, real_action_probs):
 
 
 def motion_parts(prefix, probs, sources):
-    """Which video the judged motion came from, in its parts (D = 3 * action + direction): for each
-    source name and its labels, the share of videos whose predicted action type and direction are
-    that source's."""
+    """For each source of labels, the share of predicted action types and directions of it."""
     pred = probs.argmax(1)
     out = {}
     n = len(DIRECTIONS)
@@ -214,8 +192,7 @@ def _attribute_scores(prefix, probs, A):
 
 
 def real_scores(probs, A, D):
-    """One judge's figures on the real test videos: accuracy per head, the attributes' mean,
-    entropies."""
+    """One judge's figures on the real test videos: accuracies, IS and entropies."""
     accs = {f"real_{k}_acc": accuracy(probs[k], y) for k, y in factor_labels(A, D).items()}
     return {"real_n": len(D), **accs,
             "real_attr_mean_acc": sum(accs[f"real_{a}_acc"] for a in ATTRIBUTES) / len(ATTRIBUTES),
@@ -225,8 +202,7 @@ def real_scores(probs, A, D):
 
 
 def generated_scores(gen, real_probs, A, D, perm):
-    """One judge's figures on one run's generated videos gen = {'A' / 'B' / 'Bs' / 'swap': {head:
-    probs}}."""
+    """One judge's figures on one run's videos gen = {'A' / 'B' / 'Bs' / 'swap': {head: probs}}."""
     row = {}
     if "A" in gen:
         row.update(_action_scores("A", gen["A"]["action"], D, real_probs["action"]))
@@ -257,8 +233,7 @@ def judge_pairs(names):
 
 
 def _probe_figures(model, probe_train, real, test, device, batch_size, amp, seed):
-    """probes.probe_table of the model, fitted on the videos of probe_train (X, A, D) and scored on
-    the test videos, whose posteriors `real` are already encoded; 'probes_n' counts the videos."""
+    """probes.probe_table fitted on probe_train (X, A, D), scored on the encoded test videos."""
     X, A, D = probe_train
     train_post = encode_videos(model, X, device, batch_size, amp, decode=False,
                                desc="encode, probes' train videos")
@@ -269,17 +244,10 @@ def _probe_figures(model, probe_train, real, test, device, batch_size, amp, seed
 
 def evaluate(model, judges, test, device, seeds=(0,), amp=False, batch_size=256, type_gt="all",
              sampled_b=False, probe_train=None, probe_seed=0):
-    """Every figure, for each seed and each judge of `judges` ({name: judge network}):
-
-    {'judges': {name: {'runs': [{figure: value}], 'mean': {...}, 'std': {...}}},
-     'agreement': {'a vs b': {'runs', 'mean', 'std'}} for each pair of judges,
-     'recon_mse_per_pixel': float}, and with probe_train (X, A, D), the latent probes fitted on
-    those videos and scored on the test videos (_probe_figures; the sample's seed is probe_seed).
-    Figure keys: A_* (protocol A), B_* (protocol B, the prior's means), Bs_* (its samples;
-    sampled_b only), swap_*, real_* (the real videos); *_n is the number of videos scored.
-    Agreement keys: <A|B|Bs|swap|real>_<head>. `model` (an nn.Module) needs encode(x,
-    random=False) -> {'f_mean', 'z_mean'} (and 'f_logvar', 'z_logvar' for the sampled probes),
-    decode(z, f) and sample_z_prior(N, T, like=)."""
+    """{'judges': {name: {'runs': [{figure: value}], 'mean', 'std'}}, 'agreement': {'a vs b': ...},
+    'recon_mse_per_pixel'} over `seeds`, and with probe_train the probes. Figures: A_*, B_*, Bs_*,
+    swap_*, real_*. `model` needs encode(x, random=False) -> {'f_mean', 'z_mean'} ('f_logvar',
+    'z_logvar' for the sampled probes), decode(z, f) and sample_z_prior(N, T, like=)."""
     X, A, D = test
     model.eval()
     for judge in judges.values():

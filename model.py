@@ -1,7 +1,6 @@
-"""C-DSVAE (Bai, Wang & Gomes, NeurIPS 2021): the network and its losses.
+"""C-DSVAE (Bai, Wang & Gomes, NeurIPS 2021): the network and its losses; nothing of files or flags.
 
 Shapes: a video x is (B, T, 3, 64, 64) in [0, 1]; f is (B, f_dim); z is (B, T, z_dim).
-Nothing here knows about files, flags or devices.
 """
 import math
 
@@ -16,8 +15,7 @@ def _conv_block(c_in, c_out, transpose=False):
 
 
 class FrameEncoder(nn.Module):
-    """64x64 frame -> g_dim: four 4x4 stride-2 convs (nf, 2nf, 4nf, 8nf channels), then a 4x4 valid
-    conv."""
+    """64x64 frame -> g_dim: four 4x4 stride-2 convs (nf, 2nf, 4nf, 8nf), then a 4x4 valid conv."""
 
     def __init__(self, g_dim=128, nf=64):
         super().__init__()
@@ -31,8 +29,7 @@ class FrameEncoder(nn.Module):
 
 
 class FrameDecoder(nn.Module):
-    """[z_t; f] -> 64x64 frame: 4x4 transposed conv to 8nf x 4 x 4, three stride-2 transposed convs,
-    sigmoid."""
+    """[z_t; f] -> 64x64 frame: 4x4 deconv to 8nf x 4 x 4, four stride-2 deconvs, a sigmoid."""
 
     def __init__(self, in_dim, nf=64):
         super().__init__()
@@ -47,9 +44,8 @@ class FrameDecoder(nn.Module):
 
 
 def init_weights(module, deconv_normal=True):
-    """Conv2d / Linear weights N(0, 0.01), biases 0; BatchNorm 1 and 0: the paper repo's
-    initialisation. deconv_normal=True draws ConvTranspose2d the same way (ours); the paper leaves
-    them at PyTorch's default."""
+    """The paper repo's initialisation: weights N(0, 0.01), biases 0, BatchNorm 1 and 0; its
+    ConvTranspose2d keep PyTorch's unless deconv_normal (ours)."""
     kinds = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear) if deconv_normal else (nn.Conv2d, nn.Linear)
     for m in module.modules():
         if isinstance(m, kinds):
@@ -62,8 +58,7 @@ def init_weights(module, deconv_normal=True):
 
 
 def reparameterize(mean, logvar, random=True):
-    """A sample of N(mean, e^logvar), drawn in fp32 whatever the autocast (bf16 would round the
-    noise)."""
+    """A sample of N(mean, e^logvar), in fp32 whatever the autocast (bf16 would round the noise)."""
     if not random:
         return mean
     mean, logvar = mean.float(), logvar.float()
@@ -74,15 +69,11 @@ class CDSVAE(nn.Module):
     """Static f from a BiLSTM over frame features; dynamic z_t from an RNN over the BiLSTM outputs;
     learned prior p(z_t | z_<t) from two stacked LSTM cells; per-frame deconv decoder of [z_t; f].
 
-    z_input, what the dynamic posterior reads: 'bilstm' (the paper), 'frame_delta' (the BiLSTM run
-    over each frame's features minus the video's mean frame feature, which removes most of the
-    appearance), or 'full' (DSVAE's q(z_t | x, f), Li & Mandt 2018: a BiLSTM of its own over [frame
-    features; f]). f_mirror: q(f|x) reads the mean of the BiLSTM summaries of the video and of its
-    mirror image, so the facing direction, which the mirror turns left into right, cannot reach f
-    (one more encoder pass). f_head_leaky: q(f|x)'s heads end in LeakyReLU(0.2), as the paper's
-    LinearUnit(..., batchnorm=False). deconv_normal: see init_weights (True: ours; False: the
-    paper's).
-    """
+    z_input, what q(z|x) reads: 'bilstm' (the paper), 'frame_delta' (the BiLSTM over each frame's
+    features less the video's mean: less appearance), or 'full' (DSVAE's q(z_t | x, f), a BiLSTM
+    over [features; f]). f_mirror: q(f|x) averages the video's and its mirror image's summaries, so
+    the facing direction cannot reach f. f_head_leaky: q(f|x)'s heads end in LeakyReLU(0.2) (the
+    paper's)."""
 
     def __init__(self, f_dim=256, z_dim=32, g_dim=128, rnn_size=256, nf=64, frames=8,
                  z_input="bilstm", f_mirror=False, f_head_leaky=False, deconv_normal=True):
@@ -108,9 +99,7 @@ class CDSVAE(nn.Module):
 
     # ---- posteriors ------------------------------------------------------------------------------
     def encode(self, x, random=True, need_f=True):
-        """Posterior means, log-variances and samples of f (B, f_dim) and z (B, T, z_dim).
-        need_f=False skips f_mirror's extra pass when only z is used: f is then of the unmirrored
-        video only."""
+        """Posterior means, log-variances and samples of f, z; need_f=False skips f_mirror's pass."""
         g_mirror = self.encoder(x.flip(-1)) if self.f_mirror and need_f else None
         return self.encode_features(self.encoder(x), random, g_mirror)
 
@@ -119,16 +108,14 @@ class CDSVAE(nn.Module):
         return torch.cat([lstm_out[:, -1, :self.rnn_size], lstm_out[:, 0, self.rnn_size:]], dim=1)
 
     def _f_input(self, lstm_out, g_mirror=None):
-        # q(f|x)'s input: the BiLSTM summary of the video, averaged with its mirror image's under
-        # f_mirror
+        # q(f|x)'s input: the video's BiLSTM summary, averaged with its mirror image's (f_mirror)
         f_in = self._f_summary(lstm_out)
         if g_mirror is not None:
             f_in = 0.5 * (f_in + self._f_summary(self.z_lstm(g_mirror)[0]))
         return f_in
 
     def encode_features(self, g, random=True, g_mirror=None):
-        """The posteriors from frame features g (B, T, g_dim) and, for f_mirror, those of the
-        mirrored frames."""
+        """The posteriors from frame features g (B, T, g_dim) and the mirrored frames' ones."""
         lstm_out, _ = self.z_lstm(g)
         f_in = self._f_input(lstm_out, g_mirror)
         f_mean, f_logvar = self.f_mean(f_in), self.f_logvar(f_in)
@@ -157,8 +144,7 @@ class CDSVAE(nn.Module):
         return tuple(like.new_zeros(B, self.rnn_size) for _ in range(4))
 
     def prior(self, z_post):
-        """p(z_t | z_<t) with teacher forcing: step t is fed the posterior sample z_{t-1} (z_0 =
-        0)."""
+        """p(z_t | z_<t), teacher forced: step t is fed the posterior sample z_{t-1} (z_0 = 0)."""
         B, T, _ = z_post.shape
         state = self._prior_state(B, z_post)
         z_prev = z_post.new_zeros(B, self.z_dim)
@@ -171,8 +157,7 @@ class CDSVAE(nn.Module):
         return torch.stack(means, 1), torch.stack(logvars, 1)
 
     def sample_z_prior(self, B, T=None, random=True, like=None):
-        """A path of the prior (B, T, z_dim), each step fed its own sample: (the per-step means, the
-        samples). The paper decodes the means along the sampled path (its protocol B)."""
+        """A path of the prior, each step fed its own sample: (per-step means, samples)."""
         T = T or self.frames
         like = like if like is not None else next(self.parameters())
         state = self._prior_state(B, like)
@@ -186,13 +171,9 @@ class CDSVAE(nn.Module):
 
     # ---- generation ------------------------------------------------------------------------------
     def forward(self, x, m_aug=None, c_aug_order=None):
-        """Posterior, prior (teacher forced) and reconstruction of x; posteriors of the augmented
-        views, which are not decoded.
-
-        c_aug_order (B, T): the content view is x with frames in this order; its frame features are
-        x's shuffled (BatchNorm's batch statistics are over the same frames), which saves an encoder
-        pass. m_aug: the motion view, whose f is not used (so f_mirror's extra pass is skipped for
-        it)."""
+        """Posterior, prior and reconstruction of x; the posteriors of the views, not decoded. The
+        content view's frame features are x's in the order c_aug_order (the same BatchNorm
+        statistics, one encoder pass fewer); the motion view m_aug's f is not used."""
         g = self.encoder(x)
         g_mirror = self.encoder(x.flip(-1)) if self.f_mirror else None
         out = self.encode_features(g, g_mirror=g_mirror)
@@ -234,8 +215,8 @@ def fixed_motion(z_mean, f_mean):
 
 
 def fixed_content(model, z_mean, f_mean):
-    """Protocol B: each video's content kept, z a sampled path of the learned prior. Returns the (z,
-    f) of the path's per-step means (the paper's protocol B) and of its samples (our Bs)."""
+    """Protocol B: each video's content kept, z a path of the prior: (z, f) of the path's per-step
+    means (the paper's B) and of its samples (our Bs)."""
     means, samples = model.sample_z_prior(*z_mean.shape[:2], like=f_mean)
     return (means, f_mean), (samples, f_mean)
 
@@ -252,14 +233,12 @@ def kl_gaussians(mean_q, logvar_q, mean_p, logvar_p):
 
 
 def log_density_gaussian(x, mean, logvar):
-    """log N(x; mean, e^logvar), elementwise (the true density: the paper repo passes logvar as log
-    std)."""
+    """log N(x; mean, e^logvar), elementwise (the paper repo passes logvar as log std)."""
     return -0.5 * (math.log(2 * math.pi) + logvar + (x - mean) ** 2 / logvar.exp())
 
 
 def nt_xent(a, b, temperature=0.5):
-    """NT-Xent (SimCLR): a[i] and b[i] are positives; the other 2B-2 views of the batch are
-    negatives. Cosine similarity / temperature; mean over the 2B anchors."""
+    """NT-Xent (SimCLR): a[i] and b[i] are positives, the other 2B-2 views negatives."""
     B = a.shape[0]
     v = F.normalize(torch.cat([a.flatten(1), b.flatten(1)]), dim=1)
     sim = v @ v.t() / temperature
@@ -269,9 +248,8 @@ def nt_xent(a, b, temperature=0.5):
 
 
 def mutual_information(f, f_mean, f_logvar, z, z_mean, z_logvar, dataset_size):
-    """Minibatch-weighted-sampling estimate of I(f; z_t), averaged over samples and frames:
-    mean relu(log q(f, z_t) - log q(f) - log q(z_t)), log q(.) ~ logsumexp_j log q(.|x_j) - log(B
-    N)."""
+    """Minibatch-weighted-sampling estimate of I(f; z_t): mean relu(log q(f, z_t) - log q(f) -
+    log q(z_t)), log q(.) ~ logsumexp_j log q(.|x_j) - log(B N)."""
     B, T, _ = z.shape
     log_bn = math.log(B * dataset_size)
     # [i, j]: log q(f_i | x_j), summed over dimensions
@@ -285,11 +263,9 @@ def mutual_information(f, f_mean, f_logvar, z, z_mean, z_logvar, dataset_size):
 
 
 class FZCritic(nn.Module):
-    """Tells a video's own pair (f, z_1:T) from pairs of f and another video's z. Trained with
-    critic_loss, its logit estimates the density ratio log q(f, z) / (q(f) q(z)), so its mean over
-    own pairs estimates I(f; z) (the density-ratio trick of FactorVAE, Kim & Mnih 2018). Unlike the
-    minibatch estimate it does not saturate: its gradient tells the encoders which shared
-    information (the facing direction, say) to drop from f or z."""
+    """Tells a video's own (f, z) from f with another's z: its mean logit on own pairs estimates
+    I(f; z) (FactorVAE's density-ratio trick) and, unlike the minibatch estimate, does not
+    saturate."""
 
     def __init__(self, f_dim, z_dim, frames, hidden=512):
         super().__init__()
@@ -301,8 +277,7 @@ class FZCritic(nn.Module):
 
 
 def critic_loss(critic, f, z, shift=1):
-    """The critic's binary cross-entropy: own pairs (f_i, z_i) are 1, pairs (f_i, z_{i+shift mod B})
-    are 0."""
+    """The critic's cross-entropy: (f_i, z_i) are 1, (f_i, z_{i+shift mod B}) are 0."""
     own, other = critic(f, z), critic(f, z.roll(shift, dims=0))
     return (F.binary_cross_entropy_with_logits(own, torch.ones_like(own))
             + F.binary_cross_entropy_with_logits(other, torch.zeros_like(other)))
@@ -311,17 +286,10 @@ def critic_loss(critic, f, z, shift=1):
 def cdsvae_loss(out, x, dataset_size, *, weight_rec=1.0, weight_f=1.0, weight_z=1.0, weight_mi=1.0,
                 weight_c_aug=10.0, weight_m_aug=10.0, weight_critic=0.0, temperature=0.5, gather=None,
                 critic=None):
-    """Total loss and every term from the outputs of CDSVAE.forward (per video: sums over frames and
-    pixels divided by the batch size), in fp32 whatever the autocast; the defaults are the paper's
-    weights.
-
-    mi_critic (with a critic): the FZCritic's estimate of I(f; z), the mean of its logits on the
-    batch's own (f, z) samples, weighted by weight_critic; the critic itself is trained apart
-    (critic_loss). gather: for k processes, a function of a local batch tensor to the whole batch's
-    (all processes' rows in order, with gradients that reach each process's own rows): the InfoNCE
-    and MI terms, which compare the videos of a batch with each other, are then those of the whole
-    batch, and the per-video terms are local means, so k processes averaging their gradients
-    optimise what one process does on the whole batch."""
+    """Total loss and every term (per video, in fp32) of CDSVAE.forward's outputs; the defaults are
+    the paper's weights. mi_critic: the critic's I(f; z) estimate (the critic is trained apart).
+    gather: a local tensor -> the whole batch's across processes, so that the terms comparing
+    videos are the whole batch's, and k processes optimise what one does on the whole batch."""
     B = x.shape[0]
     gather = gather or (lambda t: t)
     out = {k: v.float() if torch.is_tensor(v) else {kk: vv.float() for kk, vv in v.items()}

@@ -1,9 +1,6 @@
-"""Latent probes: what a model's latents hold, read without a judge. A linear softmax classifier per
-factor, fitted on the latents of training videos and scored on the test videos, from f and from z
-(the whole path, flattened), on the posterior means or on one posterior sample per video.
-
-For a disentangled model f reads the appearance (skin, pant, top, hair) and not the motion; z reads
-the motion (action, its type and its facing direction) and not the appearance.
+"""Latent probes: what a model's latents hold, without a judge. A linear softmax classifier per
+factor, fitted on train videos' f or z (the whole path) and scored on the test videos. In a
+disentangled model f holds the appearance and not the motion, z the motion and not the appearance.
 """
 import torch
 import torch.nn.functional as F
@@ -19,8 +16,7 @@ PROBE_STEPS = 50    # L-BFGS iterations per classifier (at most)
 
 
 def probe_labels(A, D):
-    """{factor of PROBE_FACTORS: labels (N,)} of videos with attributes A (N, 4) and motions D
-    (N,)."""
+    """{factor of PROBE_FACTORS: labels (N,)} of attributes A (N, 4) and motions D (N,)."""
     labels = factor_labels(A, D)
     n = len(DIRECTIONS)
     return {"action": D, "action_type": D // n, "direction": D % n,
@@ -28,17 +24,15 @@ def probe_labels(A, D):
 
 
 def standardise(train, test):
-    """train and test features (N, d) scaled by the train mean and standard deviation of each
-    feature; a feature constant on the train set is only centred."""
+    """train and test features scaled by the train mean and std (a constant one: centred only)."""
     mean, std = train.mean(0), train.std(0)
     std = torch.where(std > 0, std, torch.ones_like(std))
     return (train - mean) / std, (test - mean) / std
 
 
 def probe_accuracy(x_train, y_train, x_test, y_test, classes, l2=PROBE_L2, steps=PROBE_STEPS):
-    """Accuracy on (x_test, y_test) of a linear softmax classifier of `classes` classes fitted on
-    (x_train, y_train): standardised features, float64, zero initial weights, full-batch L-BFGS
-    (deterministic)."""
+    """Test accuracy of a linear softmax classifier fitted on (x_train, y_train): standardised
+    features, float64, zero initial weights, full-batch L-BFGS (deterministic)."""
     with torch.inference_mode(False), torch.enable_grad():
         x_train, x_test = standardise(x_train.cpu().double(), x_test.cpu().double())
         y_train, y_test = y_train.cpu(), y_test.cpu()
@@ -61,9 +55,8 @@ def probe_accuracy(x_train, y_train, x_test, y_test, classes, l2=PROBE_L2, steps
 
 
 def posterior_sample(post, generator):
-    """One sample {'f', 'z'} of each video's posterior N(mean, e^logvar) from post's 'f', 'z'
-    (means) and 'f_logvar', 'z_logvar'; the noise is drawn on the CPU for all videos at once, so
-    the sample depends on the generator's state only (not on the batch size or the device)."""
+    """One sample {'f', 'z'} of each posterior, the noise drawn on the CPU for all videos at once
+    (so it depends on the generator only, not on the batch size or the device)."""
     out = {}
     for k in ("f", "z"):
         mean, logvar = post[k].cpu().float(), post[f"{k}_logvar"].cpu().float()
@@ -72,9 +65,7 @@ def posterior_sample(post, generator):
 
 
 def latent_probes(train, test, train_labels, test_labels, desc="probes"):
-    """{'f': {factor: accuracy}, 'z': {...}}: the test accuracy of each factor's probe fitted on
-    train, from latents train / test {'f': (N, f_dim), 'z': (N, T, z_dim)} and labels
-    {factor: (N,)} (probe_labels)."""
+    """{'f': {factor: test accuracy}, 'z': {...}} of the probes fitted on the train latents."""
     jobs = [(latent, factor) for latent in ("f", "z") for factor in PROBE_FACTORS]
     out = {"f": {}, "z": {}}
     for latent, factor in tqdm(jobs, desc=desc, unit="probe", disable=None, leave=False):
@@ -85,9 +76,8 @@ def latent_probes(train, test, train_labels, test_labels, desc="probes"):
 
 
 def probe_table(train_post, test_post, train_labels, test_labels, seed=0):
-    """The probes of a model: 'probes' from the posterior means, 'probes_sampled' from one posterior
-    sample per video (train videos first, then test, from a generator seeded with `seed`; absent
-    when the posteriors have no log-variances), and 'probes_chance' {factor: 1 / classes}."""
+    """'probes' from the posterior means, 'probes_sampled' from one sample per video (seeded;
+    where there are log-variances), 'probes_chance' {factor: 1 / classes}."""
     out = {"probes": latent_probes(train_post, test_post, train_labels, test_labels,
                                    desc="probes, means")}
     if all(f"{k}_logvar" in p for k in ("f", "z") for p in (train_post, test_post)):

@@ -1,44 +1,22 @@
-"""Score a C-DSVAE checkpoint on the whole Sprites test split with one or more judges (default: both
-shipped ones, judges/sprite_judge.pt and judges/clip_judge.pt), and report how far the judges agree.
+"""Score a C-DSVAE checkpoint on every Sprites test video under one or more judges (default: both
+shipped ones), and report how far the judges agree.
 
     python test_sprite.py --model_dir checkpoints/cdsvae_sprites_cpu.pt [--niter 5] [--amp]
     python test_sprite.py --model_dir ... --judge judges/sprite_judge.pt --judge my_judge.pt
 
-Every test video is scored in every run; none is dropped, whatever the batch size.
+Protocol A (the paper's Table 1): each video's z (posterior mean) with f ~ N(0, I); the judge's
+    action accuracy, IS, H(y|x), H(y) and KL(p_gen(y) || p_real(y)) of the mean predictions.
+Protocol B: each video's f with a path of the learned prior, decoding its per-step means as the
+    paper does (Bs, --sampled_b: its samples); the judge's accuracy on skin, pant, top, hair.
+Swaps: f of video i with z of video j (a seeded derangement); accuracy on i's attributes and j's
+    action, and how often the predicted action type and direction are j's (z) or i's (f).
+Sanity: the reconstruction MSE per pixel, and the judge on the real test videos.
+Agreement: for each pair of judges, kind of video and head, the share of equal predictions.
+Latent probes (--no-probes: off): linear classifiers fitted on the posteriors of
+    --probe_characters train characters, scored on the test videos, from f and z to each factor.
 
-Protocol A (the paper's Table 1; --type_gt action): keep each video's dynamics (posterior mean of
-    z), draw f ~ N(0, I), decode (model.generate_fixed_motion). The judge's action accuracy against
-    the true action, and from its action softmax: IS = exp(E_x KL(p(y|x) || p(y))), H(y|x), H(y),
-    and KL(p_gen(y) || p_real(y)), the KL between its mean prediction on these generated videos and
-    on the real test videos. The test split is class-balanced (296 characters x 9 actions), so the
-    whole split is the class-balanced set these scores ask for.
-Protocol B (--type_gt static): keep each video's content (posterior mean of f), draw a path of the
-    learned prior and decode its per-step means, as the paper does (model.generate_fixed_content).
-    The judge's accuracy on skin, pant, top, hair and their mean. 'Bs' (not the paper's figure;
-    --sampled_b): the same, decoding the path's samples.
-Swaps (always): pair each video i with another video j = perm[i] (a seeded derangement: never
-    itself), decode f of i with z of j (model.swap); the judge's accuracy on i's four attributes and
-    on j's action. As a diagnosis, the predicted action in its two parts, action type and facing
-    direction: how often each is j's (carried by z) and how often i's (leaked through f); for
-    protocol A, how often each is the video's own.
-Sanity rows (always): the mean squared error per pixel of decode(z_mean, f_mean) against the video,
-    and the judge's accuracy (and IS, entropies) on the real test videos.
-Agreement (two judges or more): for each pair of judges, each kind of video (protocol A, B, Bs,
-    swaps, real) and each head, the share of videos on which the two judges predict the same class.
-    Every generated video is decoded once and shown to every judge. A judge file's robustness card
-    (judges/train_judge.py) is copied to the JSON.
-
-Latent probes (on unless --no-probes; probes.py): linear softmax classifiers fitted on the
-    posteriors of the train videos of --probe_characters train characters and scored on the test
-    videos, from f and from z (the whole path) to each factor: action (9), action type (3),
-    direction (3), skin, pant, top, hair (6 each); from the posterior means and from one posterior
-    sample per video (seed 0). What the latents hold, read without a judge.
-
-Run i uses seed i (the f ~ N(0, I) of protocol A, the prior samples of protocol B, the swap
-pairing); every figure is reported as the mean +- sample standard deviation over --niter runs, on
-stdout as a table laid out like the paper's and, with every run, in a JSON file (--out).
-
-Time on the 2-core CPU of the README: see its Speed table.
+Run i uses seed i; every figure is the mean +- sample std over --niter runs, printed as a table
+laid out like the paper's and written with every run to a JSON file (--out).
 """
 import argparse
 import os
@@ -72,21 +50,22 @@ def _pm(stats, k, pct=False, digits=3):
     return f"{m[k] * f:.{d}f}" + ("" if s[k] is None else f" ± {s[k] * f:.{d}f}")
 
 
+def _row(label, cells):
+    return f"{label:<{W}} " + " ".join(f"{c:>16}" for c in cells)
+
+
 def _protocol_a_rows(per_judge):
-    lines = [f"{'':<{W}} {'Acc (%)':>16} {'IS':>16} {'H(y|x)':>16} {'H(y)':>16}",
-             f"{PAPER_ROW[0]:<{W}} " + " ".join(f"{v:>16}" for v in PAPER_ROW[1:])]
+    lines = [_row("", ("Acc (%)", "IS", "H(y|x)", "H(y)")), _row(PAPER_ROW[0], PAPER_ROW[1:])]
     for name, st in per_judge.items():
         for label, p in (("this checkpoint", "A"), ("real test videos", "real")):
             if f"{p}_IS" in st["mean"]:
-                lines.append(f"{label + ', ' + name:<{W}} {_pm(st, f'{p}_action_acc', True):>16} "
-                             f"{_pm(st, f'{p}_IS'):>16} {_pm(st, f'{p}_H_y_given_x'):>16} "
-                             f"{_pm(st, f'{p}_H_y'):>16}")
+                lines.append(_row(f"{label}, {name}", [_pm(st, f"{p}_action_acc", True)] + [
+                    _pm(st, f"{p}_{k}") for k in ("IS", "H_y_given_x", "H_y")]))
     return lines
 
 
 def _accuracy_rows(per_judge):
-    lines = ["", f"{'judge accuracy (%)':<{W}} {'action':>16} "
-             + " ".join(f"{a:>16}" for a in ATTRIBUTES) + f" {'attr. mean':>16}"]
+    lines = ["", _row("judge accuracy (%)", ("action",) + ATTRIBUTES + ("attr. mean",))]
     rows = (("protocol B: fix f, z = prior means", "B", None),
             ("protocol Bs: fix f, z ~ prior", "Bs", None),
             ("swap: f of i, z of j", "swap", "swap_action_acc"),
@@ -95,10 +74,8 @@ def _accuracy_rows(per_judge):
         for name, st in per_judge.items():
             if f"{prefix}_skin_acc" in st["mean"]:
                 action = _pm(st, action_key, True) if action_key else "-"
-                lines.append(f"{label + ', ' + name:<{W}} {action:>16} "
-                             + " ".join(f"{_pm(st, f'{prefix}_{a}_acc', True):>16}"
-                                        for a in ATTRIBUTES)
-                             + f" {_pm(st, f'{prefix}_attr_mean_acc', True):>16}")
+                lines.append(_row(f"{label}, {name}", [action] + [
+                    _pm(st, f"{prefix}_{a}_acc", True) for a in ATTRIBUTES + ("attr_mean",)]))
     lines.append("  (swaps: attributes of i, action of j)")
     return lines
 
@@ -122,19 +99,17 @@ def _agreement_rows(agreement):
     lines = []
     for pair, st in agreement.items():
         lines += ["", f"agreement of the judges {pair} (% of videos with the same prediction)",
-                  f"{'':<{W}} " + " ".join(f"{h:>16}" for h in FACTORS)]
+                  _row("", FACTORS)]
         for kind, label in (("A", "protocol A"), ("B", "protocol B"), ("Bs", "protocol Bs"),
                             ("swap", "swaps"), ("real", "real test videos")):
             if f"{kind}_action" in st["mean"]:
-                lines.append(f"{label:<{W}} " + " ".join(f"{_pm(st, f'{kind}_{h}', True):>16}"
-                                                         for h in FACTORS))
+                lines.append(_row(label, [_pm(st, f"{kind}_{h}", True) for h in FACTORS]))
     return lines
 
 
 def format_table(result):
-    """The figures as text, one row per judge: protocol A laid out like the paper's Table 1 (Acc,
-    IS, H(y|x), H(y)), then accuracies per head for protocol B, the swaps and the real videos, then
-    the judges' agreement."""
+    """The figures as text, a row per judge: protocol A laid out like the paper's Table 1, the
+    accuracies per head, the motion's parts, the judges' agreement."""
     per_judge = result["judges"]
     first = next(iter(per_judge.values()))
     n, runs = result.get("n_test", first["mean"].get("real_n")), len(first["runs"])
@@ -150,8 +125,7 @@ def format_table(result):
 
 
 def format_probes(result):
-    """The latent probes as text: one row per latent (f, z) and posterior (means, samples), one
-    column per factor, accuracy in %; then each factor's chance."""
+    """The latent probes as text: a row per latent and posterior, a column per factor, in %."""
     w, factors = 28, list(result["probes_chance"])
     n = result["probes_n"]
     lines = [f"latent probes: linear softmax classifiers fitted on the posteriors of {n['train']} "
@@ -172,45 +146,26 @@ def format_probes(result):
 
 def parse_args(argv=None):
     p = OneLineErrors(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model_dir", required=True,
-                   help="checkpoint of train_cdsvae.py (a .pt file), or the paper repo's (a dict "
-                        "with 'model')")
-    p.add_argument("--judge", action="append", default=None,
-                   help="judge weights, ours or the paper repo's judges/Sprite/sprite_judge.tar; "
-                        "repeat for several judges, each named by its file name (default: both "
-                        f"shipped judges, {' and '.join(SHIPPED_JUDGES)})")
-    p.add_argument("--data_root", default="data/Sprite/data.pkl",
-                   help="the data pickle of make_sprites.py (default data/Sprite/data.pkl)")
-    p.add_argument("--type_gt", choices=("action", "static", "all"), default="all",
-                   help="action: protocol A; static: protocol B; all: both (default). Swaps are "
-                        "always scored")
-    p.add_argument("--sampled_b", action="store_true",
-                   help="also score protocol Bs: decode the prior path's samples instead of its "
-                        "means (not the paper's figure; one more decode per run; default off)")
-    p.add_argument("--test_stride", type=int, default=1,
-                   help="score every this-many-th test video only, for quick probes (default 1: "
-                        "the whole split)")
-    p.add_argument("--no-probes", dest="probes", action="store_false",
-                   help="skip the latent probes (default: on)")
-    p.add_argument("--probe_characters", type=int, default=PROBE_CHARACTERS,
-                   help="the probes are fitted on all 9 motions of this many train characters, a "
-                        f"fixed random choice (default {PROBE_CHARACTERS}; more than the train "
-                        "split has: all of them)")
-    p.add_argument("--niter", type=int, default=5, help="runs, with seeds 0..niter-1 (default 5)")
-    p.add_argument("--batch_size", type=int, default=256,
-                   help="videos per forward pass (default 256)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                   help="default auto: cuda where there is one")
-    p.add_argument("--amp", action="store_true",
-                   help="autocast: bf16 on the CPU and on bf16-capable GPUs, else fp16 (default "
-                        "off: fp32)")
-    p.add_argument("--threads", type=int, default=0,
-                   help="CPU threads (default 0: torch's choice)")
-    p.add_argument("--out", default=None,
-                   help="JSON of every run and the mean/std (default <model_dir>.results.json)")
+    arg = p.add_argument
+    arg("--model_dir", required=True, help="checkpoint of train_cdsvae.py or of the paper repo")
+    arg("--judge", action="append", default=None,
+        help="judge file, ours or the paper repo's; repeatable (default: the shipped judges)")
+    arg("--data_root", default="data/Sprite/data.pkl", help="the data pickle of make_sprites.py")
+    arg("--type_gt", choices=("action", "static", "all"), default="all",
+        help="action: protocol A; static: protocol B; all: both (default); swaps always")
+    arg("--sampled_b", action="store_true", help="also protocol Bs: decode the prior's samples")
+    arg("--test_stride", type=int, default=1, help="score every N-th test video only (default 1)")
+    arg("--no-probes", dest="probes", action="store_false", help="skip the latent probes")
+    arg("--probe_characters", type=int, default=PROBE_CHARACTERS,
+        help=f"train characters the probes are fitted on (default {PROBE_CHARACTERS})")
+    arg("--niter", type=int, default=5, help="runs, with seeds 0..niter-1 (default 5)")
+    arg("--batch_size", type=int, default=256, help="videos per forward pass (default 256)")
+    arg("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: cuda if any")
+    arg("--amp", action="store_true", help="autocast: bf16, or fp16 where bf16 is not native")
+    arg("--threads", type=int, default=0, help="CPU threads (default 0: torch's choice)")
+    arg("--out", default=None, help="the JSON of every run (default <model_dir>.results.json)")
     for k in ("f_dim", "z_dim", "g_dim", "rnn_size"):
-        p.add_argument(f"--{k}", type=int, default=None,
-                       help=f"refuse a checkpoint whose {k} is not this")
+        arg(f"--{k}", type=int, default=None, help=f"refuse a checkpoint whose {k} is not this")
     args = p.parse_args(argv)
     if min(args.niter, args.batch_size, args.test_stride, args.probe_characters) < 1:
         p.error("--niter, --batch_size, --test_stride and --probe_characters must be positive")

@@ -4,14 +4,10 @@
     torchrun --nproc_per_node=2 train_cdsvae.py ...                                # DDP
     python train_cdsvae.py --log_dir runs/paper --resume                           # continue a run
 
-Writes to --log_dir: log.txt, metrics.jsonl (one JSON line of every loss term per epoch, rewritten
-whole from the checkpoint's history), loss_curves.png; to --model_dir (default: --log_dir):
-model.pt, the latest checkpoint (atomic; resumable). SIGINT, SIGTERM and SIGHUP finish the step,
-write a checkpoint and exit with 128 + the signal's number (130, 143, 129).
-
-The script reads top to bottom as the run goes: arguments, set-up (processes, judges, data,
-networks, resume), one epoch (train_one_epoch, train_step), the end of an epoch (end_of_epoch), and
-main.
+Writes log.txt, metrics.jsonl (a row per epoch), loss_curves.png and TensorBoard events to
+--log_dir, the resumable checkpoint model.pt to --model_dir. SIGINT / SIGTERM / SIGHUP write a
+checkpoint and exit with 130 / 143 / 129. Read top to bottom: arguments, set-up, one epoch, the end
+of an epoch, main.
 """
 import argparse
 import contextlib
@@ -47,8 +43,7 @@ def get_args(argv=None):
     arg = p.add_argument
     # optimisation
     arg("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
-    arg("--batch_size", type=int, default=128,
-        help="videos per step over all processes, at least 2 per process (default 128)")
+    arg("--batch_size", type=int, default=128, help="videos a step, all processes (default 128)")
     arg("--nEpoch", type=int, default=100, help="epochs to train in all (default 100)")
     arg("--sche", choices=("const", "cosine", "step", "cosine_to_zero"), default="const",
         help="learning-rate schedule; cosine and step are the paper repo's (default const)")
@@ -56,7 +51,7 @@ def get_args(argv=None):
     arg("--max_steps", type=int, default=0, help="stop after this many steps (default 0: none)")
     # the network
     arg("--model", choices=("cdsvae", "dsvae"), default="cdsvae",
-        help="cdsvae: the paper's objective; dsvae: the DSVAE baseline, no views (default cdsvae)")
+        help="the paper's objective, or the DSVAE baseline without views (default cdsvae)")
     arg("--f_dim", type=int, default=256, help="size of the static latent f (default 256)")
     arg("--z_dim", type=int, default=32, help="size of each dynamic latent z_t (default 32)")
     arg("--g_dim", type=int, default=128, help="size of the per-frame feature (default 128)")
@@ -66,8 +61,7 @@ def get_args(argv=None):
         help="what q(z|x) reads (default bilstm, the paper's)")
     arg("--f_mirror", action=argparse.BooleanOptionalAction, default=False,
         help="q(f|x) reads the video and its mirror image alike (default off)")
-    arg("--f_head_leaky", action="store_true",
-        help="q(f|x)'s heads end in LeakyReLU(0.2), as the paper's (default off)")
+    arg("--f_head_leaky", action="store_true", help="q(f|x)'s heads end in LeakyReLU (paper)")
     arg("--deconv_init", choices=("normal", "default"), default="normal",
         help="ConvTranspose2d init: N(0, 0.01) (normal) or PyTorch's (default, the paper's)")
     # the loss
@@ -86,13 +80,11 @@ def get_args(argv=None):
     # data and outputs
     arg("--data_root", default="data/Sprite/data.pkl", help="the data pickle of make_sprites.py")
     arg("--subset", type=int, default=0, help="the first N train videos only (default 0: all)")
-    arg("--val_chars", type=int, default=0,
-        help="train characters held out; their loss terms are logged as val_* (default 0)")
+    arg("--val_chars", type=int, default=0, help="train characters held out, logged as val_* (0)")
     arg("--log_dir", default="runs/cdsvae", help="folder of logs and curves (default runs/cdsvae)")
     arg("--model_dir", default=None, help="folder of the checkpoint model.pt (default: --log_dir)")
     arg("--log_every", type=int, default=0,
-        help="steps between reads of the loss to the host, the progress bar and TensorBoard points "
-             "(default 0: 1 on a CPU, 25 on a GPU, where each read waits for the queued work)")
+        help="steps between host reads of the loss (default 0: 1 on a CPU, 25 on a GPU)")
     arg("--snapshot_every", type=int, default=0,
         help="keep a half-precision epoch_<N>.pt every this many epochs (default 0: none)")
     arg("--resume", action="store_true", help="continue from model_dir/model.pt")
@@ -106,8 +98,7 @@ def get_args(argv=None):
     arg("--amp", action="store_true", help="autocast: bf16, or fp16 where bf16 is not native")
     arg("--threads", type=int, default=0, help="CPU threads per process (default 0: torch's)")
     arg("--sync_bn", action="store_true", help="SyncBatchNorm across processes under torchrun")
-    arg("--compile", action="store_true",
-        help="torch.compile the frame encoder and decoder; the LSTMs stay eager (default off)")
+    arg("--compile", action="store_true", help="torch.compile the frame encoder and decoder")
     args = p.parse_args(argv)
     check_args(p, args)
     args.model_dir = args.model_dir or args.log_dir
@@ -116,28 +107,23 @@ def get_args(argv=None):
 
 def check_args(p, args):
     """Refuse, in one line, numbers the run cannot mean."""
-    for name in ("batch_size", "nEpoch", "f_dim", "z_dim", "g_dim", "rnn_size", "nf"):
-        if getattr(args, name) <= 0:
-            p.error(f"--{name} must be positive, got {getattr(args, name)}")
-    for name in ("threads", "subset", "val_chars", "max_steps", "evl_interval", "snapshot_every",
-                 "log_every"):
-        if getattr(args, name) < 0:
-            p.error(f"--{name} must be 0 or more, got {getattr(args, name)}")
-    for name in ("lr", "temperature", "lr_critic"):
-        if not (math.isfinite(getattr(args, name)) and getattr(args, name) > 0):
-            p.error(f"--{name} must be a positive number, got {getattr(args, name)}")
-    for name in ("weight_rec", "weight_f", "weight_z", "weight_mi", "weight_c_aug", "weight_m_aug"):
-        if not math.isfinite(getattr(args, name)):
-            p.error(f"--{name} must be a finite number, got {getattr(args, name)}")
+    rules = ((("nEpoch", "f_dim", "z_dim", "g_dim", "rnn_size", "nf"), "positive", lambda v: v > 0),
+             (("batch_size",), "at least 2 (InfoNCE contrasts the videos of a batch)",
+              lambda v: v >= 2),
+             (("threads", "subset", "val_chars", "max_steps", "evl_interval", "snapshot_every",
+               "log_every"), "0 or more", lambda v: v >= 0),
+             (("lr", "temperature", "lr_critic"), "a positive number",
+              lambda v: math.isfinite(v) and v > 0),
+             (("weight_rec", "weight_f", "weight_z", "weight_mi", "weight_c_aug", "weight_m_aug"),
+              "a finite number", math.isfinite),
+             (("weight_mi_critic",), "0 (off) or positive", lambda v: math.isfinite(v) and v >= 0))
+    for names, what, ok in rules:
+        for name in names:
+            if not ok(getattr(args, name)):
+                p.error(f"--{name} must be {what}, got {getattr(args, name)}")
     if args.model == "dsvae" and (args.weight_mi_after or args.weight_mi_critic):
         p.error("--model dsvae has no augmented views, InfoNCE or MI terms: "
                 "--weight_mi_after and --weight_mi_critic do not apply")
-    # off at 0; a negative or NaN weight would be ignored silently
-    if not (math.isfinite(args.weight_mi_critic) and args.weight_mi_critic >= 0):
-        p.error(f"--weight_mi_critic must be 0 (off) or positive, got {args.weight_mi_critic}")
-    if args.batch_size < 2:
-        p.error(f"--batch_size must be at least 2, got {args.batch_size}: the InfoNCE terms "
-                f"contrast each video with the others of its batch")
     if args.weight_mi_after:
         after, weight = args.weight_mi_after
         if not (after >= 0 and after.is_integer() and math.isfinite(weight)):
@@ -147,8 +133,7 @@ def check_args(p, args):
 
 
 def lr_lambda(sche, n_epoch, steps_per_epoch, lr):
-    """The learning rate's factor at each step (the paper repo steps its schedulers once an
-    epoch)."""
+    """The learning rate's factor at each step (the paper repo steps its schedulers each epoch)."""
     total = max(1, n_epoch * steps_per_epoch)
     if sche == "cosine_to_zero":
         return lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
@@ -162,8 +147,7 @@ def lr_lambda(sche, n_epoch, steps_per_epoch, lr):
 
 
 def loss_weights(args, step):
-    """cdsvae_loss's weights at a step of the run: the MI weight changes with --weight_mi_after, and
-    DSVAE has no MI penalty (its estimate is still logged) and no views to contrast."""
+    """cdsvae_loss's weights at a step; DSVAE has no MI penalty (its estimate is still logged)."""
     after = args.weight_mi_after
     weight_mi = after[1] if after and step >= after[0] else args.weight_mi
     return {"weight_rec": args.weight_rec, "weight_f": args.weight_f, "weight_z": args.weight_z,
@@ -173,18 +157,18 @@ def loss_weights(args, step):
 
 
 # ---- set-up --------------------------------------------------------------------------------------
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 class Stop:
-    """SIGINT / SIGTERM / SIGHUP: finish the step, write a checkpoint, exit with 128 + the
-    signal."""
+    """A signal of SIGNALS: finish the step, write a checkpoint, exit with 128 + the signal."""
     signum = 0
 
     @classmethod
     def install(cls):
-        def handler(signum, frame):
-            cls.signum = signum
         cls.signum = 0
-        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(s, handler)
+        for s in SIGNALS:
+            signal.signal(s, lambda signum, frame: setattr(cls, "signum", signum))
 
 
 def setup_processes(args):
@@ -202,9 +186,7 @@ def setup_processes(args):
 
 
 def gather_rows(t):
-    """The whole batch's rows of t, all processes' in rank order; the gradient reaches each
-    process's own rows (summed over the processes' losses, which DDP's averaging then divides by
-    their number)."""
+    """The whole batch's rows of t in rank order; the gradient reaches each process's own rows."""
     return torch.cat(dist_nn.all_gather(t.contiguous()))
 
 
@@ -223,8 +205,7 @@ def load_judges(args, device):
 
 
 def load_data(run):
-    """The train split (or --subset), less the --val_chars characters; its loaders; the test
-    split."""
+    """The train split (or --subset) less --val_chars characters, its loaders, the test split."""
     args = run.args
     try:
         data = load_sprites(args.data_root)
@@ -248,8 +229,7 @@ def load_data(run):
 
 
 def build_networks(run):
-    """The model, its optimizer, schedule and grad scaler; the --weight_mi_critic critic and its
-    own."""
+    """The model, its optimizer, schedule and grad scaler; the critic and its optimizer."""
     args, device = run.args, run.device
     torch.manual_seed(args.seed)  # the critic is trained on the whole batch in every process
     run.critic = (FZCritic(args.f_dim, args.z_dim, run.frames).to(device)
@@ -270,24 +250,16 @@ def build_networks(run):
 
 
 def resume_mismatch(ckpt, args, world):
-    """What of the run's shape differs between the checkpoint and this invocation (a resumed run
-    would train on another schedule or other batches), as one phrase; None when nothing does."""
-    saved = ckpt.get("args", {})
+    """What differs from the checkpoint's run (batches, schedule), as one phrase, or None."""
+    saved = {"model": "cdsvae", **ckpt.get("args", {})}
     changed = [f"--{k} {saved[k]} (removed after its experiment lost: resume with the code of "
                f"commit {REMOVED_AT})"
                for k, off in REMOVED_TRAIN_ARGS.items() if saved.get(k, off) != off]
-    saved_world = ckpt.get("world_size", len(ckpt.get("rng_cpu", [None])))
-    if saved.get("model", "cdsvae") != args.model:
-        changed.append(f"--model {args.model} (checkpoint: {saved.get('model', 'cdsvae')})")
-    if saved.get("batch_size") != args.batch_size:
-        changed.append(f"--batch_size {args.batch_size} (checkpoint: {saved.get('batch_size')})")
-    if saved_world != world:
-        changed.append(f"{world} process(es) (checkpoint: {saved_world})")
-    if saved.get("sche") != args.sche:
-        changed.append(f"--sche {args.sche} (checkpoint: {saved.get('sche')})")
-    if args.sche != "const" and saved.get("nEpoch") != args.nEpoch:  # the schedule's length
-        changed.append(f"--nEpoch {args.nEpoch} with --sche {args.sche} "
-                       f"(checkpoint: {saved.get('nEpoch')})")
+    for k in ("model", "batch_size", "sche") + (("nEpoch",) if args.sche != "const" else ()):
+        if saved.get(k) != getattr(args, k):  # nEpoch: the length of a schedule
+            changed.append(f"--{k} {getattr(args, k)} (checkpoint: {saved.get(k)})")
+    if ckpt.get("world_size") != world:
+        changed.append(f"{world} process(es) (checkpoint: {ckpt.get('world_size')})")
     return "; ".join(changed) or None
 
 
@@ -312,8 +284,7 @@ def read_resumable(run):
 
 
 def resume(run):
-    """Continue from model_dir/model.pt: weights, optimizers, random state, and the epoch in
-    progress (its running sums travel with the checkpoint, so a resumed epoch's row is whole)."""
+    """Continue from model_dir/model.pt: weights, optimizers, random state, the epoch's sums."""
     ckpt = read_resumable(run)
     run.model.load_state_dict(ckpt["model"])
     run.optimizer.load_state_dict(ckpt["optimizer"])
@@ -362,7 +333,8 @@ def setup(args):
     if run.main_proc:
         for folder in (args.log_dir, args.model_dir):
             os.makedirs(folder, exist_ok=True)
-            remove_stale_temporaries(folder)
+            for stale in filter(TEMPORARY.fullmatch, os.listdir(folder)):
+                os.remove(os.path.join(folder, stale))
     run.epoch, run.step, run.skip_batches, run.history = 0, 0, 0, []
     run.sums, run.n_batches, run.seconds_before, run.stop = {}, 0, 0.0, None
     if args.resume:
@@ -397,27 +369,8 @@ def write_metrics(run):
     write_text("".join(json.dumps(row) + "\n" for row in run.history), run.metrics_path)
 
 
-# the temporary files of write_atomic, named <file>.tmp<PID of the writer>
-TEMPORARY = re.compile(r"(model\.pt|epoch_\d+\.pt|metrics\.jsonl|loss_curves\.png)\.tmp(\d+)")
-
-
-def process_alive(pid):
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except PermissionError:  # it exists, and belongs to another user
-        return True
-    except (ProcessLookupError, OverflowError):
-        return False
-    return True
-
-
-def remove_stale_temporaries(folder):
-    """Delete the temporary files in `folder` of writes whose process is gone (killed while
-    writing)."""
-    for entry in os.listdir(folder):
-        match = TEMPORARY.fullmatch(entry)
-        if match and not process_alive(int(match[2])):
-            os.remove(os.path.join(folder, entry))
+# write_atomic's temporaries, <file>.tmp<PID>: in a folder this run holds, they are a killed run's
+TEMPORARY = re.compile(r"(model\.pt|epoch_\d+\.pt|metrics\.jsonl|loss_curves\.png)\.tmp\d+")
 
 
 def save_checkpoint(run, epoch, batches_done, seconds):
@@ -446,9 +399,7 @@ def save_checkpoint(run, epoch, batches_done, seconds):
 
 # ---- one epoch -----------------------------------------------------------------------------------
 def train_critic(run, out):
-    """One step of the --weight_mi_critic critic on the whole batch's (f, z) samples, held fixed;
-    the shuffled pairs pair each video with the one `shift` places on, a shift every process takes
-    from the step."""
+    """One step of the critic on the whole batch's (f, z), held fixed; the shift is the step's."""
     f, z = (out[k].detach().float() for k in ("f", "z"))
     if run.distributed:
         f, z = gather_rows(f), gather_rows(z)
@@ -460,8 +411,7 @@ def train_critic(run, out):
 
 
 def forward_and_loss(run, model, batch, step, gather=None):
-    """CDSVAE.forward on a batch (made on the device) and its views, and cdsvae_loss:
-    (outputs, loss, {term: value})."""
+    """CDSVAE.forward on a batch and its views, and cdsvae_loss: (outputs, loss, {term: value})."""
     x = batch["x"]
     views = {}
     if run.args.model == "cdsvae":
@@ -474,9 +424,8 @@ def forward_and_loss(run, model, batch, step, gather=None):
 
 
 def train_step(run, batch):
-    """One step of the model (and the critic). Returns the terms as one fp32 device tensor, nothing
-    read to the host; under DDP, the whole batch's, with the stop signal folded in as two
-    entries."""
+    """One step of the model (and the critic): the terms in one device tensor, nothing read to the
+    host; under DDP the whole batch's, and the stop signal's sum and count as two more."""
     gather = gather_rows if run.distributed else None
     out, loss, terms = forward_and_loss(run, run.model, batch, run.step, gather)
     run.optimizer.zero_grad(set_to_none=True)
@@ -498,9 +447,8 @@ def train_step(run, batch):
 
 
 def accumulate(run, values):
-    """Add a step's terms to the epoch's running sums on the device, in float64 as Python sums them,
-    and note the first non-finite step and its terms: nothing is read to the host. run.progress:
-    [sums of each term, first non-finite step (-1: none), signal sum, signal count]."""
+    """run.progress (on the device, float64 as Python sums): [each term's sum over the epoch, the
+    first non-finite step (-1: none), signal sum, signal count]."""
     n = len(run.keys)
     terms = values[:n].double()
     if run.progress is None:
@@ -516,9 +464,7 @@ def accumulate(run, values):
 
 
 def read_progress(run):
-    """The one host read of a step: the running sums, whether a term was ever non-finite (then the
-    run stops, before any checkpoint is written), and under DDP the signal that asked a process to
-    stop."""
+    """The host read: the sums, a non-finite term (ends the run, no checkpoint), the signal."""
     *sums, first_bad, signal_sum, signal_count = run.progress.tolist()
     before, run.sums = run.sums, dict(zip(run.keys, sums))
     if first_bad >= 0:
@@ -538,8 +484,7 @@ def read_progress(run):
 
 
 def train_one_epoch(run, epoch):
-    """The steps of one epoch from batch run.skip_batches on. A signal or --max_steps sets run.stop;
-    inside the epoch, the checkpoint is written here and True returned."""
+    """The epoch's steps from run.skip_batches on; True when a stop inside it wrote a checkpoint."""
     args, loader = run.args, run.loader
     loader.set_epoch(epoch, start=run.skip_batches)  # a resumed epoch's done batches are not made
     run.model.train()
@@ -584,8 +529,7 @@ def stopped(run, where):
 # ---- the end of an epoch -------------------------------------------------------------------------
 @torch.no_grad()
 def validation_terms(run):
-    """Every loss term on the held-out videos (eval mode, the same augmentations and noise every
-    epoch), the mean over videos; the training run's random state is left as it was."""
+    """Each term's mean on the held-out videos, with the same views and noise every epoch."""
     model, loader, device = run.raw_model, run.val_loader, run.device
     was_training = model.training
     model.eval()
@@ -603,8 +547,7 @@ def validation_terms(run):
 
 
 def end_of_epoch(run, epoch):
-    """The epoch's row (means of every term, validation, periodic scores), the checkpoint first,
-    then metrics.jsonl, the curves and the half-precision snapshot."""
+    """The epoch's row; the checkpoint first, then metrics.jsonl, the curves and the snapshot."""
     args = run.args
     row = {"epoch": epoch + 1, "step": run.step, "lr": run.scheduler.get_last_lr()[0],
            "seconds": round(time.time() - run.t0, 1),
@@ -662,7 +605,7 @@ def train(args):
             dist.barrier()
         return run.raw_model
     finally:  # however the run ends: a signal from here on ends the process (torchrun's included)
-        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        for s in SIGNALS:
             signal.signal(s, signal.SIG_DFL)
         if getattr(run, "tensorboard", None) is not None:
             run.tensorboard.close()

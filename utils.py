@@ -1,5 +1,4 @@
-"""What the training, evaluation and figure scripts share: devices, precision, atomic writes,
-checkpoints, model loading, the loss-curve plot."""
+"""What the scripts share: devices, precision, atomic writes, checkpoints, locks, the curves."""
 import contextlib
 import fcntl
 import argparse
@@ -49,8 +48,7 @@ def pick_device(name="auto"):
 
 
 def amp_dtype(device):
-    """The autocast dtype of a device: bf16 on the CPU and on GPUs with native bf16, else fp16
-    (emulated bf16 on a V100 or T4 is slower than fp32)."""
+    """bf16 on the CPU and on GPUs with native bf16, else fp16 (emulated bf16: slower than fp32)."""
     if device.type == "cpu" or torch.cuda.is_bf16_supported(including_emulation=False):
         return torch.bfloat16
     return torch.float16
@@ -67,10 +65,8 @@ def autocast(device, enabled):
 
 
 def for_inference(module):
-    """`module` (in eval mode) made faster and the same up to rounding, in place: each BatchNorm
-    after a convolution in an nn.Sequential folded into it, LeakyReLUs in place, convolutions
-    channels-last (about 25% less time per video for the decoder and the judges on a 2-core CPU,
-    bf16)."""
+    """`module` in eval mode, the same up to rounding and ~25% faster (2-core CPU, bf16): BatchNorms
+    folded into the convolutions before them, LeakyReLUs in place, convolutions channels-last."""
     module.eval()
     for seq in [m for m in module.modules() if isinstance(m, nn.Sequential)]:
         names = list(seq._modules)
@@ -102,8 +98,7 @@ def git_revision():
 
 
 def write_atomic(path, write):
-    """write(temporary path) beside `path`, then rename: a crash never leaves half a file, and the
-    file that was there stays whole until the new one is complete."""
+    """write(temporary path) beside `path`, then rename: a crash never leaves half a file."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
@@ -139,10 +134,8 @@ def half_precision(state):
 
 
 def read_checkpoint(path, map_location="cpu"):
-    """torch.load(weights_only=True) with one-line errors for a missing or unreadable file.
-
-    torch's own message is not passed on: it advises weights_only=False, which would run the code
-    such a file holds."""
+    """torch.load(weights_only=True), refusing in one line a missing, unsafe or non-finite file
+    (torch's own message advises weights_only=False, which would run the code a file holds)."""
     if not os.path.isfile(path):
         raise CheckpointError(f"no checkpoint at {path}")
     try:
@@ -163,12 +156,15 @@ def read_checkpoint(path, map_location="cpu"):
                    "file)")
         raise CheckpointError(f"{path} is not a PyTorch checkpoint that can be loaded safely: "
                               f"{why}") from None
-    return refuse_not_finite(ckpt, path)
+    key = first_not_finite(ckpt)  # weights, optimizer state...
+    if key is not None:
+        raise CheckpointError(f"{path} holds NaN or infinite values in {key}: the run that wrote "
+                              f"it diverged or the file is damaged; use an earlier checkpoint")
+    return ckpt
 
 
 def paper_encoder_names(state):
-    """The paper repo's frame encoder names -> ours (FrameEncoder.net): its blocks c1..c4 ('main':
-    conv 0, BN 1) are our net.0..3, and its c5 (conv 0, BN 1) our net.4 and net.5."""
+    """The paper repo's encoder names -> ours: its c1..c4 are our net.0..3, its c5 our net.4, 5."""
     out = {}
     for k, v in state.items():
         block = re.fullmatch(r"encoder\.c([1-4])\.main\.(.+)", k)
@@ -182,9 +178,7 @@ def paper_encoder_names(state):
 
 
 def paper_model_checkpoint(state, path):
-    """The paper repo's CDSVAE state_dict (its sample checkpoint's 'model') as a checkpoint of ours:
-    its names mapped onto our networks, its sizes read from its shapes, its network (f heads with
-    LeakyReLU)."""
+    """The paper repo's CDSVAE state_dict as our checkpoint, its sizes read from its shapes."""
     renamed = {}
     for k, v in paper_encoder_names(state).items():
         m = re.fullmatch(r"decoder\.upc([1-5])\.(?:main\.)?(\d)\.(.+)", k)
@@ -208,8 +202,7 @@ def paper_model_checkpoint(state, path):
 
 
 def read_model_checkpoint(path):
-    """A checkpoint of train_cdsvae.py (or its exported copy): a dict with 'model' and 'model_args';
-    or the paper repo's (a dict with 'model', the state_dict of its CDSVAE), mapped onto ours."""
+    """A checkpoint of train_cdsvae.py or its export ('model', 'model_args') or the paper's."""
     ckpt = read_checkpoint(path)
     if (isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict)
             and "encoder.c1.main.0.weight" in ckpt["model"]):
@@ -222,9 +215,8 @@ def read_model_checkpoint(path):
 
 
 def saved_model_args(ckpt, path="the checkpoint"):
-    """A checkpoint's model_args, with CDSVAE's defaults for the arguments added after it was
-    written; the removed options' keys at their off values are dropped, and a checkpoint that needs
-    one is refused."""
+    """A checkpoint's model_args with CDSVAE's defaults added; one that needs a removed option is
+    refused."""
     args = dict(ckpt["model_args"])
     for k, off in REMOVED_MODEL_ARGS.items():
         if args.pop(k, off) != off:
@@ -236,29 +228,25 @@ def saved_model_args(ckpt, path="the checkpoint"):
 
 
 def mismatched_model_args(ckpt, asked):
-    """{name: 'name=asked asked for but saved in the checkpoint'} for each of `asked` (None: any)
-    that differs."""
+    """{name: phrase} for each of `asked` (None: any) that differs from the checkpoint's."""
     saved = saved_model_args(ckpt)
     return {k: f"{k}={v} asked for but {saved.get(k)} in the checkpoint"
             for k, v in asked.items() if v is not None and saved.get(k) != v}
 
 
 def check_sizes(model, state_dict, path):
-    """Name every parameter whose shape differs between the checkpoint and the model asked for."""
+    """Refuse a state_dict whose names or shapes are not the model's, naming the first few."""
     own = model.state_dict()
     bad = [f"{k} {tuple(v.shape)} in the checkpoint vs {tuple(own[k].shape)} asked for"
            for k, v in state_dict.items() if k in own and own[k].shape != v.shape]
-    missing = [k for k in own if k not in state_dict]
-    if bad or missing:
-        raise CheckpointError(f"{path} was trained with other sizes: {'; '.join(bad[:4]) or ''}"
-                              f"{' missing ' + ', '.join(missing[:4]) if missing else ''}")
+    bad += [f"{k} missing" for k in own if k not in state_dict]
+    bad += [f"{k} not in this network" for k in state_dict if k not in own]
+    if bad:
+        raise CheckpointError(f"{path} was trained with other sizes: {'; '.join(bad[:4])}")
 
 
 def load_model(path, device="cpu", **overrides):
-    """The CDSVAE of a checkpoint of train_cdsvae.py, in fp32, in eval mode.
-
-    `overrides` (f_dim=..., z_dim=...) are sizes the caller asks for; a checkpoint of other sizes is
-    refused with a message naming them."""
+    """The CDSVAE of a checkpoint in fp32, eval mode; refused if not of the sizes in `overrides`."""
     ckpt = read_model_checkpoint(path)
     mismatched = mismatched_model_args(ckpt, overrides)
     if mismatched:
@@ -267,10 +255,6 @@ def load_model(path, device="cpu", **overrides):
     model = CDSVAE(**saved_model_args(ckpt, path))
     state = {k: v.float() if v.is_floating_point() else v for k, v in ckpt["model"].items()}
     check_sizes(model, state, path)
-    unknown = [k for k in state if k not in model.state_dict()]
-    if unknown:
-        raise CheckpointError(f"{path} has parameters this network does not: "
-                              f"{', '.join(unknown[:4])}")
     model.load_state_dict(state)
     return model.to(device).eval()
 
@@ -281,8 +265,7 @@ NOT_LOSSES = ("epoch", "step", "lr", "seconds")
 
 
 def plot_loss_curves(rows, path):
-    """Every numeric term of metrics rows (one per epoch) against the epoch, one panel each, to
-    `path`."""
+    """Every numeric term of metrics rows against the epoch, a panel each, to the PNG `path`."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -312,38 +295,23 @@ def plot_loss_curves(rows, path):
 
 # ---- content checks ------------------------------------------------------------------------------
 def first_not_finite(obj, key=""):
-    """The dotted key (e.g. 'model.encoder.net.0.weight') of the first floating-point tensor in obj,
-    through nested dicts, lists and tuples, that holds a NaN or an infinity; None if none does."""
+    """The dotted key ('model.encoder.net.0.weight') of obj's first non-finite tensor, or None."""
     if isinstance(obj, torch.Tensor):
-        floating = obj.is_floating_point() or obj.is_complex()
-        return key if floating and not bool(torch.isfinite(obj).all()) else None
-    if isinstance(obj, dict):
-        items = obj.items()
-    else:
-        items = enumerate(obj) if isinstance(obj, (list, tuple)) else ()
-    for k, v in items:
+        return key if obj.is_floating_point() and not torch.isfinite(obj).all() else None
+    if isinstance(obj, (list, tuple)):
+        obj = dict(enumerate(obj))
+    for k, v in (obj.items() if isinstance(obj, dict) else ()):
         found = first_not_finite(v, f"{key}.{k}" if key else str(k))
         if found is not None:
             return found
     return None
 
 
-def refuse_not_finite(ckpt, path):
-    """ckpt, refused in one line when a tensor in it (weights, optimizer state...) is not finite."""
-    key = first_not_finite(ckpt)
-    if key is not None:
-        raise CheckpointError(f"{path} holds NaN or infinite values in {key}: the run that wrote "
-                              f"it diverged or the file is damaged; use an earlier checkpoint")
-    return ckpt
-
-
 # ---- one process per output ----------------------------------------------------------------------
 @contextlib.contextmanager
 def held_lock(lock, busy):
-    """Hold the file `lock` (flock'ed, our PID in it) for the life of the `with`; another process
-    asking for it exits with 'error: ' + busy.format(holder='process <PID>'). The lock dies with
-    its process, so a killed run's is taken over. On release the file is removed, and so are the
-    folders the lock made, when empty."""
+    """Hold the file `lock` (flock'ed, our PID in it), or exit with busy.format(holder=...); it dies
+    with its process. On release it is removed, with the folders it made, if empty."""
     folder = os.path.dirname(os.path.abspath(lock))
     made, d = [], folder
     while not os.path.isdir(d):  # the folders the lock makes, deepest first
@@ -397,24 +365,21 @@ def folders_held(folders, flags="--log_dir / --model_dir"):
 
 # ---- the device's fast paths: training and bench.py ---------------------------------------------
 def prepare_for_device(model, device):
-    """`model` with channels-last convolutions (oneDNN's bf16 convs on the CPU: ~2x faster; the
-    tensor cores' layout on CUDA) and, on CUDA, cudnn.benchmark on: each conv shape's fastest
-    algorithm is searched once, then reused (the shapes of a training run do not change)."""
+    """`model` channels-last (bf16 convs ~2x faster on the CPU; the tensor cores' layout), and on
+    CUDA cudnn.benchmark (a run's shapes do not change)."""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     return model.to(memory_format=torch.channels_last)
 
 
 def make_adam(params, device, **kwargs):
-    """torch.optim.Adam over `params`: on CUDA fused (one kernel for every tensor instead of a few
-    per tensor); on the CPU torch's default, as before."""
+    """torch.optim.Adam over `params`, fused on CUDA (one kernel for every tensor)."""
     return torch.optim.Adam(params, fused=True if device.type == "cuda" else None, **kwargs)
 
 
 def compile_model(model):
-    """`model` (a CDSVAE) with its frame encoder and decoder compiled by torch.compile, in place:
-    the convolutions, most of the step; the LSTMs and the prior's loop stay eager (their steps are
-    sequential). The state_dict's keys do not change, so checkpoints load either way."""
+    """A CDSVAE's convolutions compiled in place (most of the step); the sequential LSTMs stay
+    eager. The state_dict's keys do not change."""
     model.encoder.compile()
     model.decoder.compile()
     return model

@@ -169,17 +169,12 @@ def test_content_augment_keeps_each_sequences_frames():
     assert (order != torch.arange(8)).any(1).all()
 
 
-def test_mirrored_content_view_turns_a_left_facing_video_into_the_right_facing_one(tiny_data):
-    """The LPC sheets draw right-facing rows as (nearly) mirrored left-facing ones: the mirrored
-    content view keeps the character and turns left into right (labels D = 3 * action +
+def test_a_mirrored_left_facing_video_is_the_right_facing_one(tiny_data):
+    """The LPC sheets draw right-facing rows as (nearly) mirrored left-facing ones, which --f_mirror
+    relies on: the mirror keeps the character and turns left into right (D = 3 * action +
     direction)."""
     X, A, D = load_sprites(tiny_data)["train"]
     x = to_float(X)
-    identity = torch.arange(8).expand(len(x), 8)
-    assert torch.equal(content_augment(x, order=identity, mirror=True), x.flip(-1))
-    order = content_order(len(x), 8, torch.Generator().manual_seed(1))
-    torch.testing.assert_close(content_augment(x, order=order, mirror=True),
-                               content_augment(x, order=order).flip(-1), rtol=0, atol=0)
     pairs = 0
     for i in torch.nonzero(D % 3 == 1).flatten().tolist():  # left-facing
         right = torch.nonzero((A == A[i]).all(1) & (D == D[i] + 1)).flatten()
