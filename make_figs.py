@@ -1,7 +1,6 @@
 """Qualitative figures of one C-DSVAE checkpoint on the Sprites test videos.
 
-    python make_figs.py --model_dir runs/e1/model.pt [--data_root data/Sprite/data.pkl]
-        [--metrics runs/e1/metrics.jsonl] [--out figs] [--seed 0] [--device auto]
+    python make_figs.py --model_dir runs/e1/model.pt [--metrics runs/e1/metrics.jsonl] [--out figs]
 
 Writes to --out (the same files for the same checkpoint, data and --seed):
   swap_grid.png          pairs of videos: A, B, f(A)+z(B), f(B)+z(A), 8 frames each
@@ -13,13 +12,9 @@ Writes to --out (the same files for the same checkpoint, data and --seed):
   proj_f.png             2-D PCA of f_mean, coloured by skin, pant, top, hair
   proj_z.png             2-D PCA of flattened z_mean, coloured by motion (action-direction)
   loss_curves.png        every loss term per epoch, from --metrics
-
-Image grids are made by one helper (`image_grid`): cells of 64x64 (times --scale), 2 px apart, row
-labels in a 120 px left margin, an 8 px gap between groups of rows.
 """
 import argparse
 import json
-import math
 import os
 import sys
 
@@ -34,58 +29,32 @@ from utils import (CheckpointError, load_model, pick_device, plot_loss_curves, w
                    write_text)
 
 ENCODE_BATCH = 32  # videos per encoder pass
+PER_CATEGORY = 3  # pairs of each category in the similarity table
 
 
-# ---- the image-grid helper -----------------------------------------------------------------------
+# ---- image grids: cells of 64x64 (times scale), 2 px apart, row labels in a 120 px left margin ---
 PAD, GROUP_GAP, LABEL_W, HEADER_H, CELL = 2, 8, 120, 16, 64
-
-
 FONT = ImageFont.load_default()
 
 
-def to_uint8(img):
-    """(3, H, W) float in [0, 1] -> (H, W, 3) uint8 array."""
-    img = img.detach().float().cpu().clamp(0, 1)
-    return (img * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-
-
-def grid_size(n_rows, n_cols, n_groups=1, row_labels=True, col_labels=False, scale=1):
-    """(width, height) in pixels of an `image_grid` of this layout."""
-    cell = CELL * scale
-    w = (LABEL_W if row_labels else 0) + n_cols * (cell + PAD) + PAD
-    h = (HEADER_H if col_labels else 0) + n_rows * (cell + PAD) + PAD + GROUP_GAP * (n_groups - 1)
-    return w, h
-
-
 def image_grid(rows, row_labels=None, col_labels=None, group_size=None, scale=1):
-    """A PIL image of rows of images: rows[i] is an (n_cols, 3, 64, 64) float tensor in [0, 1].
-
-    row_labels: one (possibly multi-line) string per row, drawn in a left margin; col_labels: one
-    string per column, drawn above; group_size: rows per group, with an extra gap between groups;
-    scale: integer nearest-neighbour upscaling of every cell."""
-    n_rows, n_cols = len(rows), max(len(r) for r in rows)
-    group_size = group_size or n_rows
-    has_rows, has_cols = row_labels is not None, col_labels is not None
-    w, h = grid_size(n_rows, n_cols, math.ceil(n_rows / group_size), has_rows, has_cols, scale)
-    canvas = np.full((h, w, 3), 255, np.uint8)
-    x0, y0 = LABEL_W if has_rows else 0, HEADER_H if has_cols else 0
-    cell = CELL * scale
-    tops = []
-    for i, row in enumerate(rows):
-        y = y0 + PAD + i * (cell + PAD) + GROUP_GAP * (i // group_size)
-        tops.append(y)
-        for j, img in enumerate(row):
-            a = to_uint8(img)
-            if scale != 1:
-                a = a.repeat(scale, 0).repeat(scale, 1)
-            x = x0 + PAD + j * (cell + PAD)
-            canvas[y:y + cell, x:x + cell] = a
+    """A PIL image of rows of (n_cols, 3, 64, 64) images in [0, 1]: a (multi-line) label left of
+    each row, one above each column, an extra gap every group_size rows, cells upscaled `scale`x."""
+    group_size, cell = group_size or len(rows), CELL * scale
+    x0, y0 = LABEL_W if row_labels is not None else 0, HEADER_H if col_labels is not None else 0
+    tops = [y0 + PAD + i * (cell + PAD) + GROUP_GAP * (i // group_size) for i in range(len(rows))]
+    lefts = [x0 + PAD + j * (cell + PAD) for j in range(max(len(r) for r in rows))]
+    canvas = np.full((tops[-1] + cell + PAD, lefts[-1] + cell + PAD, 3), 255, np.uint8)
+    for y, row in zip(tops, rows):
+        for x, img in zip(lefts, row):
+            a = (img.cpu().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+            canvas[y:y + cell, x:x + cell] = a.repeat(scale, 0).repeat(scale, 1)
     im = Image.fromarray(canvas)
     draw = ImageDraw.Draw(im)
     for y, text in zip(tops, row_labels or ()):
-        draw.multiline_text((3, y + 2), str(text), fill=(0, 0, 0), font=FONT, spacing=2)
-    for j, text in enumerate(col_labels or ()):
-        draw.text((x0 + PAD + j * (cell + PAD) + 2, 2), str(text), fill=(0, 0, 0), font=FONT)
+        draw.multiline_text((3, y + 2), text, fill=(0, 0, 0), font=FONT, spacing=2)
+    for x, text in zip(lefts, col_labels or ()):
+        draw.text((x + 2, 2), text, fill=(0, 0, 0), font=FONT)
     return im
 
 
@@ -96,7 +65,6 @@ def save_image(im, path, **kwargs):
 
 
 def save_figure(fig, path, **kwargs):
-    """matplotlib savefig, atomically, then the figure is closed."""
     import matplotlib.pyplot as plt
     write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", **kwargs))
     plt.close(fig)
@@ -116,33 +84,29 @@ def label(i, A, D, prefix=""):
 
 
 def videos(X, idx, device):
-    """Float videos (B, 8, 3, 64, 64) of the test indices idx."""
-    return to_float(X[torch.as_tensor(idx, dtype=torch.long)]).to(device)
+    """Float videos (B, 8, 3, 64, 64) of the test indices idx (a list)."""
+    return to_float(X[idx]).to(device)
 
 
 def posterior_means(model, X, idx, device):
     """f_mean (n, f_dim) and z_mean (n, T, z_dim) of the videos X[idx], on the CPU."""
-    post = encode_videos(model, X[torch.as_tensor(idx, dtype=torch.long)], device, ENCODE_BATCH)
+    post = encode_videos(model, X[idx], device, ENCODE_BATCH)
     return post["f"].cpu(), post["z"].cpu()
 
 
 def cosine(a, b):
-    """Cosine similarity of two tensors flattened to vectors, as a float in [-1, 1]."""
     a, b = a.double().flatten(), b.double().flatten()
     return float(F.cosine_similarity(a[None], b[None], eps=1e-12).clamp(-1, 1))
 
 
-def pick_pairs(A, D, n, generator, distinct_action=True):
-    """Up to n pairs (i, j) of test videos of different characters and different motions (actions,
-    when `distinct_action`), no video used twice where the data allow; fewer conditions when they
-    cannot be met."""
+def pick_pairs(A, D, n, generator):
+    """Up to n pairs (i, j) of test videos, no video twice where the data allow: of different
+    characters and actions, else of a different character or motion, else any."""
     perm = torch.randperm(len(D), generator=generator).tolist()
     c, d = character_id(A).tolist(), D.tolist()
-    act = [v // 3 for v in d]
-    conditions = [
-        lambda i, j: c[i] != c[j] and (act[i] != act[j] if distinct_action else d[i] != d[j]),
-        lambda i, j: c[i] != c[j] or d[i] != d[j],
-        lambda i, j: True]
+    conditions = (lambda i, j: c[i] != c[j] and d[i] // 3 != d[j] // 3,
+                  lambda i, j: c[i] != c[j] or d[i] != d[j],
+                  lambda i, j: True)
     pairs, used = [], set()
     for cond in conditions:
         for reuse in (False, True):
@@ -152,11 +116,10 @@ def pick_pairs(A, D, n, generator, distinct_action=True):
                         return pairs
                     if a == b or (a, b) in pairs or (b, a) in pairs or not cond(a, b):
                         continue
-                    if not reuse and (a in used or b in used):
-                        continue
-                    pairs.append((a, b))
-                    used.update((a, b))
-                    break
+                    if reuse or (a not in used and b not in used):
+                        pairs.append((a, b))
+                        used.update((a, b))
+                        break
     return pairs
 
 
@@ -169,9 +132,7 @@ def pick_videos(A, D, n, generator):
         for i in perm:
             if len(chosen) >= n:
                 return chosen
-            if i in chosen:
-                continue
-            if strict and any(c[i] == c[k] or d[i] == d[k] for k in chosen):
+            if i in chosen or (strict and any(c[i] == c[k] or d[i] == d[k] for k in chosen)):
                 continue
             chosen.append(i)
     return chosen
@@ -201,32 +162,23 @@ def similarity_pairs(A, D, per_category, generator):
 
 
 def pca_2d(X):
-    """First two principal-component scores (n, 2) of the rows of X and their explained-variance
-    ratios; each component's sign is fixed (largest loading positive), so the result is
-    deterministic."""
+    """Scores (n, 2) of the rows of X on their first two principal components, each signed so that
+    its largest loading is positive, and the components' explained-variance ratios."""
     X = X.double().flatten(1)
     Xc = X - X.mean(0, keepdim=True)
     if len(X) < 2 or float(Xc.abs().max()) == 0.0:
         return torch.zeros(len(X), 2), [0.0, 0.0]
     _, S, Vh = torch.linalg.svd(Xc, full_matrices=False)
     Vh = Vh[:2]
-    sign = torch.sign(Vh.gather(1, Vh.abs().argmax(1, keepdim=True)))
-    Vh = Vh * torch.where(sign == 0, 1.0, sign)
-    scores = Xc @ Vh.t()
-    if scores.shape[1] < 2:
-        pad = torch.zeros(len(X), 2 - scores.shape[1], dtype=scores.dtype)
-        scores = torch.cat([scores, pad], 1)
-    var = S ** 2 / (S ** 2).sum()
-    ratios = [float(var[k]) if k < len(var) else 0.0 for k in range(2)]
-    return scores.float(), ratios
+    Vh = Vh * torch.sign(Vh.gather(1, Vh.abs().argmax(1, keepdim=True)))
+    pad = (0, 2 - len(Vh))  # one component only where X has one column
+    return F.pad(Xc @ Vh.t(), pad).float(), F.pad(S[:2] ** 2 / (S ** 2).sum(), pad).tolist()
 
 
 # ---- the figures ---------------------------------------------------------------------------------
-@torch.no_grad()
 def fig_swaps(model, X, A, D, device, out, seed, n_grid=4, n_gif=3):
-    g = torch.Generator().manual_seed(seed)
-    pairs = pick_pairs(A, D, max(n_grid, n_gif), g)
-    i, j = [p[0] for p in pairs], [p[1] for p in pairs]
+    pairs = pick_pairs(A, D, max(n_grid, n_gif), torch.Generator().manual_seed(seed))
+    i, j = map(list, zip(*pairs))
     xa, xb = videos(X, i, device), videos(X, j, device)
     ab, ba = model.swap(xa, xb)  # f(A)+z(B), f(B)+z(A)
     rows, labels = [], []
@@ -245,10 +197,8 @@ def fig_swaps(model, X, A, D, device, out, seed, n_grid=4, n_gif=3):
     return pairs
 
 
-@torch.no_grad()
 def fig_fixed(model, X, A, D, device, out, seed, n_videos=3, n_samples=4):
-    g = torch.Generator().manual_seed(seed + 1)
-    idx = pick_videos(A, D, n_videos, g)
+    idx = pick_videos(A, D, n_videos, torch.Generator().manual_seed(seed + 1))
     x = videos(X, idx, device)
     post = model.encode(x, random=False)
     recon = model.decode(post["z_mean"], post["f_mean"])
@@ -261,7 +211,7 @@ def fig_fixed(model, X, A, D, device, out, seed, n_videos=3, n_samples=4):
                             ("fixed_motion", motion, "f ~ N(0,I)")):
         rows, labels = [], []
         for k, i in enumerate(idx):
-            rows += [x[k], recon[k]] + [gen[k * n_samples + s] for s in range(n_samples)]
+            rows += [x[k], recon[k], *gen[k * n_samples:(k + 1) * n_samples]]
             labels += [label(i, A, D), "reconstruction"]
             labels += [f"{what} #{s + 1}" for s in range(n_samples)]
         grid = image_grid(rows, labels, group_size=2 + n_samples)
@@ -269,68 +219,79 @@ def fig_fixed(model, X, A, D, device, out, seed, n_videos=3, n_samples=4):
     return idx
 
 
-def similarity_table(model, X, A, D, device, seed, per_category=3):
+def similarity_table(model, X, A, D, device, seed):
     """Rows (category, i, j, cos f, cos z) of the similarity table, and the categories short of
     pairs."""
-    g = torch.Generator().manual_seed(seed + 4)
-    pairs = similarity_pairs(A, D, per_category, g)
+    pairs = similarity_pairs(A, D, PER_CATEGORY, torch.Generator().manual_seed(seed + 4))
     idx = sorted({v for ps in pairs.values() for p in ps for v in p})
     rows = []
     if idx:
         f, z = posterior_means(model, X, idx, device)
         pos = {v: k for k, v in enumerate(idx)}
-        for name, ps in pairs.items():
-            for i, j in ps:
-                i_, j_ = pos[i], pos[j]
-                rows.append((name, i, j, cosine(f[i_], f[j_]), cosine(z[i_], z[j_])))
-    missing = [name for name, ps in pairs.items() if len(ps) < per_category]
-    return rows, missing
+        rows = [(name, i, j, cosine(f[pos[i]], f[pos[j]]), cosine(z[pos[i]], z[pos[j]]))
+                for name, ps in pairs.items() for i, j in ps]
+    return rows, [name for name, ps in pairs.items() if len(ps) < PER_CATEGORY]
 
 
 def _fmt(v):
     return f"{round(v, 3) + 0.0:.3f}"  # + 0.0: no '-0.000'
 
 
-def similarity_markdown(rows, missing, A, D, per_category):
+def _md_row(cells):
+    return "| " + " | ".join(cells) + " |"
+
+
+def similarity_cells(rows, A, D):
+    """The similarity table's text: its header, then one row of cells per pair."""
+    return [["#", "category", "video A", "video B", "cos f", "cos z"]] + [
+        [str(k + 1), name, describe(i, A, D), describe(j, A, D), _fmt(cf), _fmt(cz)]
+        for k, (name, i, j, cf, cz) in enumerate(rows)]
+
+
+def similarity_markdown(rows, cells, missing):
     """The similarity table, each category's means and a legend, as markdown."""
-    lines = ["| # | category | video A | video B | cos f | cos z |", "|---|---|---|---|---|---|"]
-    for k, (name, i, j, cf, cz) in enumerate(rows):
-        lines.append(f"| {k + 1} | {name} | {describe(i, A, D)} | {describe(j, A, D)} | "
-                     f"{_fmt(cf)} | {_fmt(cz)} |")
-    lines += ["", "| category | pairs | mean cos f | mean cos z |", "|---|---|---|---|"]
+    lines = [_md_row(cells[0]), "|---" * 6 + "|", *map(_md_row, cells[1:]), "",
+             _md_row(["category", "pairs", "mean cos f", "mean cos z"]), "|---" * 4 + "|"]
     for name, _ in PAIR_CATEGORIES:
         sel = [r for r in rows if r[0] == name]
-        if sel:
-            lines.append(f"| {name} | {len(sel)} | {_fmt(np.mean([r[3] for r in sel]))} | "
-                         f"{_fmt(np.mean([r[4] for r in sel]))} |")
-        else:
-            lines.append(f"| {name} | 0 | n/a | n/a |")
+        means = [_fmt(np.mean([r[k] for r in sel])) for k in (3, 4)] if sel else ["n/a", "n/a"]
+        lines.append(_md_row([name, str(len(sel)), *means]))
     if missing:
-        lines += ["", f"Fewer than {per_category} pairs in the test set for: {', '.join(missing)}."]
+        lines += ["", f"Fewer than {PER_CATEGORY} pairs in the test set for: {', '.join(missing)}."]
     lines += ["", "f: posterior mean of the static factor; z: posterior means of the 8 dynamic "
               "factors, flattened. Video: test index, skin / pant / top / hair, action-direction."]
     return "\n".join(lines) + "\n"
 
 
-def plot_similarity(rows, A, D, path):
+def plot_similarity(rows, cells, path):
     """The similarity table as an image, the cosines shaded from blue (-1) to red (1)."""
     import matplotlib.pyplot as plt
-    cells = [[str(k + 1), name, describe(i, A, D), describe(j, A, D), _fmt(cf), _fmt(cz)]
-             for k, (name, i, j, cf, cz) in enumerate(rows)] or [["", "no pairs", "", "", "", ""]]
-    fig, ax = plt.subplots(figsize=(11, 0.3 * len(cells) + 0.8))
+    body = cells[1:] or [["", "no pairs", "", "", "", ""]]
+    fig, ax = plt.subplots(figsize=(11, 0.3 * len(body) + 0.8))
     ax.axis("off")
-    header = ["#", "category", "video A", "video B", "cos f", "cos z"]
-    table = ax.table(cellText=cells, colLabels=header, loc="center", cellLoc="left",
+    table = ax.table(cellText=body, colLabels=cells[0], loc="center", cellLoc="left",
                      colWidths=[0.04, 0.34, 0.22, 0.22, 0.08, 0.08])
     table.auto_set_font_size(False)
     table.set_fontsize(8)
     for (r, c), cell in table.get_celld().items():
         if r > 0 and c in (4, 5) and rows:
-            v = rows[r - 1][3 if c == 4 else 4]
-            cell.set_facecolor(plt.cm.RdBu_r(0.5 + 0.4 * v))
+            cell.set_facecolor(plt.cm.RdBu_r(0.5 + 0.4 * rows[r - 1][c - 1]))
     ax.set_title("Cosine similarity of posterior means", fontsize=10)
     fig.tight_layout()
     save_figure(fig, path, dpi=110, bbox_inches="tight")
+
+
+def pca_panel(ax, scores, ratios, labels, names, size, markers="ooo"):
+    """A scatter of PCA scores (n, 2), one colour per label value (named in names)."""
+    import matplotlib.pyplot as plt
+    colours = plt.cm.tab10.colors
+    for v, name in enumerate(names):
+        m = labels == v
+        if m.any():
+            ax.scatter(scores[m, 0], scores[m, 1], s=size, color=colours[v], marker=markers[v // 3],
+                       label=name)
+    ax.set_xlabel(f"PC1 ({100 * ratios[0]:.0f}%)")
+    ax.set_ylabel(f"PC2 ({100 * ratios[1]:.0f}%)")
 
 
 def fig_projections(model, X, A, D, device, out, seed, n=900):
@@ -338,35 +299,18 @@ def fig_projections(model, X, A, D, device, out, seed, n=900):
     g = torch.Generator().manual_seed(seed + 5)
     idx = torch.randperm(len(X), generator=g)[:n].sort().values.tolist()
     f, z = posterior_means(model, X, idx, device)
-    a, d = A[idx], D[idx]
-    colours = plt.cm.tab10.colors
-
-    pf, rf = pca_2d(f)
+    pf = pca_2d(f)
     fig, axes = plt.subplots(2, 2, figsize=(9, 8))
     for k, (ax, name) in enumerate(zip(axes.flat, ATTRIBUTES)):
-        for v in range(6):
-            m = a[:, k] == v
-            if m.any():
-                ax.scatter(pf[m, 0], pf[m, 1], s=6, color=colours[v], label=f"{name} {v}")
+        pca_panel(ax, *pf, A[idx][:, k], [f"{name} {v}" for v in range(6)], 6)
         ax.set_title(f"f_mean coloured by {name}")
-        ax.set_xlabel(f"PC1 ({100 * rf[0]:.0f}%)")
-        ax.set_ylabel(f"PC2 ({100 * rf[1]:.0f}%)")
         ax.legend(fontsize=6, markerscale=2, loc="best")
     fig.suptitle(f"PCA of f_mean, {len(idx)} test videos")
     fig.tight_layout()
     save_figure(fig, os.path.join(out, "proj_f.png"), dpi=100)
-
-    pz, rz = pca_2d(z)
     fig, ax = plt.subplots(figsize=(7, 6))
-    markers = ("o", "^", "s")  # one per action; colour tells the motion
-    for v, name in enumerate(MOTION_NAMES):
-        m = d == v
-        if m.any():
-            ax.scatter(pz[m, 0], pz[m, 1], s=8, color=colours[v], marker=markers[v // 3],
-                       label=name)
+    pca_panel(ax, *pca_2d(z), D[idx], MOTION_NAMES, 8, markers="o^s")  # a marker per action
     ax.set_title(f"PCA of flattened z_mean, {len(idx)} test videos, coloured by motion")
-    ax.set_xlabel(f"PC1 ({100 * rz[0]:.0f}%)")
-    ax.set_ylabel(f"PC2 ({100 * rz[1]:.0f}%)")
     ax.legend(fontsize=7, markerscale=2, loc="best")
     fig.tight_layout()
     save_figure(fig, os.path.join(out, "proj_z.png"), dpi=100)
@@ -400,13 +344,11 @@ def fig_loss_curves(path, out):
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model_dir", required=True,
-                   help="checkpoint model.pt of train_cdsvae.py, or its folder")
+    p.add_argument("--model_dir", required=True, help="model.pt of train_cdsvae.py, or its folder")
     p.add_argument("--data_root", default="data/Sprite/data.pkl",
-                   help="Sprites data.pkl; its test split is used (default data/Sprite/data.pkl)")
-    p.add_argument("--metrics", default=None,
-                   help="metrics.jsonl for loss_curves.png (default: <checkpoint>.metrics.jsonl or "
-                        "metrics.jsonl beside the checkpoint, if there is one)")
+                   help="Sprites data.pkl; its test split is used (default %(default)s)")
+    p.add_argument("--metrics", help="metrics.jsonl for loss_curves.png (default: "
+                   "<checkpoint>.metrics.jsonl or metrics.jsonl beside the checkpoint, if any)")
     p.add_argument("--out", default="figs", help="output folder (default figs)")
     p.add_argument("--seed", type=int, default=0, help="seed of all picks and samples (default 0)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
@@ -424,6 +366,7 @@ def metrics_path(args, ckpt):
     return args.metrics or next((p for p in beside if os.path.isfile(p)), None)
 
 
+@torch.no_grad()
 def main(argv=None):
     args = get_args(argv)
     torch.set_num_threads(max(1, args.threads))
@@ -436,26 +379,25 @@ def main(argv=None):
         device = pick_device(args.device)
         model = load_model(ckpt, device)
         X, A, D = load_sprites(args.data_root)["test"]
+        if len(X) < 2:
+            raise DataError(f"{args.data_root} has {len(X)} test videos; the figures need at "
+                            f"least 2")
     except (CheckpointError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    if len(X) < 2:
-        print(f"error: {args.data_root} has {len(X)} test videos; the figures need at least 2",
-              file=sys.stderr)
-        return 1
     os.makedirs(args.out, exist_ok=True)
-    with torch.no_grad():
-        pairs = fig_swaps(model, X, A, D, device, args.out, args.seed)
-        print(f"swap_grid.png, swap.gif: {len(pairs)} pairs")
-        idx = fig_fixed(model, X, A, D, device, args.out, args.seed)
-        print(f"fixed_content.png, fixed_motion.png: videos {idx}")
-        rows, missing = similarity_table(model, X, A, D, device, args.seed)
-        text = similarity_markdown(rows, missing, A, D, 3)
-        write_text(text, os.path.join(args.out, "cosine_similarity.md"))
-        plot_similarity(rows, A, D, os.path.join(args.out, "cosine_similarity.png"))
-        print(text)
-        n = fig_projections(model, X, A, D, device, args.out, args.seed, args.n_proj)
-        print(f"proj_f.png, proj_z.png: {n} test videos")
+    pairs = fig_swaps(model, X, A, D, device, args.out, args.seed)
+    print(f"swap_grid.png, swap.gif: {len(pairs)} pairs")
+    idx = fig_fixed(model, X, A, D, device, args.out, args.seed)
+    print(f"fixed_content.png, fixed_motion.png: videos {idx}")
+    rows, missing = similarity_table(model, X, A, D, device, args.seed)
+    cells = similarity_cells(rows, A, D)
+    text = similarity_markdown(rows, cells, missing)
+    write_text(text, os.path.join(args.out, "cosine_similarity.md"))
+    plot_similarity(rows, cells, os.path.join(args.out, "cosine_similarity.png"))
+    print(text)
+    n = fig_projections(model, X, A, D, device, args.out, args.seed, args.n_proj)
+    print(f"proj_f.png, proj_z.png: {n} test videos")
     metrics = metrics_path(args, ckpt)
     if metrics and os.path.isfile(metrics):
         print(f"loss_curves.png: {fig_loss_curves(metrics, args.out)} epochs from {metrics}")

@@ -3,11 +3,9 @@
     python train_cdsvae.py ... --snapshot_every 1          # keeps model_dir/epoch_<N>.pt
     python time_to_quality.py --run runs/cdsvae_cpu --out figs/time_to_quality.png [--test_stride 4]
 
-Scores every snapshot epoch_<N>.pt of --run in protocol A (one seed; every --test_stride-th test
-video) with each judge, takes the training minutes at the end of epoch N from the run's
-metrics.jsonl (the sum of its per-epoch seconds), and writes the curve (PNG), its figures (JSON
-beside the PNG) and the minutes at which each judge first saw 90%, 95% and 99%. --reference adds a
-curve of (minutes, accuracy) pairs measured elsewhere, drawn dashed.
+Scores each snapshot epoch_<N>.pt of --run in protocol A (one seed) with each judge, at the training
+minutes of epoch N's end (summed from the run's metrics.jsonl), and writes the curve (PNG), its
+figures (JSON beside it) and the minutes at which each judge first saw 90%, 95% and 99%.
 """
 import argparse
 import glob
@@ -44,7 +42,7 @@ def epoch_minutes(metrics_path):
             try:
                 row = json.loads(line)
                 epoch, seconds = row["epoch"], row["seconds"]
-            except (ValueError, KeyError, TypeError, IndexError):
+            except (ValueError, KeyError, TypeError):
                 epoch = seconds = None
             if not (type(epoch) is int and type(seconds) in (int, float)
                     and 0 <= seconds < math.inf):

@@ -59,14 +59,14 @@ def test_every_file_is_written_with_its_layout(figs):
     out, _ = figs
     for name in FILES:
         assert (out / name).stat().st_size > 0, name
+    # a 120 px label margin, cells of 64 px 2 px apart, 8 px between groups, a 16 px column header
     # 4 pairs of 4 rows, 8 frames; 3 videos of original + reconstruction + 4 samples
-    assert Image.open(out / "swap_grid.png").size == make_figs.grid_size(16, 8, n_groups=4)
-    assert make_figs.grid_size(16, 8, n_groups=4) == (120 + 8 * 66 + 2, 16 * 66 + 2 + 3 * 8)
+    assert Image.open(out / "swap_grid.png").size == (120 + 8 * 66 + 2, 16 * 66 + 2 + 3 * 8)
     for name in ("fixed_content.png", "fixed_motion.png"):
-        assert Image.open(out / name).size == make_figs.grid_size(18, 8, n_groups=3), name
+        assert Image.open(out / name).size == (120 + 8 * 66 + 2, 18 * 66 + 2 + 2 * 8), name
     gif = Image.open(out / "swap.gif")
     assert gif.n_frames == 8
-    assert gif.size == make_figs.grid_size(3, 4, row_labels=True, col_labels=True, scale=2)
+    assert gif.size == (120 + 4 * 130 + 2, 16 + 3 * 130 + 2)  # 3 pairs, cells 2x
     for name in ("proj_f.png", "proj_z.png", "cosine_similarity.png", "loss_curves.png"):
         w, h = Image.open(out / name).size
         assert w > 200 and h > 100, name
@@ -178,7 +178,7 @@ def test_pca_is_deterministic_and_finds_the_main_axis():
 def test_image_grid_places_cells_and_labels():
     a, b = torch.zeros(2, 3, 64, 64), torch.ones(2, 3, 64, 64)
     im = make_figs.image_grid([a, b], ["row a", "row b"], group_size=1)
-    assert im.size == make_figs.grid_size(2, 2, n_groups=2)
+    assert im.size == (120 + 2 * 66 + 2, 2 * 66 + 2 + 8)
     px = torch.from_numpy(np.array(im))
     x0, pad = make_figs.LABEL_W, make_figs.PAD
     assert px[pad:pad + 64, x0 + pad:x0 + pad + 64].max() == 0  # row a, black
@@ -186,7 +186,7 @@ def test_image_grid_places_cells_and_labels():
     assert px[y1:y1 + 64, x0 + pad:x0 + pad + 64].min() == 255  # row b, white
     assert px[:, :x0].min() < 128  # some label text was drawn
     big = make_figs.image_grid([a], col_labels=["x", "y"], scale=2)
-    assert big.size == make_figs.grid_size(1, 2, row_labels=False, col_labels=True, scale=2)
+    assert big.size == (2 * 130 + 2, 16 + 130 + 2)  # no label margin, a column header
 
 
 def test_missing_checkpoint_or_data_is_a_one_line_error(checkpoint, tiny_data, tmp_path):
