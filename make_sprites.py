@@ -1,10 +1,6 @@
-"""Build the standard Sprites set (Li & Mandt, 2018) from the open LPC sprite sheets.
-
-1296 characters (skin, pant, top, hair in 0..5) x 9 motions (3 actions x 3 directions) x 8 frames of
-64x64 RGB, split 1000/296 characters = 9000/2664 sequences, stored as uint8 in one pickle.
-
-    python make_sprites.py [--sheets DIR] [--out data/Sprite/data.pkl]
-"""
+"""Build the standard Sprites set (Li & Mandt, 2018) from the open LPC sprite sheets: 1296
+characters (skin, pant, top, hair in 0..5) x 9 motions (3 actions x 3 directions) x 8 frames of
+64x64 RGB, split 1000/296 characters = 9000/2664 sequences, stored as uint8 in one pickle."""
 import argparse
 import hashlib
 import os
@@ -19,9 +15,7 @@ from PIL import Image
 from dataloader import ACTIONS, DIRECTIONS, character_attributes
 from utils import write_atomic
 
-FORMAT_VERSION = 1
 SPLIT_SEED = 423
-N_TRAIN_CHARACTERS = 1000
 LAYERS = ("body", "bottomwear", "topwear", "hair")  # indexed by skin, pant, top, hair
 # sheet rows per action for the directions (front, left, right); LPC rows run up/left/down/right
 ACTION_ROWS = {"walk": (10, 9, 11), "spellcard": (2, 1, 3), "slash": (14, 13, 15)}
@@ -29,14 +23,12 @@ ACTION_COLUMNS = {"walk": (8, 1, 2, 3, 4, 5, 6, 7), "spellcard": (0, 1, 2, 3, 4,
                   "slash": (0, 1, 2, 3, 4, 5, 4, 0)}
 # (row, columns) of the 9 motions in label order D = 3 * action + direction
 MOTIONS = [(ACTION_ROWS[a][d], ACTION_COLUMNS[a]) for a in ACTIONS for d in range(len(DIRECTIONS))]
-SHEET_HELP = ("the sheets come from the public repository YingzhenLi/Sprites "
-              "(folders body, bottomwear, topwear, hair, shoes): clone it and pass --sheets DIR")
 
 
-def split_characters(seed=SPLIT_SEED):
+def split_characters():
     """Character ids of the train and test split, in the order their sequences are stored."""
-    perm = np.random.RandomState(seed).permutation(6 ** 4)
-    return perm[:N_TRAIN_CHARACTERS], perm[N_TRAIN_CHARACTERS:]
+    perm = np.random.RandomState(SPLIT_SEED).permutation(6 ** 4)
+    return perm[:1000], perm[1000:]
 
 
 def sheet_paths(sheets):
@@ -55,7 +47,9 @@ def find_sheets(sheets=None):
     for c in candidates:
         if all(os.path.isfile(p) for p in sheet_paths(c)):
             return c
-    raise FileNotFoundError(f"no Sprites sheets in {', '.join(candidates)}; {SHEET_HELP}")
+    raise FileNotFoundError(f"no Sprites sheets in {', '.join(candidates)}; the sheets come from "
+                            f"the public repository YingzhenLi/Sprites (folders body, bottomwear, "
+                            f"topwear, hair, shoes): clone it and pass --sheets DIR")
 
 
 def motion_strip(path):
@@ -63,20 +57,14 @@ def motion_strip(path):
     sheet = np.asarray(Image.open(path).convert("RGBA"))
     if sheet.shape[:2] != (1344, 832):
         raise ValueError(f"{path} is {sheet.shape[1]}x{sheet.shape[0]}, expected an 832x1344 sheet")
-    strip = np.zeros((9 * 64, 8 * 64, 4), np.uint8)
-    for m, (row, columns) in enumerate(MOTIONS):
-        for t, k in enumerate(columns):
-            tile = sheet[64 * row:64 * row + 64, 64 * k:64 * k + 64]
-            strip[64 * m:64 * m + 64, 64 * t:64 * t + 64] = tile
-    return Image.fromarray(strip, "RGBA")
+    tiles = sheet.reshape(21, 64, 13, 64, 4)  # (row, y, column, x, RGBA)
+    strip = np.stack([tiles[row][:, list(columns)] for row, columns in MOTIONS])  # 9, 64, 8, 64, 4
+    return Image.fromarray(strip.reshape(9 * 64, 8 * 64, 4), "RGBA")
 
 
 def render_characters(sheets, characters):
-    """uint8 array (len(characters), 9, 8, 64, 64, 3) of every motion of each character.
-
-    Alpha compositing is per pixel, so compositing the re-arranged tiles equals compositing whole
-    sheets.
-    """
+    """uint8 array (len(characters), 9, 8, 64, 64, 3) of every motion of each character (alpha
+    compositing is per pixel, so compositing the strips of tiles equals compositing the sheets)."""
     strips = {p: motion_strip(p) for p in sheet_paths(sheets)}
     shoes = strips[os.path.join(sheets, "shoes", "1.png")]
     out = np.empty((len(characters), 9, 8, 64, 64, 3), np.uint8)
@@ -93,15 +81,13 @@ def build(sheets, characters_train, characters_test):
     """The data set dict of the paper repo's keys, plus meta."""
     data = {}
     for name, chars in (("train", characters_train), ("test", characters_test)):
-        X = render_characters(sheets, chars)
-        data[f"X_{name}"] = X.reshape(-1, 8, 64, 64, 3)
+        data[f"X_{name}"] = render_characters(sheets, chars).reshape(-1, 8, 64, 64, 3)
         A = np.array([character_attributes(int(c)) for c in chars], np.int64)
         data[f"A_{name}"] = np.repeat(A, 9, axis=0)
         data[f"D_{name}"] = np.tile(np.arange(9, dtype=np.int64), len(chars))
     sha256 = {os.path.relpath(p, sheets): hashlib.sha256(Path(p).read_bytes()).hexdigest()
               for p in sheet_paths(sheets)}
-    data["meta"] = {"format_version": FORMAT_VERSION, "split_seed": SPLIT_SEED,
-                    "sheets_sha256": sha256}
+    data["meta"] = {"format_version": 1, "split_seed": SPLIT_SEED, "sheets_sha256": sha256}
     return data
 
 
@@ -111,13 +97,11 @@ def write_pickle(obj, path):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sheets", default=None,
-                   help="folder of the LPC sheets (default: the first of $SPRITES_SHEETS, "
-                        "./data/sprites-lpc, ../shared/sprites-lpc that has them)")
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--sheets", help="folder of the LPC sheets (default: the first of "
+                   "$SPRITES_SHEETS, ./data/sprites-lpc, ../shared/sprites-lpc that has them)")
     p.add_argument("--out", default="data/Sprite/data.pkl",
-                   help="output pickle (default data/Sprite/data.pkl)")
+                   help="output pickle (default %(default)s)")
     args = p.parse_args()
     if os.path.isdir(args.out):
         sys.exit(f"error: --out {args.out} is a folder; name the file to write, e.g. "
@@ -127,7 +111,7 @@ def main():
         sheets = find_sheets(args.sheets)
         data = build(sheets, *split_characters())  # refuses a sheet of the wrong size or format
         write_atomic(args.out, lambda tmp: write_pickle(data, tmp))
-    except (FileNotFoundError, ValueError, OSError) as e:
+    except (ValueError, OSError) as e:  # FileNotFoundError (no sheets) is an OSError
         sys.exit(f"error: {e}")
     print(f"wrote {args.out}: {len(data['X_train'])} train and {len(data['X_test'])} test "
           f"sequences, {os.path.getsize(args.out) / 1e9:.2f} GB, in {time.time() - t0:.1f} s "

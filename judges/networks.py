@@ -1,6 +1,5 @@
-"""The judges: classifiers of a Sprites video's factors (action, skin, pant, top, hair), two
-families, and the loading of a judge file (ours, or the paper repo's
-judges/Sprite/sprite_judge.tar)."""
+"""The two families of Sprites judges, (B, T, 3, 64, 64) in [0, 1] -> {head of dataloader.FACTORS:
+logits (B, classes)}, and the loading of a judge file (ours or the paper repo's)."""
 import os
 import re
 
@@ -14,30 +13,30 @@ from utils import CheckpointError, paper_encoder_names, read_checkpoint
 SHIPPED_JUDGES = ("judges/sprite_judge.pt", "judges/clip_judge.pt")
 
 
+def factor_heads(n_in, hidden):
+    return nn.ModuleDict({k: nn.Sequential(nn.Linear(n_in, hidden), nn.ReLU(), nn.Linear(hidden, n))
+                          for k, n in FACTORS.items()})
+
+
 class SpriteJudge(nn.Module):
-    """Frame encoder, BiLSTM, and one MLP head per factor (the paper's classifier_Sprite_all
-    design)."""
+    """Frame encoder, BiLSTM, one MLP head per factor: the paper's classifier_Sprite_all design."""
 
     def __init__(self, g_dim=128, rnn_size=256, hidden=256, nf=64):
         super().__init__()
         self.encoder = FrameEncoder(g_dim, nf)
         self.lstm = nn.LSTM(g_dim, rnn_size, batch_first=True, bidirectional=True)
         self.rnn_size = rnn_size
-        self.heads = nn.ModuleDict({k: nn.Sequential(nn.Linear(2 * rnn_size, hidden), nn.ReLU(),
-                                                     nn.Linear(hidden, n))
-                                    for k, n in FACTORS.items()})
+        self.heads = factor_heads(2 * rnn_size, hidden)
 
     def forward(self, x):
-        """(B, T, 3, 64, 64) in [0, 1] -> {head: logits (B, classes)}."""
-        out, _ = self.lstm(self.encoder(x))
+        out, _ = self.lstm(self.encoder(x))  # read out: the last step forward, the first backward
         h = torch.cat([out[:, -1, :self.rnn_size], out[:, 0, self.rnn_size:]], dim=1)
         return {k: head(h) for k, head in self.heads.items()}
 
 
 class ClipJudge(nn.Module):
-    """The second family: 3D convolutions over the whole clip (space and time together from the
-    first layer; no per-frame encoder, no recurrence), average-pooled to a 2x2x2 grid of (time,
-    height, width) cells, and one MLP head per factor."""
+    """3D convolutions over the whole clip (space and time mixed from the first layer, no
+    recurrence), average-pooled to 2x2x2 cells of (time, height, width), one MLP head per factor."""
 
     def __init__(self, nf=32, hidden=256):
         super().__init__()
@@ -52,12 +51,9 @@ class ClipJudge(nn.Module):
             *block(2 * nf, 4 * nf, 3, 2, 1),                  # 4 x 8 x 8
             *block(4 * nf, 8 * nf, 3, 2, 1),                  # 2 x 4 x 4
             nn.AdaptiveAvgPool3d(2), nn.Flatten())
-        self.heads = nn.ModuleDict({k: nn.Sequential(nn.Linear(64 * nf, hidden), nn.ReLU(),
-                                                     nn.Linear(hidden, n))
-                                    for k, n in FACTORS.items()})
+        self.heads = factor_heads(64 * nf, hidden)
 
     def forward(self, x):
-        """(B, T, 3, 64, 64) in [0, 1] -> {head: logits (B, classes)}."""
         h = self.net(x.transpose(1, 2))
         return {k: head(h) for k, head in self.heads.items()}
 
@@ -71,8 +67,7 @@ def judge_name(path):
 
 
 def paper_judge(state, path):
-    """The paper repo's judge (the state_dict of its classifier_Sprite_all) as a judge file of ours:
-    the same network as SpriteJudge, names mapped."""
+    """The paper repo's judge (its classifier_Sprite_all's state_dict) as a judge file of ours."""
     renamed = {}
     for k, v in paper_encoder_names(state).items():
         head = re.fullmatch(r"cls_(\w+?)\.(\d\..+)", k)
@@ -84,8 +79,7 @@ def paper_judge(state, path):
                           nf=state["encoder.c1.main.0.weight"].shape[0])
     except KeyError as e:
         raise CheckpointError(f"{path} looks like the paper repo's judge but has no {e}") from None
-    return {"model": renamed, "judge_args": judge_args, "arch": "bilstm",
-            "source": "the paper repo's judge"}
+    return {"model": renamed, "judge_args": judge_args, "arch": "bilstm"}
 
 
 def load_judge(path, device="cpu"):
@@ -102,14 +96,13 @@ def load_judge(path, device="cpu"):
     heads = dict(ckpt.get("heads", FACTORS))
     if heads != FACTORS:
         raise CheckpointError(f"{path} has judge heads {heads}, expected {FACTORS}")
-    arch = ckpt.get("arch", "bilstm")  # the first shipped judge files name no arch
+    arch = ckpt.get("arch", "bilstm")  # judge files that name no arch are of the first network
     if arch not in JUDGES:
         raise CheckpointError(f"{path} is a judge of network {arch!r}, which this code does not "
                               f"know ({', '.join(JUDGES)})")
     try:
         judge = JUDGES[arch](**ckpt["judge_args"])
-        judge.load_state_dict({k: v.float() if v.is_floating_point() else v
-                               for k, v in ckpt["model"].items()})
+        judge.load_state_dict(ckpt["model"])  # copied into the fp32 parameters
     except (TypeError, RuntimeError) as e:
         raise CheckpointError(f"{path} does not fit {JUDGES[arch].__name__} "
                               f"({str(e).splitlines()[0][:200]})") from None
