@@ -1,18 +1,15 @@
 """Time C-DSVAE training on any device and print one JSON line, speeds in videos per second.
 
-    python bench.py [--device auto] [--batch_size 32] [--amp] [--nf 64] [--steps 5] [--compile]
-
 step_per_s: the training step (forward, cdsvae_loss with the paper's weights, backward, Adam; the
-critic's own step with --weight_mi_critic) on one batch already on the device. loader_per_s: the
-batches of SpriteBatches, the video and its motion view and content order, ready on the device.
-end_to_end_per_s: both in sequence, as train_cdsvae.py runs them. Timed with CUDA events on a GPU,
-elsewhere with perf_counter. The videos are random bytes (the speed does not depend on them). Also:
-the bf16 (fp32 without --amp) matmul peak of the device, measured in the same run, and the share of
-it the step's convolutions reach; peak memory; the device, host CPU and torch version.
---paper_step also times the paper repo's step (fp32, the video and both views each through the
-whole model) on the same batch, and prints our speed-up over it.
+critic's step too with --weight_mi_critic) on one batch already on the device; loader_per_s:
+SpriteBatches' batches, the video, its motion view and content order, made on the device;
+end_to_end_per_s: both in sequence, as train_cdsvae.py runs them. Timed by CUDA events on a GPU,
+else perf_counter, on random bytes (the speed does not depend on them). Also the device's bf16 (fp32
+without --amp) matmul peak, measured in the same run, the share of it the step's convolutions
+reach, peak memory, the device, host CPU and torch version.
 """
 import argparse
+import contextlib
 import itertools
 import json
 import platform
@@ -21,6 +18,7 @@ import subprocess
 import time
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from dataloader import SpriteBatches, content_augment
 from model import CDSVAE, FZCritic, cdsvae_loss, critic_loss
@@ -36,23 +34,20 @@ def get_args(argv=None):
     arg = p.add_argument
     arg("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: cuda if any")
     arg("--batch_size", type=int, default=32, help="videos per step (default 32)")
-    arg("--steps", type=int, default=5,
-        help=f"timed steps (and batches) of each measure, after {WARMUP} untimed (default 5)")
+    arg("--steps", type=int, default=5, help=f"timed calls, after {WARMUP} untimed (default 5)")
     arg("--amp", action="store_true", help="autocast: bf16, or fp16 where bf16 is not native")
-    arg("--compile", action="store_true",
-        help="torch.compile the frame encoder and decoder (default off)")
+    arg("--compile", action="store_true", help="torch.compile the frame encoder and decoder")
     arg("--nf", type=int, default=64, help="conv width (default 64, the paper's)")
     arg("--z_input", choices=("bilstm", "frame_delta", "full"), default="bilstm",
         help="what q(z|x) reads (default bilstm, the paper's)")
-    arg("--f_mirror", action="store_true", help="q(f|x) reads the mirrored video too (default off)")
+    arg("--f_mirror", action="store_true", help="q(f|x) reads the mirrored video too")
     arg("--weight_mi_critic", type=float, default=0.0,
         help="weight of the critic's I(f; z) estimate; the critic is trained too (default 0: off)")
     arg("--threads", type=int, default=0, help="CPU threads (default 0: torch's choice)")
     arg("--profile", action="store_true",
-        help="also profile two steps (torch.profiler): each op's share of their self time, the "
-             "largest first (default off)")
-    arg("--paper_step", action="store_true",
-        help="also time the paper repo's step on the same batch, and print the ratio (default off)")
+        help="also each op's share of two steps' self time (torch.profiler), the largest first")
+    arg("--paper_step", action="store_true", help="also time the paper repo's step (fp32, the "
+        "video and both views each through the whole model) on the batch, and our speed-up")
     args = p.parse_args(argv)
     if args.batch_size < 2 or args.steps < 1 or args.nf < 1 or args.threads < 0:
         p.error("--batch_size must be at least 2, --steps and --nf positive, --threads 0 or more")
@@ -63,26 +58,20 @@ def get_args(argv=None):
 
 # ---- what is measured ----------------------------------------------------------------------------
 def host_cpu_model():
-    """The host CPU's model name: lscpu's 'Model name', else /proc/cpuinfo's, else platform's."""
-    try:
-        lines = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        lines = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            lines += "\n" + f.read()
-    except OSError:
-        pass
-    for line in lines.splitlines():
-        key, _, value = line.partition(":")
+    """lscpu's 'Model name' (ARM's /proc/cpuinfo has none), else /proc/cpuinfo's, else the arch."""
+    text = ""
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        text = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        text += "\n" + f.read()
+    for key, _, value in (line.partition(":") for line in text.splitlines()):
         if key.strip().lower() == "model name" and value.strip():
             return value.strip()
     return platform.processor() or platform.machine()
 
 
 def seconds_per_call(work, n, device):
-    """Mean seconds of n calls of work() after WARMUP untimed ones: CUDA events around the calls on
-    a GPU (the device's own clock, the queue drained at the end), else perf_counter."""
+    """Mean seconds of n calls after WARMUP untimed ones, on a GPU by its clock (CUDA events)."""
     for _ in range(WARMUP):
         work()
     if device.type == "cuda":
@@ -108,36 +97,22 @@ def matmul_peak(device, dtype):
 
 
 def conv_flops_per_video(model, device):
-    """FLOPs (2 x multiply-adds) of every conv / transposed conv of one training step, per video:
-    the encoder on the video, its motion view and with f_mirror its mirror image (the content view
-    reuses the video's features), the decoder once; backward counted as 2x forward."""
-    flops = {"enc": 0, "dec": 0}
-    hooks = []
-    for part, module in (("enc", model.encoder), ("dec", model.decoder)):
-        for m in module.modules():
-            if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
-                def hook(mod, inp, out, part=part):  # a batch of one frame
-                    if isinstance(mod, torch.nn.Conv2d):  # per output: in_ch x kh x kw
-                        flops[part] += 2 * out[0].numel() * mod.weight[0].numel()
-                    else:  # transposed: each input element spreads over out_ch x kh x kw
-                        flops[part] += 2 * inp[0][0].numel() * mod.weight[0].numel()
-                hooks.append(m.register_forward_hook(hook))
-    with torch.no_grad():
-        model.eval()
+    """A training step's conv FLOPs per video: the encoder on the video, its motion view and its
+    mirror with f_mirror (the content view reuses the video's), the decoder; backward 2x forward."""
+    model.eval()  # batches of one frame, which BatchNorm refuses in training
+    with torch.no_grad(), FlopCounterMode(display=False) as enc:
         model.encoder(torch.zeros(1, 1, 3, 64, 64, device=device))
+    with torch.no_grad(), FlopCounterMode(display=False) as dec:
         model.decode(torch.zeros(1, 1, model.z_dim, device=device),
                      torch.zeros(1, model.f_dim, device=device))
-        model.train()
-    for h in hooks:
-        h.remove()
-    encoder_passes = 3 if model.f_mirror else 2
-    return 3 * model.frames * (encoder_passes * flops["enc"] + flops["dec"])
+    model.train()
+    enc, dec = (c.get_flop_counts()["Global"][torch.ops.aten.convolution] for c in (enc, dec))
+    return 3 * model.frames * ((3 if model.f_mirror else 2) * enc + dec)
 
 
 # ---- the loader and the step ---------------------------------------------------------------------
 def batch_stream(args, device, frames):
-    """Endless batches of a random uint8 store, 8 batches long, as training makes them: shuffled,
-    both views, made on `device`."""
+    """Endless batches, made on `device` as training makes them, of 8 batches of random bytes."""
     g = torch.Generator().manual_seed(0)
     n = 8 * args.batch_size
     X = torch.randint(0, 256, (n, frames, 64, 64, 3), dtype=torch.uint8, generator=g)
@@ -150,11 +125,10 @@ def batch_stream(args, device, frames):
 
 
 def build_step(args, device):
-    """(the model, step(batch): one training step as train_cdsvae.py's; the conv FLOPs per video,
-    counted before compiling)."""
+    """(the model, step(batch) as train_cdsvae.py's, its conv FLOPs per video before compiling)"""
     torch.manual_seed(0)
-    model = CDSVAE(nf=args.nf, z_input=args.z_input, f_mirror=args.f_mirror).to(device)
-    model = prepare_for_device(model, device)
+    model = prepare_for_device(CDSVAE(nf=args.nf, z_input=args.z_input,
+                                      f_mirror=args.f_mirror).to(device), device)
     flops = conv_flops_per_video(model, device)
     if args.compile:
         model = compile_model(model)
@@ -182,9 +156,8 @@ def build_step(args, device):
 
 
 def paper_step(args, batch, device):
-    """A training step as the paper repo's train(): fp32, model(x), model(c_aug) and model(m_aug)
-    each a whole forward pass (the views decoded too, though no loss reads them), the loss,
-    backward and Adam; memory in PyTorch's default layout."""
+    """The paper repo's train() step: fp32, default memory layout, model(x), model(c_aug) and
+    model(m_aug) each a whole forward pass (the views decoded though no loss reads them)."""
     torch.manual_seed(0)
     model = CDSVAE(nf=args.nf, f_head_leaky=True, deconv_normal=False).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -200,9 +173,8 @@ def paper_step(args, batch, device):
     return step
 
 
-def profile_step(step, batch, device, top=12):
-    """{op: share of the self time of two steps}, the `top` largest, from torch.profiler (the
-    device's time on CUDA, the CPU's elsewhere)."""
+def profile_step(step, batch, device):
+    """{op: share of two steps' self time (the device's on CUDA)}, the 12 largest."""
     from torch.profiler import ProfilerActivity, profile
     cuda = device.type == "cuda"
     with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
@@ -213,29 +185,28 @@ def profile_step(step, batch, device, top=12):
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
     events = prof.key_averages()
     total = sum(getattr(e, key) for e in events)
-    ranked = sorted(events, key=lambda e: -getattr(e, key))[:top]
+    ranked = sorted(events, key=lambda e: -getattr(e, key))[:12]
     return {e.key: round(getattr(e, key) / total, 3) for e in ranked}
 
 
 # ---- the run -------------------------------------------------------------------------------------
 def measure(args, device):
-    """{figure: value} of the step, the loader and the two in sequence."""
+    """{figure: value}: the speeds, the peak memory, the matmul peak and the convs' share of it."""
+    cuda, B = device.type == "cuda", args.batch_size
     model, step, flops = build_step(args, device)
     batches = batch_stream(args, device, model.frames)
     batch = next(batches)
     t = time.perf_counter()
     step(batch)  # the first step: compiles with --compile, searches cudnn's algorithms on CUDA
-    if device.type == "cuda":
+    if cuda:
         torch.cuda.synchronize(device)
     first_step_s = time.perf_counter() - t
     step_s = seconds_per_call(lambda: step(batch), args.steps, device)
     loader_s = seconds_per_call(lambda: next(batches), args.steps, device)
     end_to_end_s = seconds_per_call(lambda: step(next(batches)), args.steps, device)
-    B = args.batch_size
     result = {"step_per_s": round(B / step_s, 2), "loader_per_s": round(B / loader_s, 2),
               "end_to_end_per_s": round(B / end_to_end_s, 2),
-              "ms_per_step": round(1000 * step_s, 2), "first_step_s": round(first_step_s, 2),
-              "conv_flops": flops * B / step_s}
+              "ms_per_step": round(1000 * step_s, 2), "first_step_s": round(first_step_s, 2)}
     if args.profile:
         result["profile"] = profile_step(step, batch, device)
     if args.paper_step:
@@ -243,14 +214,17 @@ def measure(args, device):
         result.update(paper_sequences_per_s=round(B / paper_s, 2),
                       paper_ms_per_step=round(1000 * paper_s, 2),
                       speedup_over_paper_step=round(paper_s / step_s, 2))
-    return result
-
-
-def peak_memory_gb(device):
-    """The most memory the run held: CUDA's allocator on a GPU, else the process's resident set."""
-    if device.type == "cuda":
-        return round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2), "cuda_max_allocated"
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2), "host_max_rss"
+    # the most bytes the run held, before the matmuls' large operands (ru_maxrss is in KiB)
+    peak_mem = (torch.cuda.max_memory_allocated(device) if cuda else
+                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 2 ** 10)
+    dtype = torch.bfloat16 if args.amp else torch.float32
+    peak, achieved = matmul_peak(device, dtype), flops * B / step_s
+    return {**result, "matmul_dtype": str(dtype).removeprefix("torch."),
+            "matmul_peak_gflops": round(peak / 1e9, 1),
+            "conv_gflops_achieved": round(achieved / 1e9, 1),
+            "share_of_matmul_peak": round(achieved / peak, 3),
+            "peak_mem_gb": round(peak_mem / 2 ** 30, 2),
+            "peak_mem_of": "cuda_max_allocated" if cuda else "host_max_rss"}
 
 
 def main(argv=None):
@@ -259,24 +233,16 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     figures = measure(args, device)
-    peak_mem, peak_mem_of = peak_memory_gb(device)  # before the matmuls' large operands
-    dtype = torch.bfloat16 if args.amp else torch.float32
-    peak = matmul_peak(device, dtype)
-    achieved = figures.pop("conv_flops")
     host = host_cpu_model()
     result = {
-        "device": str(device), "device_name": (torch.cuda.get_device_name(device)
-                                               if device.type == "cuda" else host),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else host,
         "host_cpu": host, "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "amp": args.amp, "amp_dtype": str(amp_dtype(device)).removeprefix("torch.") if args.amp
-        else None, "compile": args.compile, "nf": args.nf, "batch_size": args.batch_size,
-        "z_input": args.z_input, "f_mirror": args.f_mirror,
-        "weight_mi_critic": args.weight_mi_critic, "steps": args.steps, **figures,
-        "matmul_dtype": str(dtype).removeprefix("torch."),
-        "matmul_peak_gflops": round(peak / 1e9, 1),
-        "conv_gflops_achieved": round(achieved / 1e9, 1),
-        "share_of_matmul_peak": round(achieved / peak, 3), "peak_mem_gb": peak_mem,
-        "peak_mem_of": peak_mem_of}
+        "amp": args.amp,
+        "amp_dtype": str(amp_dtype(device)).removeprefix("torch.") if args.amp else None,
+        **{k: getattr(args, k) for k in ("compile", "nf", "batch_size", "z_input", "f_mirror",
+                                         "weight_mi_critic", "steps")},
+        **figures}
     print(json.dumps(result), flush=True)
     return result
 

@@ -1,20 +1,21 @@
 #!/usr/bin/env python3
 """The one-command device check, for a machine with a CUDA GPU: ./device_check.py
 
-Stages, each with its own time limit, each run whatever the others did: the data (made if missing),
-the tests that take a device (those that read TEST_DEVICE, run with TEST_DEVICE=cuda), bench.py at
-the paper's sizes with and without --compile and at the CPU recipe's, the paper's recipe
-./run_cdsvae.sh and the CPU recipe ./run_cdsvae_cpu.sh --device cuda, each scored by
-./run_test_sprite.sh on the GPU. The whole check keeps within BUDGET_S seconds (default 570): the
-recipes run as many epochs as fit (all of them if they do) at the speed bench.py measured; set
-EPOCHS_PAPER / EPOCHS_CPU to choose. Everything goes to runs/device_check/; the summary, one JSON
-of every stage's exit code, seconds and key figures, to runs/device_check/device_check.json, and
-to $OUT/device_check.json when OUT is set. --tiny runs every stage on the CPU at tiny sizes, on
+Each stage runs under its own time limit, whatever the others did: the data (made if missing), the
+tests that read TEST_DEVICE (with TEST_DEVICE=cuda), bench.py at the paper's sizes with and without
+--compile and at the CPU recipe's, then ./run_cdsvae.sh (the paper's recipe) and ./run_cdsvae_cpu.sh
+--device cuda, each for as many epochs as fit in BUDGET_S seconds (default 570) at the speed
+bench.py measured (EPOCHS_PAPER / EPOCHS_CPU choose), each scored by ./run_test_sprite.sh on the
+GPU. Logs and the summary device_check.json (each stage's exit code, seconds and figures) go to
+runs/device_check/, the summary to $OUT too. --tiny runs every stage on the CPU at tiny sizes, on
 the data of DATA, to check the script itself.
 """
 import argparse
+import contextlib
+import glob
 import json
 import os
+import pathlib
 import shutil
 import signal
 import subprocess
@@ -25,13 +26,12 @@ from utils import OneLineErrors, write_json
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 TRAIN_VIDEOS = 9000  # the Sprites train split: 70 steps of 128 or 140 of 64 an epoch
-# the recipes' full lengths (run_cdsvae.sh, run_cdsvae_cpu.sh): (epochs, batch size)
-RECIPES = {"paper": (100, 128), "cpu_recipe": (28, 64)}
+# each recipe's script, full length (epochs, batch size) and the variable that sets its epochs
+RECIPES = {"paper": ("./run_cdsvae.sh", 100, 128, "EPOCHS_PAPER"),
+           "cpu_recipe": ("./run_cdsvae_cpu.sh", 28, 64, "EPOCHS_CPU")}
 EPOCH_OVERHEAD_S = 2.0  # a GPU epoch's checkpoint, metrics, curves, periodic judge scores
 START_S = 25.0  # a training or scoring process's start: torch, the data, the judges
 SCORE_S = 60.0  # one ./run_test_sprite.sh on a GPU: 5 runs x 2664 videos x 2 judges, and its start
-BENCH = ("--device", "cuda", "--steps", "50")
-TINY_BENCH = ("--device", "cpu", "--steps", "1", "--threads", "1", "--nf", "4")
 TINY_MODEL = ("--device", "cpu", "--threads", "1", "--nf", "4", "--batch_size", "8", "--f_dim",
               "8", "--z_dim", "4", "--g_dim", "8", "--rnn_size", "8", "--evl_interval", "0")
 
@@ -51,24 +51,17 @@ def get_args(argv=None):
                 f"({args.data} does not exist)")
     try:
         args.budget_s = float(os.environ.get("BUDGET_S", "570"))
-        args.epochs = {name: epochs_asked(name) for name in RECIPES}
     except ValueError as e:
         p.error(str(e))
+    args.epochs = {}  # {recipe: epochs asked, or None: as many as fit}
+    for name, (_, _, _, var) in RECIPES.items():
+        value = os.environ.get(var, "auto")
+        if value != "auto" and not (value.isdigit() and int(value) >= 1):
+            p.error(f"{var} must be 'auto' or a positive whole number, got {value!r}")
+        args.epochs[name] = None if value == "auto" else int(value)
     return args
 
 
-def epochs_asked(recipe):
-    """The recipe's epochs from EPOCHS_PAPER / EPOCHS_CPU: a positive number, or None (auto)."""
-    var = "EPOCHS_PAPER" if recipe == "paper" else "EPOCHS_CPU"
-    value = os.environ.get(var, "auto")
-    if value == "auto":
-        return None
-    if not value.isdigit() or int(value) < 1:
-        raise ValueError(f"{var} must be 'auto' or a positive whole number, got {value!r}")
-    return int(value)
-
-
-# ---- running a stage -----------------------------------------------------------------------------
 def run_stage(check, name, command, limit_s, env=None, reserve_s=0.0):
     """Run `command` in its own process group under a limit, cut so that reserve_s is left before
     the deadline (SIGTERM at the limit, which a training run answers with a checkpoint, SIGKILL
@@ -91,11 +84,14 @@ def run_stage(check, name, command, limit_s, env=None, reserve_s=0.0):
             rc = "timeout"
     stage = {"rc": rc, "seconds": round(time.time() - t, 1), "limit_s": round(limit_s), "log": log}
     if rc != 0:
-        with open(log, errors="replace") as f:
-            stage["tail"] = f.read()[-600:]
+        stage["tail"] = read(log)[-600:]
     check["stages"][name] = stage
     print(f"{name}: rc {rc}, {stage['seconds']} s", flush=True)
     return stage
+
+
+def read(path):
+    return pathlib.Path(path).read_text(errors="replace")
 
 
 def skip(check, name, why):
@@ -105,47 +101,27 @@ def skip(check, name, why):
 
 def last_json_line(path):
     """The last line of a log that is a JSON object, or {}."""
-    with open(path, errors="replace") as f:
-        for line in reversed(f.read().splitlines()):
-            try:
-                value = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(value, dict):
-                return value
+    for line in reversed(read(path).splitlines()):
+        if line.startswith("{"):
+            with contextlib.suppress(ValueError):
+                return json.loads(line)
     return {}
 
 
-# ---- the stages ----------------------------------------------------------------------------------
-def device_tests(check, args):
-    """The test files that read TEST_DEVICE, with TEST_DEVICE=cuda."""
-    if args.tiny:
-        return skip(check, "tests", "--tiny (the tests run this script)")
-    files = []
-    for name in sorted(os.listdir(os.path.join(ROOT, "tests"))):
-        if name.startswith("test_") and name.endswith(".py"):
-            with open(os.path.join(ROOT, "tests", name)) as f:
-                if "TEST_DEVICE" in f.read():
-                    files.append(os.path.join("tests", name))
-    stage = run_stage(check, "tests", [sys.executable, "-m", "pytest", "-q", *files], 120,
-                      {"TEST_DEVICE": "cuda"})
-    with open(stage["log"], errors="replace") as f:
-        lines = f.read().strip().splitlines()
-    stage.update(files=files, result=lines[-1] if lines else "")
-
-
-def benches(check, args):
+def benches(check, tiny):
     """bench.py at the paper's sizes (fp32 as its recipe), with --compile, and at the CPU recipe's
     sizes; their JSON lines go into the summary."""
-    base = TINY_BENCH + ("--batch_size", "4") if args.tiny else BENCH + ("--batch_size", "128")
-    cpu_recipe = ("--amp", "--z_input", "frame_delta", "--f_mirror", "--weight_mi_critic", "10")
-    cpu_recipe += TINY_BENCH + ("--batch_size", "4") if args.tiny else BENCH + (
-        "--nf", "32", "--batch_size", "64")
-    no_compiling = {"TORCHDYNAMO_DISABLE": "1"} if args.tiny else {}
-    for name, flags, limit_s, env in (("bench_paper", base, 90, {}),
-                                      ("bench_paper_compile", base + ("--compile",), 180,
-                                       no_compiling),
-                                      ("bench_cpu_recipe", cpu_recipe, 60, {})):
+    gpu = ("--device", "cuda", "--steps", "50")
+    paper, cpu = gpu + ("--batch_size", "128"), gpu + ("--nf", "32", "--batch_size", "64")
+    if tiny:
+        paper = cpu = ("--device", "cpu", "--steps", "1", "--threads", "1", "--nf", "4",
+                       "--batch_size", "4")
+    cpu = ("--amp", "--z_input", "frame_delta", "--f_mirror", "--weight_mi_critic", "10") + cpu
+    for name, flags, limit_s, env in (
+            ("bench_paper", paper, 90, {}),
+            ("bench_paper_compile", paper + ("--compile",), 180,
+             {"TORCHDYNAMO_DISABLE": "1"} if tiny else {}),  # compiling on a CPU takes minutes
+            ("bench_cpu_recipe", cpu, 60, {})):
         stage = run_stage(check, name, [sys.executable, "bench.py", *flags], limit_s, env)
         stage["figures"] = last_json_line(stage["log"])
 
@@ -157,39 +133,34 @@ def plan_epochs(check, args):
     if args.tiny:
         return {name: (1, 60.0) for name in RECIPES}
     left = check["deadline"] - time.time() - 2 * (START_S + SCORE_S)
-    full_s = {}
-    for name, (epochs, batch) in RECIPES.items():
-        bench = "bench_paper" if name == "paper" else "bench_cpu_recipe"
-        speed = check["stages"][bench].get("figures", {}).get("end_to_end_per_s")
+    epoch_s = {}
+    for name, (_, _, batch, _) in RECIPES.items():
+        speed = check["stages"][f"bench_{name}"].get("figures", {}).get("end_to_end_per_s")
         speed = speed or 1000.0  # no figure: a guess of a few GPU ms a step with a CPU loader
-        steps = TRAIN_VIDEOS // batch
-        full_s[name] = epochs * (steps * batch / speed + EPOCH_OVERHEAD_S)
+        epoch_s[name] = TRAIN_VIDEOS // batch * batch / speed + EPOCH_OVERHEAD_S
+    full_s = {name: RECIPES[name][1] * s for name, s in epoch_s.items()}
     share = min(1.0, max(0.0, left) / sum(full_s.values()))
-    planned = {name: args.epochs[name] or max(1, int(share * RECIPES[name][0]))
-               for name in RECIPES}
+    epochs = {name: args.epochs[name] or max(1, int(share * RECIPES[name][1])) for name in RECIPES}
     check["plan"] = {"seconds_left_for_training": round(left), "full_run_s": {
-        k: round(v) for k, v in full_s.items()}, "share": round(share, 3), "epochs": planned}
-    return {name: (epochs, full_s[name] * epochs / RECIPES[name][0])
-            for name, epochs in planned.items()}
+        k: round(v) for k, v in full_s.items()}, "share": round(share, 3), "epochs": epochs}
+    return {name: (n, n * epoch_s[name]) for name, n in epochs.items()}
 
 
 def train_and_score(check, args, name, epochs, estimate_s, later_s):
-    """Train one recipe for `epochs` (estimated to take estimate_s, with later_s left to reserve
-    for the stages after), then score its last checkpoint (a run cut short by its limit has one
-    from its last complete epoch)."""
+    """Train one recipe for `epochs` (estimated to take estimate_s, with later_s to leave to the
+    stages after), then score its last checkpoint (a run cut short by its limit has one from its
+    last complete epoch): protocol A's and B's accuracies and A's IS under each judge."""
     log_dir = os.path.join(check["folder"], name)
     shutil.rmtree(log_dir, ignore_errors=True)
-    script = "./run_cdsvae.sh" if name == "paper" else "./run_cdsvae_cpu.sh"
     flags = TINY_MODEL if args.tiny else ("--device", "cuda")
-    stage = run_stage(check, f"train_{name}",
-                      [script, *flags, "--nEpoch", str(epochs), "--log_dir", log_dir],
+    stage = run_stage(check, f"train_{name}", [RECIPES[name][0], *flags, "--nEpoch", str(epochs),
+                                               "--log_dir", log_dir],
                       START_S + 1.5 * estimate_s, {"DATA": args.data, "LOG_DIR": log_dir},
                       reserve_s=SCORE_S + later_s)
-    rows = []
-    if os.path.isfile(os.path.join(log_dir, "metrics.jsonl")):
-        with open(os.path.join(log_dir, "metrics.jsonl")) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
     stage["epochs"] = epochs
+    rows = []
+    with contextlib.suppress(FileNotFoundError), open(f"{log_dir}/metrics.jsonl") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
     if rows:
         stage["last_epoch"] = {k: rows[-1][k] for k in ("epoch", "step", "loss", "recon", "kld_z",
                                                         "mi_fz", "con_f", "con_z") if k in rows[-1]}
@@ -203,19 +174,12 @@ def train_and_score(check, args, name, epochs, estimate_s, later_s):
     score = run_stage(check, f"score_{name}", ["./run_test_sprite.sh", *flags], 2 * SCORE_S,
                       {"MODEL": model, "OUT": out, "DATA": args.data}, reserve_s=later_s)
     if score["rc"] == 0:
-        score["figures"] = scores(out)
-
-
-def scores(path):
-    """Protocol A's and B's accuracies (fractions) and A's IS under each judge, and the
-    reconstruction MSE."""
-    with open(path) as f:
-        result = json.load(f)
-    figures = {name: {k: round(v, 2) for k, v in judge["mean"].items()
-                      if k.startswith(("A_", "B_")) and k.endswith(("_acc", "_IS"))}
-               for name, judge in result["judges"].items()}
-    return {**figures, "recon_mse_per_pixel": result.get("recon_mse_per_pixel"),
-            "seconds": result.get("seconds")}
+        with open(out) as f:
+            result = json.load(f)
+        score["figures"] = {judge: {k: round(v, 2) for k, v in figures["mean"].items()
+                                    if k.startswith(("A_", "B_")) and k.endswith(("_acc", "_IS"))}
+                            for judge, figures in result["judges"].items()}
+        score["figures"].update({k: result.get(k) for k in ("recon_mse_per_pixel", "seconds")})
 
 
 def main(argv=None):
@@ -227,21 +191,25 @@ def main(argv=None):
              "data": args.data, "folder": args.folder, "stages": {}}
     if not os.path.isfile(args.data):
         run_stage(check, "data", [sys.executable, "make_sprites.py", "--out", args.data], 300)
-    device_tests(check, args)
-    benches(check, args)
+    if args.tiny:
+        skip(check, "tests", "--tiny (the tests run this script)")
+    else:  # the test files that read TEST_DEVICE
+        files = [f for f in sorted(glob.glob("tests/test_*.py")) if "TEST_DEVICE" in read(f)]
+        stage = run_stage(check, "tests", [sys.executable, "-m", "pytest", "-q", *files], 120,
+                          {"TEST_DEVICE": "cuda"})
+        stage.update(files=files, result=(read(stage["log"]).strip().splitlines() or [""])[-1])
+    benches(check, args.tiny)
     plan = plan_epochs(check, args)
-    names = list(plan)
-    for i, name in enumerate(names):
-        later_s = sum(START_S + plan[n][1] + SCORE_S for n in names[i + 1:])
-        train_and_score(check, args, name, *plan[name], later_s)
+    later_s = sum(START_S + seconds + SCORE_S for _, seconds in plan.values())
+    for name, (epochs, seconds) in plan.items():
+        later_s -= START_S + seconds + SCORE_S  # what the recipes after this one take
+        train_and_score(check, args, name, epochs, seconds, later_s)
     del check["deadline"]
     check["seconds"] = round(time.time() - start, 1)
     check["ok"] = all(s["rc"] in (0, None) for s in check["stages"].values())
-    paths = [os.path.join(args.folder, "device_check.json")]
-    if os.environ.get("OUT") and os.path.isdir(os.environ["OUT"]):
-        paths.append(os.path.join(os.environ["OUT"], "device_check.json"))
-    for path in paths:
-        write_json(check, path)
+    write_json(check, os.path.join(args.folder, "device_check.json"))
+    if os.path.isdir(os.environ.get("OUT", "")):
+        write_json(check, os.path.join(os.environ["OUT"], "device_check.json"))
     print(json.dumps(check))
     return 0 if check["ok"] else 1
 
