@@ -169,6 +169,26 @@ def resume(path, run):
                  f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})")
 
 
+def train_one_epoch(run, loader, epoch, args, device):
+    """One pass over the training batches, each video corrupted at random: the last batch's loss."""
+    judge, optimizer, scaler = run["judge"], run["optimizer"], run["scaler"]
+    loader.set_epoch(epoch)
+    judge.train()
+    for batch in tqdm(loader, desc=f"epoch {epoch + 1}/{args.nEpoch}", leave=False,
+                      mininterval=30):
+        x = judge_corrupt(batch["x"], run["corrupt_g"], p_blur=args.p_blur, p_noise=args.p_noise)
+        with autocast(device, args.amp):
+            logits = judge(x.to(device))
+        loss = sum(F.cross_entropy(logits[k].float(), y.to(device))
+                   for k, y in factor_labels(batch["A"], batch["D"]).items())
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        run["sched"].step()
+    return loss.item()
+
+
 def finish(args, judge, judge_args, best_state, test, device, t0):
     """Score the chosen weights on every test sequence, sharp and corrupted, and write them in half
     precision with what was measured."""
@@ -199,7 +219,7 @@ def main(argv=None):
     if args.card_only:
         return card_only(args, data["test"], device)
     loader, held_out, judge_args, run = set_up(args, data["train"], device)
-    judge, optimizer, scaler = run["judge"], run["optimizer"], run["scaler"]
+    judge = run["judge"]
     best, best_state, start, spent = -1.0, None, 0, 0.0
     if args.resume and os.path.isfile(args.ckpt):
         best, best_state, start, spent = resume(args.ckpt, run)
@@ -209,23 +229,9 @@ def main(argv=None):
           f"parameters, {torch.get_num_threads()} thread(s)", flush=True)
     t0 = time.time() - spent
     for epoch in range(start, args.nEpoch):
-        loader.set_epoch(epoch)
-        judge.train()
-        for batch in tqdm(loader, desc=f"epoch {epoch + 1}/{args.nEpoch}", leave=False,
-                          mininterval=30):
-            x = judge_corrupt(batch["x"], run["corrupt_g"], p_blur=args.p_blur,
-                              p_noise=args.p_noise)
-            with autocast(device, args.amp):
-                logits = judge(x.to(device))
-            loss = sum(F.cross_entropy(logits[k].float(), y.to(device))
-                       for k, y in factor_labels(batch["A"], batch["D"]).items())
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            run["sched"].step()
+        loss = train_one_epoch(run, loader, epoch, args, device)
         val = accuracy(judge, *held_out, device, args.amp)[0]
-        print(f"epoch {epoch + 1}: loss {loss.item():.4f}, held-out train characters "
+        print(f"epoch {epoch + 1}: loss {loss:.4f}, held-out train characters "
               + ", ".join(f"{k} {v:.4f}" for k, v in val.items())
               + f" ({time.time() - t0:.0f} s)", flush=True)
         if min(val.values()) >= best:  # ties go to the later epoch
