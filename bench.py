@@ -22,7 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dataloader import SpriteBatches, content_augment
 from model import CDSVAE, FZCritic, cdsvae_loss, critic_loss
-from utils import (OneLineErrors, amp_dtype, autocast, compile_model, grad_scaler, make_adam,
+from utils import (OneLineErrors, add_amp_flag, amp_dtype, dtype_name, autocast, compile_model, grad_scaler, make_adam,
                    pick_device, prepare_for_device)
 
 TRAIN_VIDEOS = 9000  # the Sprites train split: the MI estimate's dataset size
@@ -35,7 +35,7 @@ def get_args(argv=None):
     arg("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: cuda if any")
     arg("--batch_size", type=int, default=32, help="videos per step (default 32)")
     arg("--steps", type=int, default=5, help=f"timed calls, after {WARMUP} untimed (default 5)")
-    arg("--amp", action="store_true", help="autocast: bf16, or fp16 where bf16 is not native")
+    add_amp_flag(arg)
     arg("--compile", action="store_true", help="torch.compile the frame encoder and decoder")
     arg("--nf", type=int, default=64, help="conv width (default 64, the paper's)")
     arg("--z_input", choices=("bilstm", "frame_delta", "full"), default="bilstm",
@@ -93,7 +93,13 @@ def matmul_peak(device, dtype):
     """FLOP/s of square matmuls large enough to fill the device: 8192 on a GPU, 2048 on a CPU."""
     n, reps = (8192, 20) if device.type == "cuda" else (2048, 10)
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    return 2 * n ** 3 / seconds_per_call(lambda: a @ b, reps, device)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    # fp32 convolutions run in TF32 on a GPU (cudnn's default): the peak is TF32's too
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32
+    try:
+        return 2 * n ** 3 / seconds_per_call(lambda: a @ b, reps, device)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
 def conv_flops_per_video(model, device):
@@ -217,12 +223,12 @@ def measure(args, device):
     # the most bytes the run held, before the matmuls' large operands (ru_maxrss is in KiB)
     peak_mem = (torch.cuda.max_memory_allocated(device) if cuda else
                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 2 ** 10)
-    dtype = torch.bfloat16 if args.amp else torch.float32
+    dtype = amp_dtype(device, args.amp) or torch.float32  # the convolutions' own dtype
     peak, achieved = matmul_peak(device, dtype), flops * B / step_s
     return {**result, "matmul_dtype": str(dtype).removeprefix("torch."),
             "matmul_peak_gflops": round(peak / 1e9, 1),
             "conv_gflops_achieved": round(achieved / 1e9, 1),
-            "share_of_matmul_peak": round(achieved / peak, 3),
+            "share_of_matmul_peak": float(f"{achieved / peak:.3g}"),  # 3 significant digits
             "peak_mem_gb": round(peak_mem / 2 ** 30, 2),
             "peak_mem_of": "cuda_max_allocated" if cuda else "host_max_rss"}
 
@@ -239,7 +245,7 @@ def main(argv=None):
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else host,
         "host_cpu": host, "torch": torch.__version__, "threads": torch.get_num_threads(),
         "amp": args.amp,
-        "amp_dtype": str(amp_dtype(device)).removeprefix("torch.") if args.amp else None,
+        "precision": dtype_name(amp_dtype(device, args.amp)),
         **{k: getattr(args, k) for k in ("compile", "nf", "batch_size", "z_input", "f_mirror",
                                          "weight_mi_critic", "steps")},
         **figures}

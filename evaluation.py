@@ -4,12 +4,11 @@ decoded once and shown to every judge; each judge's figures, their agreement, th
 import math
 
 import torch
-from tqdm import tqdm
 
 from dataloader import ATTRIBUTES, DIRECTIONS, factor_labels, to_float
 from model import fixed_content, fixed_motion, swapped
 from probes import probe_labels, probe_table
-from utils import autocast
+from utils import autocast, progress
 
 
 class NotFiniteError(ValueError):
@@ -112,7 +111,7 @@ def encode_videos(model, X, device, batch_size=256, amp=False, judges=None, deco
     'f_logvar') on `device`; with decode 'se', the squared error of decode(z_mean, f_mean); with
     judges 'probs', {judge: {head: probabilities}} on the real videos."""
     parts = []
-    with tqdm(total=len(X), desc=desc, unit="video", disable=None, leave=False) as bar:
+    with progress(total=len(X), desc=desc, unit="video", leave=False) as bar:
         for s in range(0, len(X), batch_size):
             x = to_float(X[s:s + batch_size].to(device, non_blocking=True))
             with autocast(device, amp):
@@ -157,7 +156,7 @@ def run_latents(model, post, seed, type_gt="all", sampled_b=False):
 def decode_and_judge(model, judges, z, f, batch_size=256, amp=False, desc="decode"):
     """{judge: {head: probabilities}} on decode(z, f): each video decoded once for every judge."""
     parts = []
-    for s in tqdm(range(0, len(z), batch_size), desc=desc, unit="batch", disable=None, leave=False):
+    for s in progress(range(0, len(z), batch_size), desc=desc, unit="batch", leave=False):
         with autocast(z.device, amp):
             videos = model.decode(z[s:s + batch_size], f[s:s + batch_size])
         parts.append(judge_all(judges, videos, amp, "the model's generated videos"))
@@ -256,7 +255,7 @@ def evaluate(model, judges, test, device, seeds=(0,), amp=False, batch_size=256,
     names = list(judges)
     runs = {name: [] for name in names}
     agree = {f"{a} vs {b}": [] for a, b in judge_pairs(names)}
-    for seed in tqdm(seeds, desc="runs", unit="run", disable=None):
+    for seed in progress(seeds, desc="runs", unit="run"):
         latents, perm = run_latents(model, real, seed, type_gt, sampled_b)
         gen = {k: decode_and_judge(model, judges, z, f, batch_size, amp, desc=f"decode {k}")
                for k, (z, f) in latents.items()}

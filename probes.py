@@ -4,9 +4,9 @@ disentangled model f holds the appearance and not the motion, z the motion and n
 """
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from dataloader import ACTIONS, ATTRIBUTES, DIRECTIONS, FACTORS, factor_labels
+from utils import progress
 
 # the factors probed and their classes: the action (D = 3 * type + direction) also in its two parts
 PROBE_FACTORS = {"action": FACTORS["action"], "action_type": len(ACTIONS),
@@ -68,7 +68,7 @@ def latent_probes(train, test, train_labels, test_labels, desc="probes"):
     """{'f': {factor: test accuracy}, 'z': {...}} of the probes fitted on the train latents."""
     jobs = [(latent, factor) for latent in ("f", "z") for factor in PROBE_FACTORS]
     out = {"f": {}, "z": {}}
-    for latent, factor in tqdm(jobs, desc=desc, unit="probe", disable=None, leave=False):
+    for latent, factor in progress(jobs, desc=desc, unit="probe", leave=False):
         out[latent][factor] = probe_accuracy(
             train[latent].flatten(1), train_labels[factor], test[latent].flatten(1),
             test_labels[factor], PROBE_FACTORS[factor])

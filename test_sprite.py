@@ -29,8 +29,9 @@ from dataloader import (ACTIONS, ATTRIBUTES, DIRECTIONS, FACTORS, DataError, cha
                         load_sprites, validation_split)
 from evaluation import NotFiniteError, evaluate
 from judges.networks import SHIPPED_JUDGES, judge_name, load_judge
-from utils import (CheckpointError, OneLineErrors, for_inference, git_revision, held_lock,
-                   load_model, pick_device, read_checkpoint, read_model_checkpoint, write_json)
+from utils import (CheckpointError, OneLineErrors, add_amp_flag, amp_dtype, dtype_name, for_inference, git_revision, held_lock,
+                   load_model, pick_device, precision_note, read_checkpoint,
+                   read_model_checkpoint, write_json)
 # Protocol A on Sprites as the paper reports it (Bai et al. 2021, Table 1): Acc %, IS, H(y|x), H(y)
 PAPER_ROW = ("C-DSVAE, paper (Table 1)", "99.99", "8.871", "0.014", "2.197")
 # the probes' train characters by default: their encoding fits the probes in ~60 s on a 2-core CPU
@@ -161,7 +162,7 @@ def parse_args(argv=None):
     arg("--niter", type=int, default=5, help="runs, with seeds 0..niter-1 (default 5)")
     arg("--batch_size", type=int, default=256, help="videos per forward pass (default 256)")
     arg("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: cuda if any")
-    arg("--amp", action="store_true", help="autocast: bf16, or fp16 where bf16 is not native")
+    add_amp_flag(arg)
     arg("--threads", type=int, default=0, help="CPU threads (default 0: torch's choice)")
     arg("--out", default=None, help="the JSON of every run (default <model_dir>.results.json)")
     for k in ("f_dim", "z_dim", "g_dim", "rnn_size"):
@@ -217,6 +218,7 @@ def record(result, args, judge_paths, test, device, seconds):
                   model_args=read_model_checkpoint(args.model_dir)["model_args"],
                   judge_files=judge_files, data_root=args.data_root, test_stride=args.test_stride,
                   type_gt=args.type_gt, sampled_b=args.sampled_b, niter=args.niter, amp=args.amp,
+                  precision=dtype_name(amp_dtype(device, args.amp)),
                   batch_size=args.batch_size, probe_characters=args.probe_characters if args.probes
                   else None, device=str(device), threads=torch.get_num_threads(),
                   seconds=round(seconds, 1), git_revision=git_revision())
@@ -253,7 +255,7 @@ def score(args, out):
     balance = "balanced" if result["class_balanced"] else "NOT balanced"
     print(f"\n{args.niter} run(s) x {len(test[0])} test videos (actions {balance}: "
           f"{result['action_counts']}) in {result['seconds']:.1f} s on {device}, "
-          f"{torch.get_num_threads()} thread(s){', bf16 autocast' if args.amp else ''}")
+          f"{torch.get_num_threads()} thread(s), {precision_note(device, args.amp)}")
     try:
         write_json(result, out)
     except OSError as e:

@@ -21,7 +21,8 @@ from tqdm import tqdm
 from dataloader import DataError, load_sprites
 from evaluation import NotFiniteError, evaluate
 from judges.networks import SHIPPED_JUDGES, judge_name, load_judge
-from utils import CheckpointError, for_inference, load_model, pick_device, write_atomic, write_json
+from utils import (CheckpointError, for_inference, load_model, pick_device, progress, write_atomic,
+                   write_json)
 
 LEVELS = (0.90, 0.95, 0.99)
 
@@ -145,7 +146,7 @@ def main(argv=None):
         sys.exit(f"error: {metrics} has no row of epoch(s) {unlogged}: it is not the metrics of "
                  f"these snapshots; give the --run folder that holds both")
     curves = {name: [] for name in judges}
-    for epoch, path in tqdm(snaps, desc="snapshots", unit="snapshot", disable=None, leave=False):
+    for epoch, path in progress(snaps, desc="snapshots", unit="snapshot", leave=False):
         try:
             model = for_inference(load_model(path, device))
             result = evaluate(model, judges, test, device, seeds=[0], amp=True, type_gt="action")

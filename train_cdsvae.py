@@ -31,7 +31,7 @@ from evaluation import evaluate
 from judges.networks import SHIPPED_JUDGES, judge_name, load_judge
 from model import CDSVAE, FZCritic, cdsvae_loss, critic_loss
 from utils import (MODEL_ARGS, REMOVED_AT, REMOVED_TRAIN_ARGS, CheckpointError, OneLineErrors,
-                   autocast, grad_scaler,
+                   add_amp_flag, autocast, grad_scaler, precision_note, progress,
                    check_sizes, compile_model, folders_held, git_revision, half_precision,
                    make_adam, mismatched_model_args, pick_device, plot_loss_curves,
                    prepare_for_device, read_checkpoint, save_atomic, write_text)
@@ -95,7 +95,7 @@ def get_args(argv=None):
         help="judge file, repeatable (default: the shipped judges that exist)")
     # hardware
     arg("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: cuda if any")
-    arg("--amp", action="store_true", help="autocast: bf16, or fp16 where bf16 is not native")
+    add_amp_flag(arg)
     arg("--threads", type=int, default=0, help="CPU threads per process (default 0: torch's)")
     arg("--sync_bn", action="store_true", help="SyncBatchNorm across processes under torchrun")
     arg("--compile", action="store_true", help="torch.compile the frame encoder and decoder")
@@ -168,7 +168,15 @@ class Stop:
     def install(cls):
         cls.signum = 0
         for s in SIGNALS:
-            signal.signal(s, lambda signum, frame: setattr(cls, "signum", signum))
+            signal.signal(s, cls.request)
+
+    @classmethod
+    def request(cls, signum, frame):
+        """Said at once: a step can take seconds, and silence looks like a hang."""
+        if not cls.signum and int(os.environ.get("RANK", "0")) == 0:
+            print(f"\n{signal.Signals(signum).name}: stopping after this step (the checkpoint is "
+                  f"written, then the run exits {128 + signum})", file=sys.stderr, flush=True)
+        cls.signum = cls.signum or signum
 
 
 def setup_processes(args):
@@ -349,6 +357,10 @@ def setup(args):
             run.model, device_ids=[run.device] if run.device.type == "cuda" else None)
     log(run, f"training on {run.device} x{run.world}: {run.n_train} videos, {len(run.loader)} "
              f"steps/epoch, args {json.dumps(vars(args))}")
+    log(run, precision_note(run.device, args.amp))
+    log(run, "progress: the bar (plain lines when the output is not a terminal) counts the steps "
+             "done, and shows each term's mean over the epoch so far, read every --log_every "
+             "steps; TensorBoard's train/* points are the means since the read before")
     if missing:
         log(run, f"no judge file at {', '.join(missing)} (--judge): " + (
             f"periodic scoring uses {', '.join(run.judges)} only" if run.judges else
@@ -490,12 +502,13 @@ def train_one_epoch(run, epoch):
     run.model.train()
     run.epoch, run.t0, run.progress = epoch, time.time() - run.seconds_before, None
     run.batches_read = run.n_batches
-    bar = tqdm(loader, total=len(loader), initial=run.skip_batches, leave=False,
-               desc=f"epoch {epoch + 1}/{args.nEpoch}", disable=not run.main_proc)
-    for b, batch in enumerate(bar, start=run.skip_batches):
+    bar = progress(total=len(loader), initial=run.skip_batches, leave=False, unit="step",
+                   desc=f"epoch {epoch + 1}/{args.nEpoch}", disable=not run.main_proc)
+    for b, batch in enumerate(loader, start=run.skip_batches):
         accumulate(run, train_step(run, batch))
         run.step += 1
         run.n_batches += 1
+        bar.update()  # counts the steps done, this one included
         if args.weight_mi_after and run.step == args.weight_mi_after[0]:
             log(run, f"step {run.step}: the MI penalty's weight goes from {args.weight_mi:g} to "
                      f"{args.weight_mi_after[1]:g}")
@@ -509,11 +522,13 @@ def train_one_epoch(run, epoch):
         bar.set_postfix({k: f"{run.sums[k] / run.n_batches:.3g}" for k in shown if k in run.sums})
         if signum or at_max:
             run.stop = signum
+            bar.close()
             if b + 1 < len(loader):
                 save_checkpoint(run, epoch, b + 1, time.time() - run.t0)
                 stopped(run, f"in epoch {epoch + 1} after batch {b + 1}/{len(loader)}")
                 return True
             break
+    bar.close()
     return False
 
 

@@ -1,6 +1,7 @@
 """What the scripts share: devices, precision, atomic writes, checkpoints, locks, the curves."""
 import contextlib
 import fcntl
+import functools
 import argparse
 import inspect
 import json
@@ -8,11 +9,14 @@ import math
 import os
 import re
 import subprocess
+import sys
+import time
 import warnings
 
 import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
+from tqdm import tqdm
 
 from model import CDSVAE
 
@@ -47,21 +51,93 @@ def pick_device(name="auto"):
     return torch.device(name)
 
 
-def amp_dtype(device):
-    """bf16 on the CPU and on GPUs with native bf16, else fp16 (emulated bf16: slower than fp32)."""
-    if device.type == "cpu" or torch.cuda.is_bf16_supported(including_emulation=False):
+AMP_CHOICES = ("off", "auto", "bf16", "fp16")
+AMP_HELP = ("mixed precision: auto (the flag alone) = bf16 where the device runs it natively, else "
+            "fp16 on a GPU and fp32 on a CPU; bf16 or fp16 force it; off (default) = fp32")
+HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
+BF16_NATIVE_MAX_RATIO = 2.0  # emulated bf16 convolutions run 3-20x slower than fp32; native faster
+
+
+def add_amp_flag(arg):
+    """--amp [auto|bf16|fp16|off], the same in every script."""
+    arg("--amp", nargs="?", const="auto", default="off", choices=AMP_CHOICES, help=AMP_HELP)
+
+
+def cpu_flags():
+    """The CPU's bf16 features that /proc/cpuinfo lists (empty where there is none)."""
+    wanted = {"avx512_bf16", "amx_bf16", "bf16"}  # x86's two; ARM's Features line says bf16
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        return sorted(wanted & set(f.read().split()))
+    return []
+
+
+@functools.cache
+def cpu_bf16_ratio():
+    """Seconds of a bf16 convolution over an fp32 one on this CPU, measured (~0.1 s): bf16 as
+    torch and oneDNN run it here, after any ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA limit."""
+    def best(dtype):
+        conv = nn.Conv2d(64, 128, 4, 2, 1).to(dtype=dtype, memory_format=torch.channels_last)
+        x = torch.randn(16, 64, 16, 16).to(dtype=dtype, memory_format=torch.channels_last)
+        times = []
+        with torch.no_grad():
+            for _ in range(7):  # the first call sets oneDNN up: the best of the rest
+                t = time.perf_counter()
+                conv(x)
+                times.append(time.perf_counter() - t)
+        return min(times[1:])
+    with torch.random.fork_rng(devices=[]):  # a run's random numbers do not depend on the probe
+        return best(torch.bfloat16) / best(torch.float32)
+
+
+def cpu_has_native_bf16():
+    return cpu_bf16_ratio() <= BF16_NATIVE_MAX_RATIO
+
+
+def amp_dtype(device, amp="auto"):
+    """The autocast dtype that --amp asks for on `device`, or None for fp32. auto: bf16 where it
+    is native (a CPU with AVX-512 BF16 or AMX, a GPU from Ampere on), else fp16 on a GPU (with
+    loss scaling) and fp32 on a CPU (emulated bf16 is 12-200x slower than fp32)."""
+    amp = {True: "auto", False: "off", None: "off"}.get(amp, amp)
+    if amp in HALF:
+        return HALF[amp]
+    if amp != "auto":
+        return None
+    if device.type == "cpu":
+        return torch.bfloat16 if cpu_has_native_bf16() else None
+    if torch.cuda.is_bf16_supported(including_emulation=False):
         return torch.bfloat16
     return torch.float16
 
 
+def dtype_name(dtype):
+    return "fp32" if dtype is None else {v: k for k, v in HALF.items()}[dtype]
+
+
+def precision_note(device, amp):
+    """One line: the precision --amp gives on `device`, and why."""
+    dtype = amp_dtype(device, amp)
+    amp = {True: "auto", False: "off", None: "off"}.get(amp, amp)
+    if amp != "auto":
+        return f"precision: {dtype_name(dtype)} (--amp {amp})"
+    if device.type == "cuda":
+        why = "bf16 is native here" if dtype == torch.bfloat16 else "no native bf16 on this GPU"
+        return f"precision: {dtype_name(dtype)} autocast (--amp auto: {why})"
+    flags = ", ".join(cpu_flags()) or "none of avx512_bf16 / amx_bf16 / bf16"
+    where = (f"this CPU ({torch.backends.cpu.get_cpu_capability()}; cpuinfo bf16 flags: {flags}) "
+             f"ran a bf16 convolution {cpu_bf16_ratio():.1f}x as long as fp32")
+    why = "native" if dtype is not None else "emulated: fp32 is faster (--amp bf16 forces it)"
+    return f"precision: {dtype_name(dtype)} (--amp auto: {where}, so bf16 is {why})"
+
+
 def grad_scaler(device, amp):
     """Loss scaling where --amp means fp16, whose small gradients underflow; bf16 needs none."""
-    return torch.amp.GradScaler(device.type, enabled=amp and amp_dtype(device) == torch.float16)
+    return torch.amp.GradScaler(device.type, enabled=amp_dtype(device, amp) == torch.float16)
 
 
-def autocast(device, enabled):
-    """Mixed precision on `device` when enabled, in amp_dtype(device)."""
-    return torch.autocast(device.type, dtype=amp_dtype(device), enabled=enabled)
+def autocast(device, amp):
+    """Mixed precision on `device` in the dtype --amp gives there (amp_dtype); none for fp32."""
+    dtype = amp_dtype(device, amp)
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
 
 def for_inference(module):
@@ -84,6 +160,41 @@ def for_inference(module):
             m.to(memory_format=torch.channels_last_3d if m.weight.dim() == 5
                  else torch.channels_last)
     return module
+
+
+# ---- progress ------------------------------------------------------------------------------------
+PLAIN_PROGRESS_EVERY_S = 30.0  # off a terminal, a progress line this often
+
+
+class PlainProgress(tqdm):
+    """tqdm for a file, a pipe or CI, where a redrawn bar shows nothing: a plain line every
+    PLAIN_PROGRESS_EVERY_S seconds, with what, how far, the rate and the time left."""
+
+    def __init__(self, *args, **kwargs):
+        self.last_line = None
+        super().__init__(*args, **kwargs)
+
+    def display(self, msg=None, pos=None):
+        now = self._time()
+        if self.last_line is None:
+            self.last_line = now  # the start; the first line comes one interval later
+        if now - self.last_line < PLAIN_PROGRESS_EVERY_S or msg is not None:
+            return True
+        self.last_line = now
+        d = self.format_dict
+        rate = d["rate"] or (d["n"] - d["initial"]) / max(d["elapsed"], 1e-9)
+        left = ((d["total"] - d["n"]) / rate) if rate and d["total"] else None
+        line = (f"{d['prefix'] or 'progress'}: {d['n']}/{d['total'] or '?'} {d['unit']}s, "
+                f"{rate:.3g} {d['unit']}/s, {self.format_interval(d['elapsed'])} elapsed"
+                + (f", ETA {self.format_interval(left)}" if left is not None else "")
+                + (f", {d['postfix']}" if d["postfix"] else ""))
+        print(line, file=sys.stderr, flush=True)
+        return True
+
+
+def progress(iterable=None, **kwargs):
+    """A tqdm bar on a terminal, plain progress lines elsewhere (PlainProgress)."""
+    return (tqdm if sys.stderr.isatty() else PlainProgress)(iterable, **kwargs)
 
 
 # ---- files ---------------------------------------------------------------------------------------

@@ -17,15 +17,14 @@ import time
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 # run as a script, this file sees judges/ first; the modules it imports live one folder up
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dataloader import (FACTORS, DataError, SpriteBatches, factor_labels,  # noqa: E402
                         gaussian_blur, judge_corrupt, load_sprites, validation_split)
 from judges.networks import JUDGES, load_judge  # noqa: E402
-from utils import (CheckpointError, autocast, grad_scaler, half_precision,  # noqa: E402
-                   pick_device, read_checkpoint, save_atomic)
+from utils import (CheckpointError, add_amp_flag, autocast, grad_scaler, half_precision, progress,  # noqa: E402
+                   pick_device, precision_note, read_checkpoint, save_atomic)
 
 # the robustness card: name -> what is done to the real test videos before the judge sees them
 CARD = {"sharp": lambda x, g: x,
@@ -101,8 +100,7 @@ def parse_args(argv):
     arg("--threads", type=int, default=0, help="CPU threads (0: torch's choice)")
     arg("--device", default="auto", choices=("auto", "cpu", "cuda"),
         help="auto: cuda when a GPU is visible, else cpu")
-    arg("--amp", action="store_true",
-        help="mixed precision: bf16 on the CPU and on GPUs with native bf16, else fp16; off: fp32")
+    add_amp_flag(arg)
     return p.parse_args(argv)
 
 
@@ -174,8 +172,8 @@ def train_one_epoch(run, loader, epoch, args, device):
     judge, optimizer, scaler = run["judge"], run["optimizer"], run["scaler"]
     loader.set_epoch(epoch)
     judge.train()
-    for batch in tqdm(loader, desc=f"epoch {epoch + 1}/{args.nEpoch}", leave=False,
-                      mininterval=30):
+    for batch in progress(loader, desc=f"epoch {epoch + 1}/{args.nEpoch}", leave=False,
+                          mininterval=30):
         x = judge_corrupt(batch["x"], run["corrupt_g"], p_blur=args.p_blur, p_noise=args.p_noise)
         with autocast(device, args.amp):
             logits = judge(x.to(device))
@@ -226,7 +224,8 @@ def main(argv=None):
         print(f"resumed from {args.ckpt} after epoch {start}", flush=True)
     print(f"{len(loader.X)} train sequences, {len(held_out[0])} held out ({args.val_chars} "
           f"characters), judge {judge_args}, {sum(q.numel() for q in judge.parameters())} "
-          f"parameters, {torch.get_num_threads()} thread(s)", flush=True)
+          f"parameters, {torch.get_num_threads()} thread(s), {precision_note(device, args.amp)}",
+          flush=True)
     t0 = time.time() - spent
     for epoch in range(start, args.nEpoch):
         loss = train_one_epoch(run, loader, epoch, args, device)

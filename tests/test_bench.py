@@ -12,7 +12,9 @@ import torch
 
 import bench
 from model import CDSVAE
-from utils import compile_model, make_adam, prepare_for_device
+import utils
+from utils import (amp_dtype, compile_model, dtype_name, grad_scaler, make_adam, precision_note,
+                   prepare_for_device)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEVICE = torch.device(os.environ.get("TEST_DEVICE", "cpu"))
@@ -31,9 +33,10 @@ def test_bench_prints_one_json_line_of_sane_figures(capsys):
     assert abs(result["ms_per_step"] - 1000 * 4 / speeds[0]) <= 0.01 * result["ms_per_step"] + 0.05
     assert result["share_of_matmul_peak"] > 0
     assert result["device"].startswith(DEVICE.type) and result["torch"] == torch.__version__
-    assert result["host_cpu"] and result["device_name"] and result["amp_dtype"] in (
-        "bfloat16", "float16")
-    assert result["matmul_dtype"] == "bfloat16" and result["f_mirror"] and not result["compile"]
+    precision = dtype_name(amp_dtype(DEVICE, "auto"))
+    assert result["host_cpu"] and result["device_name"] and result["precision"] == precision
+    assert result["matmul_dtype"] == {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[
+        precision] and result["f_mirror"] and not result["compile"]
 
 
 def expected_conv_flops(nf, g_dim, in_dim, frames, encoder_passes):
@@ -142,7 +145,6 @@ def test_device_check_refuses_bad_epochs_in_one_line(tmp_path):
 
 def test_amp_is_bf16_only_where_the_gpu_has_it_natively(monkeypatch):
     """--amp picks fp16 (with loss scaling) on a GPU whose bf16 is emulated (V100, T4)."""
-    from utils import amp_dtype
     asked = []
 
     def bf16(including_emulation=True):
@@ -150,4 +152,33 @@ def test_amp_is_bf16_only_where_the_gpu_has_it_natively(monkeypatch):
         return including_emulation  # emulated bf16 only
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", bf16)
     assert amp_dtype(torch.device("cuda")) == torch.float16 and asked == [False]
-    assert amp_dtype(torch.device("cpu")) == torch.bfloat16
+    assert "no native bf16" in precision_note(torch.device("cuda"), "auto")
+
+
+@pytest.mark.parametrize("ratio, auto", [(0.6, torch.bfloat16), (1.9, torch.bfloat16),
+                                         (3.3, None), (15.0, None), (190.0, None)])
+def test_amp_on_a_cpu_is_bf16_only_where_it_is_native(monkeypatch, ratio, auto):
+    """A CPU whose bf16 convolution runs `ratio` times as long as fp32: AVX-512 BF16 and AMX about
+    as fast or faster, AVX2 3-20x slower (emulated). auto follows; a forced dtype is kept."""
+    monkeypatch.setattr(utils, "cpu_bf16_ratio", lambda: ratio)
+    cpu = torch.device("cpu")
+    assert amp_dtype(cpu, "auto") == auto and amp_dtype(cpu, True) == auto
+    assert amp_dtype(cpu, "off") is None and amp_dtype(cpu, False) is None
+    assert amp_dtype(cpu, "bf16") == torch.bfloat16 and amp_dtype(cpu, "fp16") == torch.float16
+    with utils.autocast(cpu, "auto"):
+        y = torch.nn.Linear(4, 4)(torch.ones(2, 4))
+    assert y.dtype == (auto or torch.float32)
+    assert not grad_scaler(cpu, "auto").is_enabled() and grad_scaler(cpu, "fp16").is_enabled()
+    note = precision_note(cpu, "auto")
+    assert note.startswith(f"precision: {dtype_name(auto)} ") and f"{ratio:.1f}x" in note
+    assert ("emulated" in note) == (auto is None)
+
+
+def test_the_bf16_probe_measures_this_cpu_and_leaves_the_random_state_alone():
+    """The probe times real convolutions: a positive ratio, the same within one process; a run's
+    random numbers are the same whether or not it ran (so --amp keeps runs bit for bit)."""
+    utils.cpu_bf16_ratio.cache_clear()
+    state = torch.get_rng_state()
+    ratio = utils.cpu_bf16_ratio()
+    assert torch.equal(torch.get_rng_state(), state)
+    assert math.isfinite(ratio) and ratio > 0 and utils.cpu_bf16_ratio() == ratio

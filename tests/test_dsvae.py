@@ -76,7 +76,7 @@ def test_run_dsvae_script_trains_the_baseline(tiny_data, tmp_path):
                        env=dict(os.environ, OMP_NUM_THREADS="1", DATA=tiny_data, LOG_DIR=str(tmp_path)))
     assert r.returncode == 0, r.stderr[-2000:]
     args = torch.load(tmp_path / "model.pt", weights_only=True)["args"]
-    assert (args["model"], args["z_input"], args["amp"], args["sche"]) == ("dsvae", "full", True, "cosine_to_zero")
+    assert (args["model"], args["z_input"], args["amp"], args["sche"]) == ("dsvae", "full", "auto", "cosine_to_zero")
 
 
 @pytest.mark.parametrize("name, z_input", [("cdsvae_sprites_cpu", "frame_delta"), ("dsvae_sprites_cpu", "full")])

@@ -19,7 +19,7 @@ from dataloader import (ACTIONS, ATTRIBUTES, DIRECTIONS, FACTORS, character_attr
                         factor_labels, load_sprites, to_float)
 from judges.networks import SpriteJudge, load_judge
 from model import CDSVAE
-from utils import for_inference, load_model
+from utils import amp_dtype, dtype_name, for_inference, load_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -304,7 +304,8 @@ def test_run_test_sprite_sh_passes_arguments_through(files, tmp_path):
     # the arguments given override the script's own (--niter 5, the shipped judge); the others stay in effect
     assert (saved["niter"], len(saved["judges"]["judge"]["runs"]), saved["threads"]) == (1, 1, 1)
     assert {name: f["path"] for name, f in saved["judge_files"].items()} == {"judge": files["judge"]}
-    assert (saved["amp"], saved["type_gt"], saved["batch_size"]) == (True, "all", 256)
+    assert (saved["amp"], saved["type_gt"], saved["batch_size"]) == ("auto", "all", 256)
+    assert saved["precision"] == dtype_name(amp_dtype(torch.device("cpu"), "auto"))
     assert saved["model_dir"] == files["model"]
 
 

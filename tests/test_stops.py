@@ -12,6 +12,7 @@ import torch
 
 import dataloader
 import train_cdsvae
+import utils
 from utils import CheckpointError, read_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -67,6 +68,9 @@ def test_a_signal_writes_a_checkpoint_and_exits_128_plus_its_number(tiny_data, t
     proc.send_signal(signum)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signum, err[-2000:]  # 130, 143, 129: a script's `set -e` stops there
+    # said when asked, before the step ends, then once more when stopped
+    assert f"{signum.name}: stopping after this step (the checkpoint is written, then the run exits " \
+           f"{128 + signum})" in err
     ckpt = torch.load(tmp_path / "model.pt", weights_only=True)
     stop_line = open(tmp_path / "log.txt").read().splitlines()[-1]
     assert stop_line.startswith(f"stopped by {signum.name} ") and f"step {ckpt['step']};" in stop_line
@@ -98,11 +102,15 @@ def test_resume_makes_only_the_batches_left_and_the_bar_starts_where_it_stopped(
     train_cdsvae.main(common + ["--max_steps", "4"])  # stops in epoch 2 after batch 1 of 3
     made, make_batch = [], dataloader._make_batch
     monkeypatch.setattr(dataloader, "_make_batch", lambda *a, **kw: made.append(1) or make_batch(*a, **kw))
+    monkeypatch.setattr(utils, "PLAIN_PROGRESS_EVERY_S", 0.0)  # off a terminal: a line at every update
     capsys.readouterr()
     train_cdsvae.main(common + ["--resume"])
     err = capsys.readouterr().err
     assert len(made) == 2
-    assert "epoch 2/2:  33%" in err and "epoch 2/2:   0%" not in err
+    lines = [line for line in err.splitlines() if line.startswith("epoch 2/2: ")]
+    assert lines[0].startswith("epoch 2/2: 1/3 steps, ") and "epoch 2/2: 0/3" not in err
+    assert lines[-1].startswith("epoch 2/2: 3/3 steps, ") and " step/s, " in lines[-1]
+    assert all(" elapsed, ETA " in line for line in lines[1:]) and "loss=" in lines[-1]
     log = open(tmp_path / "log.txt").read()
     assert "stopped by --max_steps 4 in epoch 2 after batch 1/3, step 4;" in log
     assert "resumed " in log and " in epoch 2 after batch 1/3, step 4" in log
