@@ -34,7 +34,7 @@ def get_args(argv=None):
     arg = p.add_argument
     arg("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: cuda if any")
     arg("--batch_size", type=int, default=32, help="videos per step (default 32)")
-    arg("--steps", type=int, default=5, help=f"timed calls, after {WARMUP} untimed (default 5)")
+    arg("--steps", type=int, default=3, help=f"timed calls, after {WARMUP} untimed (default 3)")
     add_amp_flag(arg)
     arg("--compile", action="store_true", help="torch.compile the frame encoder and decoder")
     arg("--nf", type=int, default=64, help="conv width (default 64, the paper's)")

@@ -326,3 +326,19 @@ def test_shipped_judge_loads_and_met_the_bar(tiny_data):
     assert {k: v.shape[1] for k, v in out.items()} == FACTORS
     for k, y in factor_labels(A, D).items():
         assert torch.equal(out[k].argmax(1), y), k
+
+
+@pytest.mark.parametrize("niter_env", [None, "2"])
+def test_run_test_sprite_sh_runs_five_times_only_where_a_half_precision_is_native(files, tmp_path, niter_env):
+    """Five runs where --amp finds a native half precision, one in fp32 (an AVX2 CPU); NITER wins."""
+    out = tmp_path / "r.json"
+    env = dict(os.environ, MODEL=files["model"], DATA=files["data"], OUT=str(out), OMP_NUM_THREADS="1",
+               CUDA_VISIBLE_DEVICES="")
+    env.pop("NITER", None)
+    if niter_env:
+        env["NITER"] = niter_env
+    r = subprocess.run(["bash", os.path.join(ROOT, "run_test_sprite.sh"), "--judge", files["judge"], "--no-probes",
+                        "--threads", "1"], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    expected = int(niter_env) if niter_env else 5 if amp_dtype(torch.device("cpu"), "auto") else 1
+    assert json.load(open(out))["niter"] == expected
