@@ -579,7 +579,7 @@ def validation_terms(run):
 
 
 def end_of_epoch(run, epoch):
-    """The epoch's row; the checkpoint first, then metrics.jsonl, the curves and the snapshot."""
+    """The epoch's row; the snapshot, then the checkpoint, then metrics.jsonl and the curves."""
     args = run.args
     row = {"epoch": epoch + 1, "step": run.step, "lr": run.scheduler.get_last_lr()[0],
            "seconds": round(time.time() - run.t0, 1),
@@ -594,6 +594,7 @@ def end_of_epoch(run, epoch):
                     for k, v in s["mean"].items()
                     if k.startswith(("A_", "B_", "Bs_", "swap_")) and not k.endswith("_n")})
     run.history.append(row)
+    save_snapshot(run, epoch)  # first: a kill before model.pt then redoes this epoch, snapshot too
     save_checkpoint(run, epoch + 1, 0, 0.0)  # metrics.jsonl is its history, written again on resume
     if not run.main_proc:
         return
@@ -605,7 +606,13 @@ def end_of_epoch(run, epoch):
     plot_loss_curves(run.history, os.path.join(args.log_dir, "loss_curves.png"))
     log(run, " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                       for k, v in row.items()))
-    if args.snapshot_every and (epoch + 1) % args.snapshot_every == 0:
+
+
+def save_snapshot(run, epoch):
+    """epoch_<N>.pt every --snapshot_every epochs: the weights in half precision, for
+    time_to_quality.py."""
+    args = run.args
+    if run.main_proc and args.snapshot_every and (epoch + 1) % args.snapshot_every == 0:
         save_atomic({"model": half_precision(run.raw_model.state_dict()),
                      "model_args": run.model_args, "epoch": epoch + 1, "step": run.step,
                      "args": vars(args), "history": run.history, "git": git_revision()},
