@@ -23,7 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from dataloader import SpriteBatches, content_augment
 from model import CDSVAE, FZCritic, cdsvae_loss, critic_loss
 from utils import (OneLineErrors, add_amp_flag, amp_dtype, dtype_name, autocast, compile_model, grad_scaler, make_adam,
-                   pick_device, prepare_for_device)
+                   pick_device, prepare_for_device, run_main)
 
 TRAIN_VIDEOS = 9000  # the Sprites train split: the MI estimate's dataset size
 WARMUP = 2  # untimed calls before each timing (the first also compiles, with --compile)
@@ -254,4 +254,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from utils import RefusedInput, os_error_line
+
 # ---- the factors of a Sprites video -------------------------------------------------------------
 ATTRIBUTES = ("skin", "pant", "top", "hair")  # the columns of A, 6 values each
 ACTIONS = ("walk", "spellcard", "slash")
@@ -45,7 +47,7 @@ _ALLOWED = {
 }
 
 
-class DataError(ValueError):
+class DataError(RefusedInput):
     """A data file that is missing, unsafe, truncated or of the wrong shape."""
 
 
@@ -67,14 +69,19 @@ def safe_load_pickle(path):
         file = os.path.join(path, "data.pkl")
         raise DataError(f"{path} is a folder; --data_root takes the data file itself, e.g. "
                         f"{file} (build it with `python make_sprites.py --out {file}`)")
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise DataError(f"no data file at {path}: build it with "
                         f"`python make_sprites.py --out {path}`")
+    if not os.path.isfile(path):  # reading a fifo or a device would block or never end
+        raise DataError(f"{path} is not a regular file (a fifo, socket or device); --data_root "
+                        f"takes the data file of make_sprites.py")
     try:
         with open(path, "rb") as f:
             return _NumpyOnlyUnpickler(f).load()
     except DataError:
         raise
+    except OSError as e:  # EIO, EACCES: the file is there but cannot be read
+        raise DataError(os_error_line(e, f"data file {path}", "read")) from None
     except (EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError,
             IndexError) as e:  # what a truncated or foreign pickle raises
         raise DataError(f"{path} is not a readable Sprites pickle ({type(e).__name__}: {e}); "

@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 
-from utils import OneLineErrors, write_json
+from utils import OneLineErrors, run_main, write_json
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 TRAIN_VIDEOS = 9000  # the Sprites train split: 70 steps of 128 or 140 of 64 an epoch
@@ -75,19 +75,26 @@ def run_stage(check, name, command, limit_s, env=None, reserve_s=0.0):
         try:
             rc = proc.wait(timeout=limit_s)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
             rc = "timeout"
+        finally:  # at the limit, or when this script is stopped: its stage is stopped too
+            if proc.poll() is None:
+                end_stage(proc)
     stage = {"rc": rc, "seconds": round(time.time() - t, 1), "limit_s": round(limit_s), "log": log}
     if rc != 0:
         stage["tail"] = read(log)[-600:]
     check["stages"][name] = stage
     print(f"{name}: rc {rc}, {stage['seconds']} s", flush=True)
     return stage
+
+
+def end_stage(proc):
+    """SIGTERM to a stage's process group (a training writes its checkpoint), SIGKILL 20 s on."""
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def read(path):
@@ -215,4 +222,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -8,18 +8,24 @@ import torch
 from dataloader import ATTRIBUTES, DIRECTIONS, factor_labels, to_float
 from model import fixed_content, fixed_motion, swapped
 from probes import probe_labels, probe_table
-from utils import autocast, progress
+from utils import RefusedInput, autocast, progress
 
 
-class NotFiniteError(ValueError):
-    """A model or judge whose outputs hold NaN or inf: there is nothing to score."""
+class NotFiniteError(RefusedInput):
+    """A model or judge whose outputs hold NaN or inf: there is nothing to score. `judge`: the
+    judge whose outputs they are (None: the model's), so that the right file is blamed."""
+
+    def __init__(self, message, judge=None):
+        super().__init__(message)
+        self.judge = judge
 
 
-def _refuse_not_finite(finite, what):
+def _refuse_not_finite(finite, what, judge=None):
     """NotFiniteError unless `finite` (read on the host) holds."""
     if not finite:
+        use = "a sound judge file" if judge else "an earlier checkpoint"
         raise NotFiniteError(f"{what} hold NaN or inf values (diverged weights, or an overflow "
-                             f"under --amp?): nothing is scored; use an earlier checkpoint")
+                             f"under --amp?): nothing is scored; use {use}", judge)
 
 
 # ---- metrics -------------------------------------------------------------------------------------
@@ -96,11 +102,13 @@ def judge_all(judges, videos, amp, what="the videos"):
     finite = torch.isfinite(videos).flatten(1).all(1, keepdim=True)
     host = torch.cat(parts + [finite.float()], dim=1).cpu()  # the batch's one read-back
     _refuse_not_finite(bool(host[:, -1].all()), what)
-    _refuse_not_finite(bool(torch.isfinite(host[:, :-1]).all()), "the judges' outputs")
     out, column = {}, 0
     for name, k, classes in heads:
         out.setdefault(name, {})[k] = host[:, column:column + classes]
         column += classes
+    for name, probs in out.items():
+        _refuse_not_finite(all(bool(torch.isfinite(p).all()) for p in probs.values()),
+                           f"the outputs of judge {name}", judge=name)
     return out
 
 

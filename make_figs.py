@@ -14,6 +14,7 @@ Writes to --out (the same files for the same checkpoint, data and --seed):
   loss_curves.png        every loss term per epoch, from --metrics
 """
 import argparse
+import io
 import json
 import os
 import sys
@@ -25,10 +26,14 @@ from PIL import Image, ImageDraw, ImageFont
 
 from dataloader import ATTRIBUTES, MOTION_NAMES, DataError, character_id, load_sprites, to_float
 from evaluation import encode_videos
-from utils import (CheckpointError, load_model, pick_device, plot_loss_curves, write_atomic,
+from utils import (CheckpointError, check_writable, folders_held, load_model, pick_device,
+                   plot_loss_curves, read_text, refuse_overwriting, run_main, write_atomic,
                    write_text)
 
 ENCODE_BATCH = 32  # videos per encoder pass
+FIGURES = ("swap_grid.png", "swap.gif", "fixed_content.png", "fixed_motion.png",
+           "cosine_similarity.md", "cosine_similarity.png", "proj_f.png", "proj_z.png",
+           "loss_curves.png")
 PER_CATEGORY = 3  # pairs of each category in the similarity table
 
 
@@ -321,14 +326,13 @@ def read_metrics(path):
     """Rows of a metrics.jsonl, the last one per epoch, in epoch order; unreadable lines (one being
     written by a running training) are skipped."""
     rows = {}
-    with open(path) as fh:
-        for line in fh:
-            try:
-                r = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(r, dict) and "epoch" in r:
-                rows[r["epoch"]] = r
+    for line in io.StringIO(read_text(path)):  # as a file's lines
+        try:
+            r = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(r, dict) and "epoch" in r:
+            rows[r["epoch"]] = r
     return [rows[e] for e in sorted(rows)]
 
 
@@ -366,15 +370,26 @@ def metrics_path(args, ckpt):
     return args.metrics or next((p for p in beside if os.path.isfile(p)), None)
 
 
-@torch.no_grad()
 def main(argv=None):
     args = get_args(argv)
-    torch.set_num_threads(max(1, args.threads))
-    import matplotlib
-    matplotlib.use("Agg")
     ckpt = args.model_dir
     if os.path.isdir(ckpt):
         ckpt = os.path.join(ckpt, "model.pt")
+    metrics = metrics_path(args, ckpt)
+    refuse_overwriting([("--out", os.path.join(args.out, name)) for name in FIGURES],
+                       [("--model_dir", ckpt), ("--data_root", args.data_root),
+                        ("--metrics", metrics)])
+    # one writer in --out: a training's folder, or another make_figs's, is refused
+    with folders_held([args.out], flags="--out"):
+        check_writable(os.path.join(args.out, FIGURES[0]), "--out")
+        return make_figures(args, ckpt, metrics)
+
+
+@torch.no_grad()
+def make_figures(args, ckpt, metrics):
+    torch.set_num_threads(max(1, args.threads))
+    import matplotlib
+    matplotlib.use("Agg")
     try:
         device = pick_device(args.device)
         model = load_model(ckpt, device)
@@ -385,7 +400,6 @@ def main(argv=None):
     except (CheckpointError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    os.makedirs(args.out, exist_ok=True)
     pairs = fig_swaps(model, X, A, D, device, args.out, args.seed)
     print(f"swap_grid.png, swap.gif: {len(pairs)} pairs")
     idx = fig_fixed(model, X, A, D, device, args.out, args.seed)
@@ -398,7 +412,6 @@ def main(argv=None):
     print(text)
     n = fig_projections(model, X, A, D, device, args.out, args.seed, args.n_proj)
     print(f"proj_f.png, proj_z.png: {n} test videos")
-    metrics = metrics_path(args, ckpt)
     if metrics and os.path.isfile(metrics):
         print(f"loss_curves.png: {fig_loss_curves(metrics, args.out)} epochs from {metrics}")
     else:
@@ -408,4 +421,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from smmnist import DIGIT, MASS_CENTRE, SIZE, centre_of_mass
-from utils import OneLineErrors, write_atomic
+from utils import OneLineErrors, check_writable, run_main, write_atomic
 
 SEED = 2018
 SPLITS = {"train": "train", "test": "t10k"}  # our split -> MNIST's file prefix
@@ -233,6 +233,8 @@ def main():
     t0 = time.time()
     try:
         mnist = find_mnist(args.mnist)
+        check_writable(args.out, "--out", needs_bytes=(args.train_videos + args.test_videos)
+                       * args.frames * SIZE * SIZE)  # the videos' bytes, before they are made
         data = build(mnist, args.train_videos, args.test_videos, args.frames, args.digits,
                      args.seed)
         write_atomic(args.out, lambda tmp: write_pickle(data, tmp))
@@ -248,4 +250,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 from dataloader import ACTIONS, DIRECTIONS, character_attributes
-from utils import write_atomic
+from utils import check_writable, run_main, write_atomic
 
 SPLIT_SEED = 423
 LAYERS = ("body", "bottomwear", "topwear", "hair")  # indexed by skin, pant, top, hair
@@ -109,6 +109,8 @@ def main():
     t0 = time.time()
     try:
         sheets = find_sheets(args.sheets)
+        # before the build's half minute: every video's bytes, uint8
+        check_writable(args.out, "--out", needs_bytes=6 ** 4 * len(MOTIONS) * 8 * 64 * 64 * 3)
         data = build(sheets, *split_characters())  # refuses a sheet of the wrong size or format
         write_atomic(args.out, lambda tmp: write_pickle(data, tmp))
     except (ValueError, OSError) as e:  # FileNotFoundError (no sheets) is an OSError
@@ -119,4 +121,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -29,9 +29,10 @@ from dataloader import (ACTIONS, ATTRIBUTES, DIRECTIONS, FACTORS, DataError, cha
                         load_sprites, validation_split)
 from evaluation import NotFiniteError, evaluate
 from judges.networks import SHIPPED_JUDGES, judge_name, load_judge
-from utils import (CheckpointError, OneLineErrors, add_amp_flag, amp_dtype, dtype_name, for_inference, git_revision, held_lock,
-                   load_model, pick_device, precision_note, read_checkpoint,
-                   read_model_checkpoint, write_json)
+from utils import (CheckpointError, OneLineErrors, add_amp_flag, amp_dtype, check_writable,
+                   dtype_name, for_inference, git_revision, held_lock, model_from_checkpoint,
+                   pick_device, precision_note, read_checkpoint, read_model_checkpoint,
+                   refuse_overwriting, run_main, write_json)
 # Protocol A on Sprites as the paper reports it (Bai et al. 2021, Table 1): Acc %, IS, H(y|x), H(y)
 PAPER_ROW = ("C-DSVAE, paper (Table 1)", "99.99", "8.871", "0.014", "2.197")
 # the probes' train characters by default: their encoding fits the probes in ~60 s on a 2-core CPU
@@ -184,17 +185,23 @@ def probe_videos(train, n_characters):
 
 
 def load(args, device):
-    """The model, {judge name: judge}, the test split (strided) and the probes' train videos (None
-    without probes); a missing or wrong file ends the script with a one-line error."""
+    """The model, {judge name: judge}, the test split (strided), the probes' train videos (None
+    without probes) and what the JSON records of the files, each file read once, before any
+    scoring; a missing or wrong file ends the script with a one-line error naming it."""
     judge_paths = {judge_name(path): path for path in args.judge or SHIPPED_JUDGES}
     if len(judge_paths) < len(args.judge or SHIPPED_JUDGES):
         sys.exit(f"error: judges are named by their file names, and two of --judge "
                  f"{' '.join(args.judge)} share one; give each judge once, under its own name")
     try:
-        model = load_model(args.model_dir, device, f_dim=args.f_dim, z_dim=args.z_dim,
-                           g_dim=args.g_dim, rnn_size=args.rnn_size)
+        ckpt = read_model_checkpoint(args.model_dir)
+        model = model_from_checkpoint(ckpt, args.model_dir, device, f_dim=args.f_dim,
+                                      z_dim=args.z_dim, g_dim=args.g_dim, rnn_size=args.rnn_size)
         judges = {name: for_inference(load_judge(path, device))
                   for name, path in judge_paths.items()}
+        files = {"model_args": ckpt["model_args"], "judge_files": {
+            name: {"path": path, **{k: read_checkpoint(path, what="judge file").get(k)
+                                    for k in ("arch", "test_accuracy", "robustness")}}
+            for name, path in judge_paths.items()}}
         data = load_sprites(args.data_root)
     except (CheckpointError, DataError) as e:
         sys.exit(f"error: {e}")
@@ -203,20 +210,16 @@ def load(args, device):
         sys.exit(f"error: {args.data_root}: the test split has {len(test[0])} video(s); swaps need "
                  "at least 2")
     probe_train = probe_videos(data["train"], args.probe_characters) if args.probes else None
-    return for_inference(model), judges, judge_paths, test, probe_train
+    return for_inference(model), judges, judge_paths, test, probe_train, files
 
 
-def record(result, args, judge_paths, test, device, seconds):
+def record(result, args, files, test, device, seconds):
     """result with what was scored and how: the test split's size and balance, the files, the
     options, the time, the code's revision."""
     counts = torch.bincount(test[2], minlength=FACTORS["action"]).tolist()
-    judge_files = {name: {"path": path, **{k: read_checkpoint(path).get(k)
-                                           for k in ("arch", "test_accuracy", "robustness")}}
-                   for name, path in judge_paths.items()}
     result.update(n_test=len(test[0]), action_counts=counts, class_balanced=len(set(counts)) == 1,
-                  model_dir=args.model_dir,
-                  model_args=read_model_checkpoint(args.model_dir)["model_args"],
-                  judge_files=judge_files, data_root=args.data_root, test_stride=args.test_stride,
+                  model_dir=args.model_dir, **files, data_root=args.data_root,
+                  test_stride=args.test_stride,
                   type_gt=args.type_gt, sampled_b=args.sampled_b, niter=args.niter, amp=args.amp,
                   precision=dtype_name(amp_dtype(device, args.amp)),
                   batch_size=args.batch_size, probe_characters=args.probe_characters if args.probes
@@ -230,39 +233,48 @@ def main(argv=None):
     out = args.out or args.model_dir + ".results.json"
     if os.path.isdir(out):
         sys.exit(f"error: --out {out} is a folder; give the path of the JSON file to write")
+    refuse_overwriting([("--out", out)], [("--model_dir", args.model_dir),
+                                          ("--data_root", args.data_root)]
+                       + [("--judge", path) for path in args.judge or SHIPPED_JUDGES])
     with held_lock(out + ".lock", f"{out} is being written by {{holder}}, another test_sprite.py; "
                                   f"wait for it to end, or choose another --out"):
+        check_writable(out, "--out")  # before minutes of scoring
         return score(args, out)
 
 
 def score(args, out):
-    """Score the checkpoint of args.model_dir, print the tables and write the JSON `out`."""
+    """Score the checkpoint of args.model_dir, write the JSON `out`, print the tables."""
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
-    model, judges, judge_paths, test, probe_train = load(args, device)
+    model, judges, judge_paths, test, probe_train, files = load(args, device)
     t0 = time.time()
     try:
         result = evaluate(model, judges, test, device, seeds=range(args.niter), amp=args.amp,
                           batch_size=args.batch_size, type_gt=args.type_gt,
                           sampled_b=args.sampled_b, probe_train=probe_train)
-    except NotFiniteError as e:
-        sys.exit(f"error: {args.model_dir}: {e}")
-    result = record(result, args, judge_paths, test, device, time.time() - t0)
-    print(format_table(result))
-    if "probes" in result:
-        print("\n" + format_probes(result))
-    balance = "balanced" if result["class_balanced"] else "NOT balanced"
-    print(f"\n{args.niter} run(s) x {len(test[0])} test videos (actions {balance}: "
-          f"{result['action_counts']}) in {result['seconds']:.1f} s on {device}, "
-          f"{torch.get_num_threads()} thread(s), {precision_note(device, args.amp)}")
-    try:
+    except NotFiniteError as e:  # the judge's file when its outputs are the ones at fault
+        blamed = f"judge file {judge_paths[e.judge]}" if e.judge else args.model_dir
+        sys.exit(f"error: {blamed}: {e}")
+    result = record(result, args, files, test, device, time.time() - t0)
+    try:  # the JSON first: a closed terminal or pipe cannot lose the scores
         write_json(result, out)
-    except OSError as e:
-        sys.exit(f"error: cannot write {out}: {e}")
+    finally:  # and the tables, even when the JSON cannot be written
+        print_report(result, args, len(test[0]), device)
     print(f"wrote {out}")
     return result
 
 
+def print_report(result, args, n_test, device):
+    """The tables, the probes and a line of what was scored, where and how fast."""
+    print(format_table(result))
+    if "probes" in result:
+        print("\n" + format_probes(result))
+    balance = "balanced" if result["class_balanced"] else "NOT balanced"
+    print(f"\n{args.niter} run(s) x {n_test} test videos (actions {balance}: "
+          f"{result['action_counts']}) in {result['seconds']:.1f} s on {device}, "
+          f"{torch.get_num_threads()} thread(s), {precision_note(device, args.amp)}")
+
+
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -9,6 +9,7 @@ figures (JSON beside it) and the minutes at which each judge first saw 90%, 95% 
 """
 import argparse
 import glob
+import io
 import json
 import math
 import os
@@ -21,8 +22,9 @@ from tqdm import tqdm
 from dataloader import DataError, load_sprites
 from evaluation import NotFiniteError, evaluate
 from judges.networks import SHIPPED_JUDGES, judge_name, load_judge
-from utils import (CheckpointError, for_inference, load_model, pick_device, progress, write_atomic,
-                   write_json)
+from utils import (CheckpointError, check_writable, for_inference, held_lock, load_model,
+                   pick_device, progress, read_text, refuse_overwriting, run_main, same_file,
+                   write_atomic, write_json)
 
 LEVELS = (0.90, 0.95, 0.99)
 
@@ -38,27 +40,28 @@ def epoch_minutes(metrics_path):
     """{epoch: training minutes at its end}, from the per-epoch 'seconds' of metrics.jsonl;
     ValueError, in one line, at a line that is not such a row."""
     minutes, total = {}, 0.0
-    with open(metrics_path) as f:
-        for n, line in enumerate(f, 1):
-            try:
-                row = json.loads(line)
-                epoch, seconds = row["epoch"], row["seconds"]
-            except (ValueError, KeyError, TypeError):
-                epoch = seconds = None
-            if not (type(epoch) is int and type(seconds) in (int, float)
-                    and 0 <= seconds < math.inf):
-                raise ValueError(f"{metrics_path}, line {n}, is not a row of train_cdsvae.py (an "
-                                 f"integer 'epoch', 'seconds' 0 or more); give a run's own")
-            total += seconds / 60
-            minutes[epoch] = total
+    for n, line in enumerate(io.StringIO(read_text(metrics_path)), 1):  # as a file's lines
+        try:
+            row = json.loads(line)
+            epoch, seconds = row["epoch"], row["seconds"]
+        except (ValueError, KeyError, TypeError):
+            epoch = seconds = None
+        if not (type(epoch) is int and type(seconds) in (int, float)
+                and 0 <= seconds < math.inf):
+            raise ValueError(f"{metrics_path}, line {n}, is not a row of train_cdsvae.py (an "
+                             f"integer 'epoch', 'seconds' 0 or more); give a run's own")
+        total += seconds / 60
+        minutes[epoch] = total
     return minutes
 
 
 def read_reference(path):
     """The --reference curve; ValueError, in one line, unless it is {'label': text, 'points':
     [[minutes, accuracy], ...]} with finite minutes and accuracies in [0, 1]."""
-    with open(path) as f:
-        ref = json.load(f)
+    try:
+        ref = json.loads(read_text(path))
+    except json.JSONDecodeError:
+        ref = None
     points = ref.get("points") if isinstance(ref, dict) else None
     good = isinstance(points, list) and points and isinstance(ref.get("label"), str) and all(
         isinstance(p, list) and len(p) == 2 and all(type(v) in (int, float) for v in p)
@@ -118,11 +121,9 @@ def get_args(argv=None):
     return args
 
 
-def main(argv=None):
-    args = get_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
+def chosen_snapshots(args):
+    """[(epoch, path)] of the snapshots to score, and the run's metrics.jsonl; refused in one line
+    if either is missing or an asked epoch has no snapshot."""
     snaps = snapshots(args.run)
     metrics = os.path.join(args.run, "metrics.jsonl")
     if not snaps or not os.path.isfile(metrics):
@@ -132,36 +133,72 @@ def main(argv=None):
     missing = sorted(set(args.epochs or ()) - set(available))
     if missing:
         sys.exit(f"error: {args.run} has no snapshot of epoch(s) {missing}; pick from {available}")
-    snaps = [(e, path) for e, path in snaps if not args.epochs or e in args.epochs]
+    return [(e, path) for e, path in snaps if not args.epochs or e in args.epochs], metrics
+
+
+def main(argv=None):
+    args = get_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    snaps, metrics = chosen_snapshots(args)
+    json_out = os.path.splitext(args.out)[0] + ".json"
+    if same_file(args.out, json_out):
+        sys.exit(f"error: --out {args.out} names the curve's PNG; its JSON goes beside it")
+    inputs = ([("--run", path) for _, path in snaps] + [("--run", metrics)]
+              + [("--judge", j) for j in args.judge or SHIPPED_JUDGES]
+              + [("--data_root", args.data_root), ("--reference", args.reference)])
+    refuse_overwriting([("--out", args.out), ("--out", json_out)], inputs)
+    with held_lock(args.out + ".lock", f"{args.out} is being written by {{holder}}, another "
+                                       f"time_to_quality.py; wait for it, or choose another --out"):
+        for path in (args.out, json_out):  # before minutes of scoring
+            check_writable(path, "--out")
+        return score_snapshots(args, device, snaps, metrics, json_out)
+
+
+def score_snapshots(args, device, snaps, metrics, json_out):
+    """Score each snapshot, draw the curve and write its figures; every file is checked first."""
     try:
         judges = {judge_name(j): for_inference(load_judge(j, device))
                   for j in args.judge or SHIPPED_JUDGES}
         test = tuple(t[::args.test_stride] for t in load_sprites(args.data_root)["test"])
         reference = read_reference(args.reference) if args.reference else None
         minutes = epoch_minutes(metrics)
+        unlogged = [e for e, _ in snaps if e not in minutes]
+        if unlogged:
+            raise DataError(f"{metrics} has no row of epoch(s) {unlogged}: it is not the metrics "
+                            f"of these snapshots; give the --run folder that holds both")
+        if len(test[0]) < 2:
+            raise DataError(f"{args.data_root}: --test_stride {args.test_stride} leaves "
+                            f"{len(test[0])} test video(s); protocol A's swaps need 2")
+        for _, path in snaps:  # a damaged snapshot is found now, not after the others' scoring
+            load_model(path)
     except (CheckpointError, DataError, OSError, ValueError) as e:
         sys.exit(f"error: {e}")
-    unlogged = [e for e, _ in snaps if e not in minutes]
-    if unlogged:
-        sys.exit(f"error: {metrics} has no row of epoch(s) {unlogged}: it is not the metrics of "
-                 f"these snapshots; give the --run folder that holds both")
     curves = {name: [] for name in judges}
     for epoch, path in progress(snaps, desc="snapshots", unit="snapshot", leave=False):
         try:
             model = for_inference(load_model(path, device))
             result = evaluate(model, judges, test, device, seeds=[0], amp=True, type_gt="action")
-        except (CheckpointError, NotFiniteError) as e:
-            sys.exit(f"error: {path}: {e}" if isinstance(e, NotFiniteError) else f"error: {e}")
+        except CheckpointError as e:
+            sys.exit(f"error: {e}")
+        except NotFiniteError as e:  # the judge's file when its outputs are the ones at fault
+            judge = dict(zip(judges, args.judge or SHIPPED_JUDGES)).get(e.judge)
+            sys.exit(f"error: {f'judge file {judge}' if e.judge else path}: {e}")
         for name in judges:
             curves[name].append((minutes[epoch], result["judges"][name]["mean"]["A_action_acc"]))
         tqdm.write(f"epoch {epoch} ({minutes[epoch]:.1f} min): " + ", ".join(
             f"{name} {pts[-1][1]:.2%}" for name, pts in curves.items()))
+    write_curves(args, curves, reference, len(test[0]), json_out)
+
+
+def write_curves(args, curves, reference, n_test, json_out):
+    """The curve's PNG and JSON, and the minutes at which each judge reached each level."""
     reached = {name: {f"{level:.0%}": first_reaching(pts, level) for level in LEVELS}
                for name, pts in curves.items()}
+    write_json({"run": args.run, "test_stride": args.test_stride, "n_test": n_test,
+                "curves": curves, "minutes_to": reached, "reference": reference}, json_out)
     plot(curves, reference, args.out)
-    write_json({"run": args.run, "test_stride": args.test_stride, "n_test": len(test[0]),
-                "curves": curves, "minutes_to": reached, "reference": reference},
-               os.path.splitext(args.out)[0] + ".json")
     for name, r in reached.items():
         print(f"{name}: minutes to " + ", ".join(
             f"{k} {'not reached' if v is None else f'{v:.1f}'}" for k, v in r.items()))
@@ -169,4 +206,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

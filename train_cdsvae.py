@@ -31,10 +31,11 @@ from evaluation import evaluate
 from judges.networks import SHIPPED_JUDGES, judge_name, load_judge
 from model import CDSVAE, FZCritic, cdsvae_loss, critic_loss
 from utils import (MODEL_ARGS, REMOVED_AT, REMOVED_TRAIN_ARGS, CheckpointError, OneLineErrors,
-                   add_amp_flag, autocast, grad_scaler, precision_note, progress,
+                   add_amp_flag, append_text, autocast, grad_scaler, precision_note, progress,
                    check_sizes, compile_model, folders_held, git_revision, half_precision,
                    make_adam, mismatched_model_args, pick_device, plot_loss_curves,
-                   prepare_for_device, read_checkpoint, save_atomic, write_text)
+                   prepare_for_device, read_resumable_checkpoint, run_main, save_atomic,
+                   write_text)
 
 
 # ---- arguments -----------------------------------------------------------------------------------
@@ -162,13 +163,20 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 class Stop:
     """A signal of SIGNALS: finish the step, write a checkpoint, exit with 128 + the signal."""
-    signum = 0
+    signum, before = 0, {}
 
     @classmethod
     def install(cls):
         cls.signum = 0
-        for s in SIGNALS:
-            signal.signal(s, cls.request)
+        cls.before = {s: signal.signal(s, cls.request) for s in SIGNALS}
+
+    @classmethod
+    def uninstall(cls):
+        """The handlers of before the loop (utils.run_main's: a signal from here on ends the
+        process in one line, torchrun's included)."""
+        for s, handler in cls.before.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+        cls.before = {}
 
     @classmethod
     def request(cls, signum, frame):
@@ -222,9 +230,15 @@ def load_data(run):
     X, A, D = data["train"]
     if args.subset:
         X, A, D = X[:args.subset], A[:args.subset], D[:args.subset]
-    (X, A, D), val = validation_split(X, A, D, args.val_chars, seed=args.seed)
+    try:
+        (X, A, D), val = validation_split(X, A, D, args.val_chars, seed=args.seed)
+    except ValueError as e:
+        sys.exit(f"error: --val_chars {args.val_chars}: {e}; hold out fewer")
     if len(X) < args.batch_size:
         sys.exit(f"error: {len(X)} training videos are fewer than --batch_size {args.batch_size}")
+    if run.judges and len(data["test"][0]) < 2:  # found now, not after an epoch of training
+        sys.exit(f"error: {args.data_root}: the test split has {len(data['test'][0])} video(s); "
+                 f"periodic scoring's swaps need 2: use --evl_interval 0, or other data")
     augment = args.model == "cdsvae"
     # the model shuffles x's frame features for the content view, so its tensor is not made
     run.loader = SpriteBatches(X, A, D, args.batch_size // run.world, shuffle=True, augment=augment,
@@ -275,9 +289,9 @@ def read_resumable(run):
     """The checkpoint to continue, refused in one line if it is another run's."""
     args, path = run.args, run.ckpt_path
     try:
-        ckpt = read_checkpoint(path)
+        ckpt = read_resumable_checkpoint(path)
         check_sizes(run.model, ckpt["model"], path)
-        changed = mismatched_model_args(ckpt, run.model_args)
+        changed = mismatched_model_args(ckpt, run.model_args, f"resumable checkpoint {path}")
         if changed:
             raise CheckpointError(f"{path} was trained with other settings: "
                                   f"{', '.join(changed.values())}; pass its "
@@ -346,7 +360,11 @@ def setup(args):
     run.epoch, run.step, run.skip_batches, run.history = 0, 0, 0, []
     run.sums, run.n_batches, run.seconds_before, run.stop = {}, 0, 0.0, None
     if args.resume:
-        resume(run)
+        try:  # a field of the right type whose content does not fit (checked with its type first)
+            resume(run)
+        except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as e:
+            sys.exit(f"error: cannot resume: resumable checkpoint {run.ckpt_path} does not fit "
+                     f"this run ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})")
     # a resumed run's points from its checkpoint's step on replace those written after it
     run.tensorboard = (SummaryWriter(args.log_dir, purge_step=run.step if args.resume else None)
                        if run.main_proc else None)
@@ -372,8 +390,7 @@ def setup(args):
 def log(run, msg):
     if run.main_proc:
         tqdm.write(msg)
-        with open(os.path.join(run.args.log_dir, "log.txt"), "a") as f:
-            f.write(msg + "\n")
+        append_text(msg + "\n", os.path.join(run.args.log_dir, "log.txt"))
 
 
 def write_metrics(run):
@@ -562,7 +579,7 @@ def validation_terms(run):
 
 
 def end_of_epoch(run, epoch):
-    """The epoch's row; the checkpoint first, then metrics.jsonl, the curves and the snapshot."""
+    """The epoch's row; the snapshot, then the checkpoint, then metrics.jsonl and the curves."""
     args = run.args
     row = {"epoch": epoch + 1, "step": run.step, "lr": run.scheduler.get_last_lr()[0],
            "seconds": round(time.time() - run.t0, 1),
@@ -577,6 +594,7 @@ def end_of_epoch(run, epoch):
                     for k, v in s["mean"].items()
                     if k.startswith(("A_", "B_", "Bs_", "swap_")) and not k.endswith("_n")})
     run.history.append(row)
+    save_snapshot(run, epoch)  # first: a kill before model.pt then redoes this epoch, snapshot too
     save_checkpoint(run, epoch + 1, 0, 0.0)  # metrics.jsonl is its history, written again on resume
     if not run.main_proc:
         return
@@ -588,7 +606,13 @@ def end_of_epoch(run, epoch):
     plot_loss_curves(run.history, os.path.join(args.log_dir, "loss_curves.png"))
     log(run, " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                       for k, v in row.items()))
-    if args.snapshot_every and (epoch + 1) % args.snapshot_every == 0:
+
+
+def save_snapshot(run, epoch):
+    """epoch_<N>.pt every --snapshot_every epochs: the weights in half precision, for
+    time_to_quality.py."""
+    args = run.args
+    if run.main_proc and args.snapshot_every and (epoch + 1) % args.snapshot_every == 0:
         save_atomic({"model": half_precision(run.raw_model.state_dict()),
                      "model_args": run.model_args, "epoch": epoch + 1, "step": run.step,
                      "args": vars(args), "history": run.history, "git": git_revision()},
@@ -603,12 +627,10 @@ def main(argv=None):
 
 
 def train(args):
-    Stop.install()
     run = None
     try:
-        run = setup(args)
-        if Stop.signum:  # asked to stop while loading: nothing trained, nothing to keep
-            sys.exit(128 + Stop.signum)
+        run = setup(args)  # a signal here ends the script at once (utils.run_main): nothing to keep
+        Stop.install()
         for epoch in range(run.epoch, args.nEpoch):
             if train_one_epoch(run, epoch):
                 break
@@ -619,9 +641,8 @@ def train(args):
         if run.distributed:  # the processes end together: one gone early can abort another's exit
             dist.barrier()
         return run.raw_model
-    finally:  # however the run ends: a signal from here on ends the process (torchrun's included)
-        for s in SIGNALS:
-            signal.signal(s, signal.SIG_DFL)
+    finally:  # however the run ends
+        Stop.uninstall()
         if getattr(run, "tensorboard", None) is not None:
             run.tensorboard.close()
         if dist.is_initialized():
@@ -629,4 +650,4 @@ def train(args):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -8,7 +8,8 @@ from torch import nn
 
 from dataloader import FACTORS
 from model import FrameEncoder
-from utils import CheckpointError, paper_encoder_names, read_checkpoint
+from utils import (STATE_DICT, CheckpointError, a_kind, bad_constructor_args, check_fields,
+                   checkpoint_kind, paper_encoder_names, read_checkpoint)
 
 SHIPPED_JUDGES = ("judges/sprite_judge.pt", "judges/clip_judge.pt")
 
@@ -84,26 +85,34 @@ def paper_judge(state, path):
 
 def load_judge(path, device="cpu"):
     """The judge network of a file of judges/train_judge.py or of the paper repo, in fp32, in eval
-    mode; CheckpointError if it is neither."""
-    ckpt = read_checkpoint(path)
-    if (isinstance(ckpt, dict) and isinstance(ckpt.get("state_dict"), dict)
-            and "cls_action.0.weight" in ckpt["state_dict"]):
+    mode; CheckpointError, naming the judge file, if it is neither or if a field is malformed."""
+    ckpt = read_checkpoint(path, what="judge file")
+    kind = checkpoint_kind(ckpt, path)
+    if kind == "the paper repo's judge":
+        check_fields(ckpt, f"{kind} {path}", {"state_dict": STATE_DICT})
         ckpt = paper_judge(ckpt["state_dict"], path)
     if not isinstance(ckpt, dict) or "model" not in ckpt or "judge_args" not in ckpt:
         raise CheckpointError(f"{path} is not a judge of judges/train_judge.py (no 'model' / "
                               f"'judge_args') nor the paper repo's (no 'state_dict' of its "
-                              f"classifier_Sprite_all)")
-    heads = dict(ckpt.get("heads", FACTORS))
-    if heads != FACTORS:
-        raise CheckpointError(f"{path} has judge heads {heads}, expected {FACTORS}")
+                              f"classifier_Sprite_all): it is {a_kind(kind)}")
+    name = f"judge file {path}"
+    check_fields(ckpt, name, {"model": STATE_DICT, "judge_args": (
+        lambda v: isinstance(v, dict), "a dict of the judge network's arguments")})
+    heads = ckpt.get("heads", FACTORS)
+    if not isinstance(heads, dict) or heads != FACTORS:
+        raise CheckpointError(f"{name} has judge heads {str(heads)[:200]}, expected {FACTORS}")
     arch = ckpt.get("arch", "bilstm")  # judge files that name no arch are of the first network
-    if arch not in JUDGES:
-        raise CheckpointError(f"{path} is a judge of network {arch!r}, which this code does not "
-                              f"know ({', '.join(JUDGES)})")
+    if not isinstance(arch, str) or arch not in JUDGES:
+        raise CheckpointError(f"{name} is a judge of network {str(arch)[:60]!r}, which this code "
+                              f"does not know ({', '.join(JUDGES)})")
+    bad = bad_constructor_args(JUDGES[arch], ckpt["judge_args"])
+    if bad:
+        raise CheckpointError(f"{name} has judge_args that no {JUDGES[arch].__name__} takes: "
+                              f"{'; '.join(bad)}; the file is damaged or of other code")
     try:
         judge = JUDGES[arch](**ckpt["judge_args"])
         judge.load_state_dict(ckpt["model"])  # copied into the fp32 parameters
     except (TypeError, RuntimeError) as e:
-        raise CheckpointError(f"{path} does not fit {JUDGES[arch].__name__} "
+        raise CheckpointError(f"{name} does not fit {JUDGES[arch].__name__} "
                               f"({str(e).splitlines()[0][:200]})") from None
     return judge.to(device).eval()

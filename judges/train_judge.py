@@ -23,8 +23,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dataloader import (FACTORS, DataError, SpriteBatches, factor_labels,  # noqa: E402
                         gaussian_blur, judge_corrupt, load_sprites, validation_split)
 from judges.networks import JUDGES, load_judge  # noqa: E402
-from utils import (CheckpointError, add_amp_flag, autocast, grad_scaler, half_precision, progress,  # noqa: E402
-                   pick_device, precision_note, read_checkpoint, save_atomic)
+from utils import (STATE_DICT, CheckpointError, add_amp_flag, autocast, check_fields,  # noqa: E402
+                   check_writable, grad_scaler, half_precision, held_lock, pick_device,
+                   precision_note, progress, read_checkpoint, refuse_overwriting, run_main,
+                   save_atomic)
 
 # the robustness card: name -> what is done to the real test videos before the judge sees them
 CARD = {"sharp": lambda x, g: x,
@@ -146,13 +148,28 @@ def checkpoint(run, epoch, best, best_state, seconds):
             "best_state": best_state, "seconds": seconds}
 
 
+# every field resume reads, with what it must be ('scaler' only in checkpoints that have one)
+RESUME_FIELDS = {
+    "model": STATE_DICT, "optimizer": (lambda v: isinstance(v, dict), "an optimizer's state"),
+    "sched": (lambda v: isinstance(v, dict), "a scheduler's state"),
+    "scaler": (lambda v: isinstance(v, dict), "a grad scaler's state"),
+    "corrupt_rng": (lambda v: isinstance(v, torch.Tensor) and v.dtype == torch.uint8,
+                    "a generator's state (a uint8 tensor)"),
+    "epoch": (lambda v: type(v) is int and v >= 0, "a whole number of epochs"),
+    "best": (lambda v: type(v) in (int, float) and -1 <= v <= 1, "an accuracy"),
+    "best_state": STATE_DICT,
+    "seconds": (lambda v: type(v) in (int, float) and 0 <= v < float("inf"), "seconds")}
+
+
 def resume(path, run):
     """Load checkpoint `path` into the run; -> (best worst-head accuracy, its weights, epochs done,
     seconds spent)."""
     try:
         # read on the CPU: the generator's state must stay a CPU ByteTensor, and load_state_dict
         # puts the weights and the optimizer's state on the judge's device
-        ckpt = read_checkpoint(path, map_location="cpu")
+        ckpt = read_checkpoint(path, map_location="cpu", what="judge training checkpoint")
+        check_fields(ckpt, f"{path} is not a checkpoint of this train_judge.py run: it",
+                     RESUME_FIELDS, optional=("scaler",))
         run["judge"].load_state_dict(ckpt["model"])
         run["optimizer"].load_state_dict(ckpt["optimizer"])
         run["sched"].load_state_dict(ckpt["sched"])
@@ -162,7 +179,7 @@ def resume(path, run):
         return ckpt["best"], ckpt["best_state"], ckpt["epoch"], ckpt["seconds"]
     except CheckpointError as e:
         sys.exit(f"error: cannot resume: {e}")
-    except (KeyError, TypeError, RuntimeError) as e:
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
         sys.exit(f"error: cannot resume: {path} is not a checkpoint of this train_judge.py run "
                  f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})")
 
@@ -207,6 +224,19 @@ def finish(args, judge, judge_args, best_state, test, device, t0):
 
 def main(argv=None):
     args = parse_args(argv)
+    refuse_overwriting([("--out", args.out)], [("--ckpt", args.ckpt),
+                                              ("--data_root", args.data_root)])
+    refuse_overwriting([("--ckpt", args.ckpt)], [("--data_root", args.data_root)])
+    with held_lock(args.out + ".lock", f"{args.out} is being written by {{holder}}, another "
+                                       f"train_judge.py; wait for it, or choose another --out"):
+        check_writable(args.out, "--out")  # before the training, not after it
+        if not args.card_only:
+            check_writable(args.ckpt, "--ckpt")
+        return train(args)
+
+
+def train(args):
+    """Train the judge --arch (or, with --card_only, card the judge file --out) as args ask."""
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
@@ -242,4 +272,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
