@@ -5,10 +5,20 @@ critic's step too with --weight_mi_critic) on one batch already on the device; l
 SpriteBatches' batches, the video, its motion view and content order, made on the device;
 end_to_end_per_s: both in sequence, as train_cdsvae.py runs them. Timed by CUDA events on a GPU,
 else perf_counter, on random bytes (the speed does not depend on them). Also the device's bf16 (fp32
-without --amp) matmul peak, measured in the same run, the share of it the step's convolutions
-reach, peak memory, the device, host CPU and torch version.
+without --amp; TF32 where the convolutions run it) matmul peak, measured in the same run, the share
+of it the step's convolutions reach, peak memory, the device, host CPU and torch version.
+
+ops_per_step: the operations one training step dispatches (forward, loss, backward, Adam), counted
+as a GPU launches them: every aten op that reaches the device's kernels, seen by a TorchDispatchMode
+below autograd and autocast (composite ops split into theirs), views and allocations left out
+(they launch nothing); the step in the form a GPU runs it (eager, the prior in one LSTM call, Adam
+fused) whatever the device. On a CPU each LSTM layer is one oneDNN op each way and the RNN runs
+frame by frame, where cuDNN makes each one call: there the count is an upper bound of a GPU's.
+--compile_mode reduce-overhead captures the compiled encoder and decoder in CUDA graphs (a GPU
+only).
 """
 import argparse
+import collections
 import contextlib
 import itertools
 import json
@@ -18,11 +28,13 @@ import subprocess
 import time
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from dataloader import SpriteBatches, content_augment
 from model import CDSVAE, FZCritic, cdsvae_loss, critic_loss
-from utils import (OneLineErrors, add_amp_flag, amp_dtype, dtype_name, autocast, compile_model, grad_scaler, make_adam,
+from utils import (OneLineErrors, adam_fused, add_amp_flag, add_compile_flags, amp_dtype, autocast,
+                   check_compile_flags, compile_model, dtype_name, grad_scaler,
                    pick_device, prepare_for_device, run_main)
 
 TRAIN_VIDEOS = 9000  # the Sprites train split: the MI estimate's dataset size
@@ -36,7 +48,7 @@ def get_args(argv=None):
     arg("--batch_size", type=int, default=32, help="videos per step (default 32)")
     arg("--steps", type=int, default=3, help=f"timed calls, after {WARMUP} untimed (default 3)")
     add_amp_flag(arg)
-    arg("--compile", action="store_true", help="torch.compile the frame encoder and decoder")
+    add_compile_flags(arg)
     arg("--nf", type=int, default=64, help="conv width (default 64, the paper's)")
     arg("--z_input", choices=("bilstm", "frame_delta", "full"), default="bilstm",
         help="what q(z|x) reads (default bilstm, the paper's)")
@@ -53,6 +65,7 @@ def get_args(argv=None):
         p.error("--batch_size must be at least 2, --steps and --nf positive, --threads 0 or more")
     if not args.weight_mi_critic >= 0:
         p.error(f"--weight_mi_critic must be 0 (off) or positive, got {args.weight_mi_critic}")
+    check_compile_flags(p, args)
     return args
 
 
@@ -90,8 +103,10 @@ def seconds_per_call(work, n, device):
 
 
 def matmul_peak(device, dtype):
-    """FLOP/s of square matmuls large enough to fill the device: 8192 on a GPU, 2048 on a CPU."""
-    n, reps = (8192, 20) if device.type == "cuda" else (2048, 10)
+    """FLOP/s of square matmuls large enough to fill the device: 8192 on a GPU, 2048 on a CPU's
+    cores, 1024 on one (as full, 8x fewer FLOPs)."""
+    n, reps = (8192, 20) if device.type == "cuda" else (
+        2048 if torch.get_num_threads() > 1 else 1024, 10)
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     tf32 = torch.backends.cuda.matmul.allow_tf32
     # fp32 convolutions run in TF32 on a GPU (cudnn's default): the peak is TF32's too
@@ -130,22 +145,30 @@ def batch_stream(args, device, frames):
         yield from loader
 
 
-def build_step(args, device):
-    """(the model, step(batch) as train_cdsvae.py's, its conv FLOPs per video before compiling)"""
+def build_step(args, device, as_on_a_gpu=False):
+    """(the model, step(batch) as train_cdsvae.py's, its conv FLOPs per video before compiling);
+    as_on_a_gpu: the step eager, in the form a GPU runs it on any device (ops_per_step)."""
     torch.manual_seed(0)
     model = prepare_for_device(CDSVAE(nf=args.nf, z_input=args.z_input,
                                       f_mirror=args.f_mirror).to(device), device)
     flops = conv_flops_per_video(model, device)
-    if args.compile:
-        model = compile_model(model)
-    optimizer = make_adam(model.parameters(), device, lr=1e-3)
+    graphs = args.compile_mode == "reduce-overhead" and not as_on_a_gpu
+    if as_on_a_gpu:
+        model.prior_one_call = True
+    elif args.compile:
+        model = compile_model(model, args.compile_mode)
+    fused = adam_fused(torch.device("cuda") if as_on_a_gpu else device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=fused)
     critic = critic_optimizer = None
     if args.weight_mi_critic:
         critic = FZCritic(model.f_dim, model.z_dim, model.frames).to(device)
-        critic_optimizer = make_adam(critic.parameters(), device, lr=1e-3, betas=(0.5, 0.9))
+        critic_optimizer = torch.optim.Adam(critic.parameters(), lr=1e-3, betas=(0.5, 0.9),
+                                            fused=fused)
     scaler = grad_scaler(device, args.amp)
 
     def step(batch):
+        if graphs:  # a new step: the graphs' outputs of the step before may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
         with autocast(device, args.amp):
             out = model(batch["x"], m_aug=batch["m_aug"], c_aug_order=batch["c_aug_order"])
         loss, _ = cdsvae_loss(out, batch["x"], TRAIN_VIDEOS, critic=critic,
@@ -159,6 +182,40 @@ def build_step(args, device):
             critic_loss(critic, out["f"].detach().float(), out["z"].detach().float()).backward()
             critic_optimizer.step()
     return model, step, flops
+
+
+# aten ops that launch no kernel besides the views (OpOverload.is_view): allocations, aliases
+NO_KERNEL = {getattr(torch.ops.aten, name) for name in (
+    "_unsafe_view", "empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided",
+    "unsafe_split", "unsafe_split_with_sizes", "lift_fresh")}
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts by name the aten ops that reach a device's kernels, views and allocations left out."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "aten" and not func.is_view and func.overloadpacket not in NO_KERNEL:
+            self.counts[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_ops(args, device, batch):
+    """{op: times} in one training step in the form a GPU runs it, after an uncounted one (the
+    first makes Adam's state)."""
+    _, step, _ = build_step(args, device, as_on_a_gpu=True)
+    step(batch)
+    with OpCounter() as counter:
+        step(batch)
+    return counter.counts
+
+
+def share_of_peak(achieved, peak):
+    """achieved / peak in 3 significant digits: a fast GPU's tiny share is not rounded to 0."""
+    return float(f"{achieved / peak:.3g}")
 
 
 def paper_step(args, batch, device):
@@ -213,8 +270,14 @@ def measure(args, device):
     result = {"step_per_s": round(B / step_s, 2), "loader_per_s": round(B / loader_s, 2),
               "end_to_end_per_s": round(B / end_to_end_s, 2),
               "ms_per_step": round(1000 * step_s, 2), "first_step_s": round(first_step_s, 2)}
+    if args.compile_mode == "reduce-overhead":  # 0: every compiled graph was captured
+        from torch._dynamo.utils import counters
+        result["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"]
+    ops = count_ops(args, device, batch)
+    result["ops_per_step"] = sum(ops.values())
     if args.profile:
         result["profile"] = profile_step(step, batch, device)
+        result["ops_by_name"] = dict(ops.most_common(12))
     if args.paper_step:
         paper_s = seconds_per_call(paper_step(args, batch, device), args.steps, device)
         result.update(paper_sequences_per_s=round(B / paper_s, 2),
@@ -228,7 +291,7 @@ def measure(args, device):
     return {**result, "matmul_dtype": str(dtype).removeprefix("torch."),
             "matmul_peak_gflops": round(peak / 1e9, 1),
             "conv_gflops_achieved": round(achieved / 1e9, 1),
-            "share_of_matmul_peak": float(f"{achieved / peak:.3g}"),  # 3 significant digits
+            "share_of_matmul_peak": share_of_peak(achieved, peak),
             "peak_mem_gb": round(peak_mem / 2 ** 30, 2),
             "peak_mem_of": "cuda_max_allocated" if cuda else "host_max_rss"}
 
@@ -246,8 +309,8 @@ def main(argv=None):
         "host_cpu": host, "torch": torch.__version__, "threads": torch.get_num_threads(),
         "amp": args.amp,
         "precision": dtype_name(amp_dtype(device, args.amp)),
-        **{k: getattr(args, k) for k in ("compile", "nf", "batch_size", "z_input", "f_mirror",
-                                         "weight_mi_critic", "steps")},
+        **{k: getattr(args, k) for k in ("compile", "compile_mode", "nf", "batch_size", "z_input",
+                                         "f_mirror", "weight_mi_critic", "steps")},
         **figures}
     print(json.dumps(result), flush=True)
     return result

@@ -393,9 +393,10 @@ def _make_batch(X, i, generator=None, content_view=True, chunk=None):
     return batch
 
 
-def _store_on(X, device):
-    """X on the device if it fits in half its free memory, else X in host memory."""
-    if device.type == "cpu":
+def _store_on(X, device, on_host=False):
+    """X on the device if it fits in half its free memory and on_host is not asked, else X in
+    host memory."""
+    if device.type == "cpu" or on_host:
         return X
     if device.type == "cuda" and X.nbytes > torch.cuda.mem_get_info(device)[0] // 2:
         return X
@@ -411,16 +412,17 @@ class SpriteBatches:
     Order and views depend only on (seed, epoch), so a resumed run sees the same batches, and
     set_epoch(epoch, start) skips making the first `start`. With rank / world_size each process gets
     a strided share (as DistributedSampler). The views are made on `device`, from the uint8 split
-    moved there once where it fits, else from pinned host rows; A, D and index stay on the CPU."""
+    moved there once where it fits (and on_host is not asked), else from pinned host rows; A, D
+    and index stay on the CPU."""
 
     def __init__(self, X, A, D, batch_size, shuffle=False, augment=False, seed=0, drop_last=False,
-                 rank=0, world_size=1, content_view=True, device=None):
+                 rank=0, world_size=1, content_view=True, device=None, on_host=False):
         self.X, self.A, self.D, self.content_view = X, A, D, content_view
         self.batch_size, self.shuffle, self.augment, self.seed = batch_size, shuffle, augment, seed
         self.drop_last, self.rank, self.world_size = drop_last, rank, world_size
         self.epoch, self.start = 0, 0
         self.device = torch.device(device if device is not None else "cpu")
-        self.store, self.chunk = _store_on(X, self.device), None
+        self.store, self.chunk = _store_on(X, self.device, on_host), None
 
     def set_epoch(self, epoch, start=0):
         self.epoch, self.start = epoch, start
@@ -468,13 +470,16 @@ class SpriteBatches:
             yield batch
 
 
-def gaussian_blur(x, sigma):
-    """Each video of x (B, T, 3, H, W) blurred by a Gaussian of its own sigma (B,) px (0: none)."""
-    sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).expand(x.shape[0])
+def _blur_kernels(sigma):
+    """(radius, (B, 2 radius + 1) Gaussian kernels summing to 1) for sigmas (B,) px, 0: none."""
     radius = max(1, math.ceil(3 * sigma.max().item()))
-    offsets = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+    offsets = torch.arange(-radius, radius + 1, dtype=sigma.dtype, device=sigma.device)
     kernel = torch.exp(-offsets ** 2 / (2 * sigma[:, None].clamp_min(1e-6) ** 2))
-    kernel = kernel / kernel.sum(1, keepdim=True)  # (B, K); sigma 0 gives a unit impulse
+    return radius, kernel / kernel.sum(1, keepdim=True)  # sigma 0 gives a unit impulse
+
+
+def _blur_with(x, kernel, radius):
+    """Each video of x (B, T, 3, H, W) filtered by its own separable kernel (B, 2 radius + 1)."""
     B, T, C, H, W = x.shape
     # one grouped convolution blurs every video with its own kernel: its channels are a group
     y = x.transpose(0, 1).reshape(T, B * C, H, W)
@@ -484,13 +489,33 @@ def gaussian_blur(x, sigma):
     return y.reshape(T, B, C, H, W).transpose(0, 1)
 
 
-def judge_corrupt(x, generator=None, p_blur=0.5, max_sigma=2.0, p_noise=0.5, max_noise=0.1):
+def gaussian_blur(x, sigma):
+    """Each video of x (B, T, 3, H, W) blurred by a Gaussian of its own sigma (B,) px (0: none)."""
+    radius, kernel = _blur_kernels(torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
+                                   .expand(x.shape[0]))
+    return _blur_with(x, kernel, radius)
+
+
+def judge_corrupt(x, generator=None, p_blur=0.5, max_sigma=2.0, p_noise=0.5, max_noise=0.1,
+                  noise_generator=None):
     """A judge's training videos, so that it reads the factors, not the sharpness: blur (p_blur,
-    sigma up to max_sigma px), then pixel noise (p_noise, std up to max_noise), clamped."""
+    sigma up to max_sigma px), then pixel noise (p_noise, std up to max_noise), clamped. The
+    per-video draws come from `generator` (a CPU one), then the noise: from it too on the CPU, else
+    (off the CPU, or given a noise_generator) on x's device from noise_generator, the kernels
+    going there in one copy and nothing read back."""
     B = x.shape[0]
     sigma = (torch.rand(B, generator=generator) * max_sigma
              * (torch.rand(B, generator=generator) < p_blur))
     std = (torch.rand(B, generator=generator) * max_noise
            * (torch.rand(B, generator=generator) < p_noise))
-    noise = torch.randn(x.shape, generator=generator) * std[:, None, None, None, None]
-    return (gaussian_blur(x, sigma) + noise).clamp_(0, 1)
+    if x.device.type == "cpu" and noise_generator is None:
+        noise = torch.randn(x.shape, generator=generator) * std[:, None, None, None, None]
+        return (gaussian_blur(x, sigma) + noise).clamp_(0, 1)
+    radius, kernel = _blur_kernels(sigma)  # on the CPU: the radius is known without a read
+    draws = torch.cat([kernel.flatten(), std])
+    if x.is_cuda:
+        draws = draws.pin_memory()
+    kernel, std = draws.to(x.device, non_blocking=True).split([kernel.numel(), B])
+    noise = torch.randn(x.shape, generator=noise_generator, device=x.device)
+    return (_blur_with(x, kernel.view(B, -1), radius) + noise * std[:, None, None, None, None]
+            ).clamp_(0, 1)

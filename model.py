@@ -3,6 +3,7 @@
 Shapes: a video x is (B, T, 3, 64, 64) in [0, 1]; f is (B, f_dim); z is (B, T, z_dim).
 """
 import math
+import warnings
 
 import torch
 import torch.nn as nn
@@ -57,6 +58,17 @@ def init_weights(module, deconv_normal=True):
             nn.init.zeros_(m.bias)
 
 
+def recurrent(call, x):
+    """call(x) for an RNN or LSTM. Under bf16 autocast on a GPU it runs in fp32: cuDNN's autocast
+    runs recurrent layers in fp16 whatever autocast's dtype (ATen's AutocastRNN.cpp), and a bf16
+    run scales no loss, so fp16 gradients could underflow. Elsewhere as autocast has it."""
+    if (x.is_cuda and torch.is_autocast_enabled("cuda")
+            and torch.get_autocast_dtype("cuda") == torch.bfloat16):
+        with torch.autocast("cuda", enabled=False):
+            return call(x.float())
+    return call(x)
+
+
 def reparameterize(mean, logvar, random=True):
     """A sample of N(mean, e^logvar), in fp32 whatever the autocast (bf16 would round the noise)."""
     if not random:
@@ -95,6 +107,7 @@ class CDSVAE(nn.Module):
         self.z_mean, self.z_logvar = nn.Linear(rnn_size, z_dim), nn.Linear(rnn_size, z_dim)
         self.z_prior_lstm_1, self.z_prior_lstm_2 = nn.LSTMCell(z_dim, rnn_size), nn.LSTMCell(rnn_size, rnn_size)
         self.z_prior_mean, self.z_prior_logvar = nn.Linear(rnn_size, z_dim), nn.Linear(rnn_size, z_dim)
+        self.prior_one_call = False  # not a weight: utils.prepare_for_device sets it on a GPU
         init_weights(self, deconv_normal)
 
     # ---- posteriors ------------------------------------------------------------------------------
@@ -111,20 +124,21 @@ class CDSVAE(nn.Module):
         # q(f|x)'s input: the video's BiLSTM summary, averaged with its mirror image's (f_mirror)
         f_in = self._f_summary(lstm_out)
         if g_mirror is not None:
-            f_in = 0.5 * (f_in + self._f_summary(self.z_lstm(g_mirror)[0]))
+            f_in = 0.5 * (f_in + self._f_summary(recurrent(self.z_lstm, g_mirror)[0]))
         return f_in
 
     def encode_features(self, g, random=True, g_mirror=None):
         """The posteriors from frame features g (B, T, g_dim) and the mirrored frames' ones."""
-        lstm_out, _ = self.z_lstm(g)
+        lstm_out, _ = recurrent(self.z_lstm, g)
         f_in = self._f_input(lstm_out, g_mirror)
         f_mean, f_logvar = self.f_mean(f_in), self.f_logvar(f_in)
         f = reparameterize(f_mean, f_logvar, random)
         if self.z_input == "frame_delta":
-            lstm_out, _ = self.z_lstm(g - g.mean(dim=1, keepdim=True))
+            lstm_out, _ = recurrent(self.z_lstm, g - g.mean(dim=1, keepdim=True))
         elif self.z_input == "full":
-            lstm_out, _ = self.zf_lstm(torch.cat([g, f[:, None].to(g.dtype).expand(-1, g.shape[1], -1)], dim=2))
-        z_features, _ = self.z_rnn(lstm_out)
+            f_frames = f[:, None].to(g.dtype).expand(-1, g.shape[1], -1)
+            lstm_out, _ = recurrent(self.zf_lstm, torch.cat([g, f_frames], dim=2))
+        z_features, _ = recurrent(self.z_rnn, lstm_out)
         z_mean, z_logvar = self.z_mean(z_features), self.z_logvar(z_features)
         return {"f_mean": f_mean, "f_logvar": f_logvar, "f": f,
                 "z_mean": z_mean, "z_logvar": z_logvar, "z": reparameterize(z_mean, z_logvar, random)}
@@ -144,7 +158,12 @@ class CDSVAE(nn.Module):
         return tuple(like.new_zeros(B, self.rnn_size) for _ in range(4))
 
     def prior(self, z_post):
-        """p(z_t | z_<t), teacher forced: step t is fed the posterior sample z_{t-1} (z_0 = 0)."""
+        """p(z_t | z_<t), teacher forced: step t is fed the posterior sample z_{t-1} (z_0 = 0).
+        With prior_one_call, the two cells run as one 2-layer LSTM call over the frames (on a GPU
+        one cuDNN kernel each way, not launches for each cell, head and frame); else cell by cell,
+        the order of sums the CPU runs were trained with (the same maths, other rounding)."""
+        if self.prior_one_call:
+            return self._prior_in_one_call(z_post)
         B, T, _ = z_post.shape
         state = self._prior_state(B, z_post)
         z_prev = z_post.new_zeros(B, self.z_dim)
@@ -155,6 +174,22 @@ class CDSVAE(nn.Module):
             logvars.append(lv)
             z_prev = z_post[:, t]
         return torch.stack(means, 1), torch.stack(logvars, 1)
+
+    def _prior_in_one_call(self, z_post):
+        """prior's means and log-variances from one LSTM call with the cells' own weights, in their
+        dtype whatever the autocast (cuDNN's would run it in fp16, and oneDNN refuses the CPU's)."""
+        cells = (self.z_prior_lstm_1, self.z_prior_lstm_2)
+        weights = [w for c in cells for w in (c.weight_ih, c.weight_hh, c.bias_ih, c.bias_hh)]
+        z_post = z_post.to(weights[0].dtype)
+        z_prev = torch.cat([z_post.new_zeros(z_post.shape[0], 1, self.z_dim), z_post[:, :-1]], 1)
+        h0 = z_post.new_zeros(2, z_post.shape[0], self.rnn_size)
+        with torch.autocast(z_post.device.type, enabled=False), warnings.catch_warnings():
+            # cuDNN copies the cells' weights into its layout each call (a few MB), and says so
+            warnings.filterwarnings("ignore", message="RNN module weights are not part")
+            # (input, (h0, c0), weights, biases, layers, dropout, train, bidirectional, batch_first)
+            h2 = torch._VF.lstm(z_prev, (h0, h0), weights, True, 2, 0.0, self.training, False,
+                                True)[0]
+        return self.z_prior_mean(h2), self.z_prior_logvar(h2)
 
     def sample_z_prior(self, B, T=None, random=True, like=None):
         """A path of the prior, each step fed its own sample: (per-step means, samples)."""

@@ -4,10 +4,10 @@
     torchrun --nproc_per_node=2 train_cdsvae.py ...                                # DDP
     python train_cdsvae.py --log_dir runs/paper --resume                           # continue a run
 
-Writes log.txt, metrics.jsonl (a row per epoch), loss_curves.png and TensorBoard events to
---log_dir, the resumable checkpoint model.pt to --model_dir. SIGINT / SIGTERM / SIGHUP write a
-checkpoint and exit with 130 / 143 / 129. Read top to bottom: arguments, set-up, one epoch, the end
-of an epoch, main.
+Writes log.txt, metrics.jsonl (a row per epoch), TensorBoard events and, at the run's end or
+stop, loss_curves.png to --log_dir, the resumable checkpoint model.pt to --model_dir. SIGINT /
+SIGTERM / SIGHUP write a checkpoint and exit with 130 / 143 / 129. Read top to bottom: arguments,
+set-up, one epoch, the end of an epoch, main.
 """
 import argparse
 import contextlib
@@ -31,7 +31,8 @@ from evaluation import evaluate
 from judges.networks import SHIPPED_JUDGES, judge_name, load_judge
 from model import CDSVAE, FZCritic, cdsvae_loss, critic_loss
 from utils import (MODEL_ARGS, REMOVED_AT, REMOVED_TRAIN_ARGS, CheckpointError, OneLineErrors,
-                   add_amp_flag, append_text, autocast, grad_scaler, precision_note, progress,
+                   add_amp_flag, add_compile_flags, append_text, autocast, check_compile_flags,
+                   cuda_asked, grad_scaler, load_adam_state, precision_note, progress,
                    check_sizes, compile_model, folders_held, git_revision, half_precision,
                    make_adam, mismatched_model_args, pick_device, plot_loss_curves,
                    prepare_for_device, read_resumable_checkpoint, run_main, save_atomic,
@@ -98,8 +99,14 @@ def get_args(argv=None):
     arg("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: cuda if any")
     add_amp_flag(arg)
     arg("--threads", type=int, default=0, help="CPU threads per process (default 0: torch's)")
-    arg("--sync_bn", action="store_true", help="SyncBatchNorm across processes under torchrun")
-    arg("--compile", action="store_true", help="torch.compile the frame encoder and decoder")
+    arg("--sync_bn", action="store_true",
+        help="SyncBatchNorm across processes under torchrun (GPUs only)")
+    add_compile_flags(arg)
+    arg("--data_on_host", action="store_true", help="keep the split in pinned host memory and copy "
+        "each batch's rows, as where the device cannot hold it (a check of that path)")
+    arg("--sync_debug", choices=("off", "warn", "error"), default="off",
+        help="run the steps between two reads of the loss under torch.cuda.set_sync_debug_mode: "
+             "warn or fail at any wait for the GPU (a GPU only; default off)")
     args = p.parse_args(argv)
     check_args(p, args)
     args.model_dir = args.model_dir or args.log_dir
@@ -125,12 +132,28 @@ def check_args(p, args):
     if args.model == "dsvae" and (args.weight_mi_after or args.weight_mi_critic):
         p.error("--model dsvae has no augmented views, InfoNCE or MI terms: "
                 "--weight_mi_after and --weight_mi_critic do not apply")
+    check_device_flags(p, args)
     if args.weight_mi_after:
         after, weight = args.weight_mi_after
         if not (after >= 0 and after.is_integer() and math.isfinite(weight)):
             p.error(f"--weight_mi_after takes a step (a whole number, 0 or more) and a weight, "
                     f"got {after:g} {weight:g}")
         args.weight_mi_after = [int(after), weight]
+
+
+def check_device_flags(p, args):
+    """Refuse, in one line and before anything starts, what only a GPU runs: under torchrun the
+    first process says why, the others exit with it."""
+    check_compile_flags(p, args)
+    gpu = cuda_asked(args.device)
+    for flag, needs in ((args.sync_bn, "--sync_bn: SyncBatchNorm runs on CUDA GPUs only; on CPUs "
+                         "drop it (each process then normalises by its own share of the batch)"),
+                        (args.sync_debug != "off", "--sync_debug watches the waits for a GPU; "
+                         "there is none here: drop it")):
+        if flag and not gpu:
+            if int(os.environ.get("RANK", "0")):
+                sys.exit(2)
+            p.error(needs)
 
 
 def lr_lambda(sche, n_epoch, steps_per_epoch, lr):
@@ -243,7 +266,7 @@ def load_data(run):
     # the model shuffles x's frame features for the content view, so its tensor is not made
     run.loader = SpriteBatches(X, A, D, args.batch_size // run.world, shuffle=True, augment=augment,
                                seed=args.seed, drop_last=True, rank=run.rank, world_size=run.world,
-                               content_view=False, device=run.device)
+                               content_view=False, device=run.device, on_host=args.data_on_host)
     run.val_loader = (SpriteBatches(*val, args.batch_size, augment=augment, seed=args.seed,
                                     content_view=False, device=run.device)
                       if args.val_chars else None)
@@ -263,7 +286,7 @@ def build_networks(run):
     run.model_args.update(frames=run.frames, deconv_normal=args.deconv_init == "normal")
     model = prepare_for_device(CDSVAE(**run.model_args).to(device), device)
     if args.compile:
-        compile_model(model)
+        compile_model(model, args.compile_mode)
     run.raw_model = run.model = model
     run.optimizer = make_adam(model.parameters(), device, lr=args.lr, betas=(0.9, 0.999))
     run.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -309,19 +332,20 @@ def resume(run):
     """Continue from model_dir/model.pt: weights, optimizers, random state, the epoch's sums."""
     ckpt = read_resumable(run)
     run.model.load_state_dict(ckpt["model"])
-    run.optimizer.load_state_dict(ckpt["optimizer"])
+    load_adam_state(run.optimizer, ckpt["optimizer"])
     run.scheduler.load_state_dict(ckpt["scheduler"])
     run.scaler.load_state_dict(ckpt["scaler"])
     if run.critic is not None and "critic" in ckpt:
         run.critic.load_state_dict(ckpt["critic"])
-        run.critic_optimizer.load_state_dict(ckpt["critic_optimizer"])
+        load_adam_state(run.critic_optimizer, ckpt["critic_optimizer"])
     elif run.critic is not None:
         log(run, f"{run.ckpt_path} has no critic: the --weight_mi_critic critic starts anew")
     run.epoch, run.step, run.skip_batches = ckpt["epoch"], ckpt["step"], ckpt["batches_done"]
     torch.set_rng_state(ckpt["rng_cpu"][run.rank])
     if run.device.type == "cuda" and ckpt["rng_cuda"]:
         torch.cuda.set_rng_state(ckpt["rng_cuda"][run.rank], run.device)
-    run.history = list(ckpt["history"])
+    run.history = [dict(row) for row in ckpt["history"]]
+    keep_overheads(run)
     run.sums, run.n_batches = dict(ckpt["epoch_sums"]), ckpt["epoch_batches"]
     run.seconds_before = ckpt["epoch_seconds"]
     if run.main_proc:  # the checkpoint is the record: a row written after it, before a kill, goes
@@ -329,6 +353,19 @@ def resume(run):
     where = (f"in epoch {run.epoch + 1} after batch {run.skip_batches}/{len(run.loader)}"
              if run.skip_batches else f"after epoch {run.epoch}")
     log(run, f"resumed {run.ckpt_path} {where}, step {run.step}")
+
+
+def keep_overheads(run):
+    """The last epoch's overhead_s is measured after its checkpoint: taken from metrics.jsonl, where
+    that row is the checkpoint's own (same epoch and step), so a resume does not drop it."""
+    with contextlib.suppress(OSError, ValueError):
+        with open(run.metrics_path) as f:
+            written = {(r.get("epoch"), r.get("step")): r for r in map(json.loads, f)
+                       if isinstance(r, dict)}
+        for row in run.history:
+            seconds = written.get((row.get("epoch"), row.get("step")), {}).get("overhead_s")
+            if "overhead_s" not in row and isinstance(seconds, (int, float)):
+                row["overhead_s"] = seconds
 
 
 def setup(args):
@@ -359,6 +396,7 @@ def setup(args):
                 os.remove(os.path.join(folder, stale))
     run.epoch, run.step, run.skip_batches, run.history = 0, 0, 0, []
     run.sums, run.n_batches, run.seconds_before, run.stop = {}, 0, 0.0, None
+    run.last_step_end, run.asked_s, run.steps_audited, run.sync_audit_on = None, 0.0, 0, False
     if args.resume:
         try:  # a field of the right type whose content does not fit (checked with its type first)
             resume(run)
@@ -456,6 +494,8 @@ def train_step(run, batch):
     """One step of the model (and the critic): the terms in one device tensor, nothing read to the
     host; under DDP the whole batch's, and the stop signal's sum and count as two more."""
     gather = gather_rows if run.distributed else None
+    if run.args.compile_mode == "reduce-overhead":  # the CUDA graphs' outputs of the step before
+        torch.compiler.cudagraph_mark_step_begin()  # may be overwritten from here on
     out, loss, terms = forward_and_loss(run, run.model, batch, run.step, gather)
     run.optimizer.zero_grad(set_to_none=True)
     run.scaler.scale(loss).backward()
@@ -521,6 +561,7 @@ def train_one_epoch(run, epoch):
     run.batches_read = run.n_batches
     bar = progress(total=len(loader), initial=run.skip_batches, leave=False, unit="step",
                    desc=f"epoch {epoch + 1}/{args.nEpoch}", disable=not run.main_proc)
+    note_overhead(run)
     for b, batch in enumerate(loader, start=run.skip_batches):
         accumulate(run, train_step(run, batch))
         run.step += 1
@@ -534,6 +575,7 @@ def train_one_epoch(run, epoch):
         if not (run.step % run.log_every == 0 or b + 1 == len(loader) or at_max
                 or (Stop.signum and not run.distributed)):
             continue
+        audit_syncs(run, False)  # a read waits for the GPU by design
         signum = read_progress(run)
         shown = ("loss", "recon", "kld_z", "con_f", "con_z", "mi_critic")
         bar.set_postfix({k: f"{run.sums[k] / run.n_batches:.3g}" for k in shown if k in run.sums})
@@ -545,8 +587,32 @@ def train_one_epoch(run, epoch):
                 stopped(run, f"in epoch {epoch + 1} after batch {b + 1}/{len(loader)}")
                 return True
             break
+        audit_syncs(run, b + 1 < len(loader))  # the steps up to the next read of this epoch
     bar.close()
+    run.last_step_end = time.time()
     return False
+
+
+def note_overhead(run):
+    """The last row's overhead_s, when its epoch ran in this process: the seconds from its last
+    step to now (the next epoch's first step, or the run's end), less the validation and judge
+    scoring the flags asked for; to TensorBoard too."""
+    if run.last_step_end is not None and run.history and "overhead_s" not in run.history[-1]:
+        seconds = round(time.time() - run.last_step_end - run.asked_s, 3)
+        run.history[-1]["overhead_s"] = seconds
+        if run.tensorboard is not None:
+            run.tensorboard.add_scalar("epoch/overhead_s", seconds, run.history[-1]["epoch"])
+    run.last_step_end = None
+
+
+def audit_syncs(run, on):
+    """--sync_debug: the mode on (or off) from here; counts the steps that ran under it."""
+    if run.args.sync_debug == "off":
+        return
+    if run.sync_audit_on:
+        run.steps_audited += run.n_batches - run.batches_read
+    torch.cuda.set_sync_debug_mode(run.args.sync_debug if on else "default")
+    run.sync_audit_on = on
 
 
 def stopped(run, where):
@@ -555,6 +621,7 @@ def stopped(run, where):
     log(run, f"stopped by {why} {where}, step {run.step}; checkpoint {run.ckpt_path} "
              f"(continue with --resume)")
     if run.stop:
+        end_of_run(run)
         sys.exit(128 + run.stop)
 
 
@@ -579,12 +646,14 @@ def validation_terms(run):
 
 
 def end_of_epoch(run, epoch):
-    """The epoch's row; the snapshot, then the checkpoint, then metrics.jsonl and the curves."""
+    """The epoch's row; the snapshot, then the checkpoint, then metrics.jsonl (the curves are drawn
+    at the run's end: redrawn each epoch, they took longer than a GPU's epoch)."""
     args = run.args
     row = {"epoch": epoch + 1, "step": run.step, "lr": run.scheduler.get_last_lr()[0],
            "seconds": round(time.time() - run.t0, 1),
            **{k: v / max(1, run.n_batches) for k, v in run.sums.items()}}
     run.skip_batches, run.sums, run.n_batches, run.seconds_before = 0, {}, 0, 0.0
+    asked_from = time.time()  # validation and scoring are what the flags ask for, not overhead
     if run.val_loader is not None and run.main_proc:
         row.update(validation_terms(run))
     if run.judges and (epoch + 1) % args.evl_interval == 0:
@@ -593,6 +662,7 @@ def end_of_epoch(run, epoch):
         row.update({f"eval_{name}_{k}": v for name, s in scores.items()
                     for k, v in s["mean"].items()
                     if k.startswith(("A_", "B_", "Bs_", "swap_")) and not k.endswith("_n")})
+    run.asked_s = time.time() - asked_from
     run.history.append(row)
     save_snapshot(run, epoch)  # first: a kill before model.pt then redoes this epoch, snapshot too
     save_checkpoint(run, epoch + 1, 0, 0.0)  # metrics.jsonl is its history, written again on resume
@@ -603,7 +673,6 @@ def end_of_epoch(run, epoch):
         if k not in ("epoch", "step") and isinstance(v, (int, float)):
             run.tensorboard.add_scalar(f"epoch/{k}", v, epoch + 1)
     run.tensorboard.flush()
-    plot_loss_curves(run.history, os.path.join(args.log_dir, "loss_curves.png"))
     log(run, " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                       for k, v in row.items()))
 
@@ -617,6 +686,18 @@ def save_snapshot(run, epoch):
                      "model_args": run.model_args, "epoch": epoch + 1, "step": run.step,
                      "args": vars(args), "history": run.history, "git": git_revision()},
                     os.path.join(args.model_dir, f"epoch_{epoch + 1}.pt"))
+
+
+def end_of_run(run):
+    """The last epoch's overhead_s (its end-of-epoch work), metrics.jsonl with it, the curves."""
+    if not run.main_proc:
+        return
+    note_overhead(run)
+    if run.args.sync_debug != "off":
+        log(run, f"--sync_debug {run.args.sync_debug}: {run.steps_audited} steps between reads "
+                 f"ran under it")
+    write_metrics(run)
+    plot_loss_curves(run.history, os.path.join(run.args.log_dir, "loss_curves.png"))
 
 
 def main(argv=None):
@@ -638,6 +719,7 @@ def train(args):
             if run.stop is not None:  # the stop came at the last batch: the epoch is complete
                 stopped(run, f"after epoch {epoch + 1}")
                 break
+        end_of_run(run)
         if run.distributed:  # the processes end together: one gone early can abort another's exit
             dist.barrier()
         return run.raw_model

@@ -69,6 +69,11 @@ HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 BF16_NATIVE_MAX_RATIO = 2.0  # emulated bf16 convolutions run 3-20x slower than fp32; native faster
 
 
+def cuda_asked(device_flag):
+    """Whether --device (auto, cpu or cuda) resolves to a GPU."""
+    return device_flag == "cuda" or (device_flag == "auto" and torch.cuda.is_available())
+
+
 def add_amp_flag(arg):
     """--amp [auto|bf16|fp16|off], the same in every script."""
     arg("--amp", nargs="?", const="auto", default="off", choices=AMP_CHOICES, help=AMP_HELP)
@@ -359,6 +364,7 @@ def run_main(main):
 
 
 # ---- files ---------------------------------------------------------------------------------------
+@functools.cache  # the code a process runs does not change; a checkpoint an epoch need not ask
 def git_revision():
     try:
         here = os.path.dirname(os.path.abspath(__file__))
@@ -859,7 +865,7 @@ def load_model(path, device="cpu", **overrides):
 
 # ---- the loss curves -----------------------------------------------------------------------------
 LOSS_TERMS = ("recon", "kld_f", "kld_z", "mi_fz", "mi_critic", "con_f", "con_z", "loss")
-NOT_LOSSES = ("epoch", "step", "lr", "seconds")
+NOT_LOSSES = ("epoch", "step", "lr", "seconds", "overhead_s")
 
 
 def plot_loss_curves(rows, path):
@@ -974,20 +980,57 @@ def folders_held(folders, flags="--log_dir / --model_dir"):
 # ---- the device's fast paths: training and bench.py ---------------------------------------------
 def prepare_for_device(model, device):
     """`model` channels-last (bf16 convs ~2x faster on the CPU; the tensor cores' layout), and on
-    CUDA cudnn.benchmark (a run's shapes do not change)."""
+    CUDA cudnn.benchmark (a run's shapes do not change) and the prior in one LSTM call (a CDSVAE's
+    prior_one_call: one cuDNN kernel, not a launch per cell and frame)."""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    model.prior_one_call = device.type == "cuda"
     return model.to(memory_format=torch.channels_last)
+
+
+def adam_fused(device):
+    """Adam's `fused` on `device`: one kernel for all tensors on CUDA; torch's default elsewhere."""
+    return True if device.type == "cuda" else None
 
 
 def make_adam(params, device, **kwargs):
     """torch.optim.Adam over `params`, fused on CUDA (one kernel for every tensor)."""
-    return torch.optim.Adam(params, fused=True if device.type == "cuda" else None, **kwargs)
+    return torch.optim.Adam(params, fused=adam_fused(device), **kwargs)
 
 
-def compile_model(model):
+def load_adam_state(optimizer, state):
+    """optimizer.load_state_dict(state), each group fused as make_adam makes it on this device
+    (the saved groups' flag would win: a CPU run's None would drop fused Adam on a GPU); set
+    before loading, so that torch puts the step counts where that flag needs them."""
+    groups = [{**saved, "fused": own["fused"]}
+              for saved, own in zip(state["param_groups"], optimizer.param_groups)]
+    optimizer.load_state_dict({**state, "param_groups": groups})
+
+
+COMPILE_MODES = ("default", "reduce-overhead")
+
+
+def add_compile_flags(arg):
+    """--compile and --compile_mode, the same in every script."""
+    arg("--compile", action="store_true", help="torch.compile the frame encoder and decoder")
+    arg("--compile_mode", choices=COMPILE_MODES, default=None,
+        help="torch.compile's mode, implies --compile: default, or reduce-overhead, which also "
+             "captures the compiled parts in CUDA graphs (a GPU only)")
+
+
+def check_compile_flags(p, args):
+    """--compile_mode implies --compile; CUDA graphs are refused in one line without a GPU."""
+    args.compile = args.compile or args.compile_mode is not None
+    args.compile_mode = args.compile_mode or "default"
+    if args.compile_mode == "reduce-overhead" and not cuda_asked(args.device):
+        p.error("--compile_mode reduce-overhead captures CUDA graphs, which need a GPU; on a CPU "
+                "use --compile")
+
+
+def compile_model(model, mode="default"):
     """A CDSVAE's convolutions compiled in place (most of the step); the sequential LSTMs stay
-    eager. The state_dict's keys do not change."""
-    model.encoder.compile()
-    model.decoder.compile()
+    eager. mode reduce-overhead also captures them in CUDA graphs (a GPU only). The state_dict's
+    keys do not change."""
+    model.encoder.compile(mode=mode)
+    model.decoder.compile(mode=mode)
     return model

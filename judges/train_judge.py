@@ -24,9 +24,9 @@ from dataloader import (FACTORS, DataError, SpriteBatches, factor_labels,  # noq
                         gaussian_blur, judge_corrupt, load_sprites, validation_split)
 from judges.networks import JUDGES, load_judge  # noqa: E402
 from utils import (STATE_DICT, CheckpointError, add_amp_flag, autocast, check_fields,  # noqa: E402
-                   check_writable, grad_scaler, half_precision, held_lock, pick_device,
-                   precision_note, progress, read_checkpoint, refuse_overwriting, run_main,
-                   save_atomic)
+                   check_writable, grad_scaler, half_precision, held_lock, load_adam_state,
+                   make_adam, pick_device, precision_note, progress, read_checkpoint,
+                   refuse_overwriting, run_main, save_atomic)
 
 # the robustness card: name -> what is done to the real test videos before the judge sees them
 CARD = {"sharp": lambda x, g: x,
@@ -127,25 +127,30 @@ def set_up(args, train, device):
     if device.type == "cpu":  # channels-last convolutions are the faster ones on the CPU
         judge = judge.to(memory_format=torch.channels_last_3d if args.arch == "conv3d"
                          else torch.channels_last)
-    loader = SpriteBatches(X, A, D, args.batch_size, shuffle=True, seed=args.seed, drop_last=True)
+    # on a GPU the split, the batches, their blur and noise stay there (judge_corrupt)
+    loader = SpriteBatches(X, A, D, args.batch_size, shuffle=True, seed=args.seed, drop_last=True,
+                           device=device)
     if len(loader) == 0:
         sys.exit(f"error: --batch_size {args.batch_size} is more than the {len(X)} training "
                  f"sequences; a smaller batch makes at least one step")
-    optimizer = torch.optim.Adam(judge.parameters(), lr=args.lr)
+    optimizer = make_adam(judge.parameters(), device, lr=args.lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr,
                                                 total_steps=args.nEpoch * len(loader))
     return loader, held_out, judge_args, {
         "judge": judge, "optimizer": optimizer, "sched": sched,
         "scaler": grad_scaler(device, args.amp),
-        "corrupt_g": torch.Generator().manual_seed(args.seed + 1)}
+        "corrupt_g": torch.Generator().manual_seed(args.seed + 1),
+        "noise_g": (torch.Generator(device).manual_seed(args.seed + 2)
+                    if device.type != "cpu" else None)}
 
 
 def checkpoint(run, epoch, best, best_state, seconds):
     """What --resume needs to continue exactly after `epoch` epochs."""
+    noise = {"noise_rng": run["noise_g"].get_state()} if run.get("noise_g") is not None else {}
     return {"model": run["judge"].state_dict(), "optimizer": run["optimizer"].state_dict(),
             "sched": run["sched"].state_dict(), "scaler": run["scaler"].state_dict(),
             "corrupt_rng": run["corrupt_g"].get_state(), "epoch": epoch, "best": best,
-            "best_state": best_state, "seconds": seconds}
+            "best_state": best_state, "seconds": seconds, **noise}
 
 
 # every field resume reads, with what it must be ('scaler' only in checkpoints that have one)
@@ -171,11 +176,13 @@ def resume(path, run):
         check_fields(ckpt, f"{path} is not a checkpoint of this train_judge.py run: it",
                      RESUME_FIELDS, optional=("scaler",))
         run["judge"].load_state_dict(ckpt["model"])
-        run["optimizer"].load_state_dict(ckpt["optimizer"])
+        load_adam_state(run["optimizer"], ckpt["optimizer"])
         run["sched"].load_state_dict(ckpt["sched"])
         if "scaler" in ckpt:  # checkpoints written before fp16 loss scaling have none
             run["scaler"].load_state_dict(ckpt["scaler"])
         run["corrupt_g"].set_state(ckpt["corrupt_rng"])
+        if run.get("noise_g") is not None and "noise_rng" in ckpt:  # a run off the CPU
+            run["noise_g"].set_state(ckpt["noise_rng"])
         return ckpt["best"], ckpt["best_state"], ckpt["epoch"], ckpt["seconds"]
     except CheckpointError as e:
         sys.exit(f"error: cannot resume: {e}")
@@ -191,17 +198,28 @@ def train_one_epoch(run, loader, epoch, args, device):
     judge.train()
     for batch in progress(loader, desc=f"epoch {epoch + 1}/{args.nEpoch}", leave=False,
                           mininterval=30):
-        x = judge_corrupt(batch["x"], run["corrupt_g"], p_blur=args.p_blur, p_noise=args.p_noise)
+        x = judge_corrupt(batch["x"], run["corrupt_g"], p_blur=args.p_blur, p_noise=args.p_noise,
+                          noise_generator=run["noise_g"])
         with autocast(device, args.amp):
-            logits = judge(x.to(device))
-        loss = sum(F.cross_entropy(logits[k].float(), y.to(device))
-                   for k, y in factor_labels(batch["A"], batch["D"]).items())
+            logits = judge(x)
+        labels = labels_on(factor_labels(batch["A"], batch["D"]), device)
+        loss = sum(F.cross_entropy(logits[k].float(), y) for k, y in labels.items())
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
         run["sched"].step()
     return loss.item()
+
+
+def labels_on(labels, device):
+    """{head: labels} on `device` in one copy, asynchronous from pinned memory on a GPU."""
+    if device.type == "cpu":
+        return labels
+    stacked = torch.stack(list(labels.values()))
+    if device.type == "cuda":
+        stacked = stacked.pin_memory()
+    return dict(zip(labels, stacked.to(device, non_blocking=True)))
 
 
 def finish(args, judge, judge_args, best_state, test, device, t0):

@@ -162,3 +162,23 @@ train_cdsvae.main(sys.argv[1:])
     log = open(tmp_path / "run" / "log.txt").read()
     assert said in log, log
     assert (trouble == "sigterm") == os.path.exists(tmp_path / "run" / "model.pt")
+
+
+def test_sync_bn_on_cpus_is_refused_in_one_line_before_anything_starts(tiny_data, tmp_path):
+    """Issue 26 item 7: SyncBatchNorm has no CPU kernel; under torchrun the first process says so
+    in one line, before any folder, process group or data, and every process exits 2."""
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "train_cdsvae.py", *TINY, "--sync_bn", "--data_root", tiny_data,
+                        "--log_dir", str(tmp_path / "run")],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    said = [line for line in r.stderr.splitlines() if "--sync_bn" in line]
+    assert r.returncode != 0 and said == [said[0]] and said[0].startswith("error: --sync_bn"), r.stderr
+    assert "ValueError" not in r.stderr and not (tmp_path / "run").exists()
+    assert "exitcode  : 2" in r.stderr
+
+
+def test_sync_bn_on_a_cpu_is_refused_in_one_line_in_one_process_too(capsys):
+    with pytest.raises(SystemExit) as stop:
+        train_cdsvae.get_args(TINY + ["--sync_bn"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.startswith("error: --sync_bn") and err.count("\n") == 1

@@ -144,3 +144,33 @@ def test_a_split_that_does_not_fit_stays_on_the_host(monkeypatch):
     assert mode.copies == 2 * 3  # each batch's uint8 rows and its draws
     assert dataloader._store_on(X, torch.device("cpu")) is X
 
+
+
+def test_the_host_path_is_taken_when_asked_for_as_device_check_forces_it():
+    """on_host (train_cdsvae.py --data_on_host): the path of a split that does not fit, forced."""
+    X, A, D = synthetic(12, seed=5, size=16)
+    loader = SpriteBatches(X, A, D, 5, shuffle=True, augment=True, device="meta", on_host=True)
+    assert loader.store is X
+    with HostToMeta() as mode:
+        batches = list(loader)
+    check_on_meta(batches, [5, 5, 2])
+    assert mode.copies == 2 * 3  # each batch's uint8 rows and its draws
+
+
+def test_judge_corruption_off_the_cpu_makes_the_same_videos_and_reads_nothing_back():
+    """Issue 26 item 5: train_judge.py on a GPU blurs and noises there. Given the noise the CPU
+    way draws, the device way makes the same videos bit for bit; on the meta device (any host
+    read raises) its kernels and noise levels go there in one copy."""
+    x = torch.rand(6, 8, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    cpu_way = dataloader.judge_corrupt(x, torch.Generator().manual_seed(3), p_blur=0.8, p_noise=0.8)
+    draws = torch.Generator().manual_seed(3)
+    for _ in range(4):  # the per-video draws: blur or not, sigma, noise or not, std
+        torch.rand(6, generator=draws)
+    noise = torch.Generator().set_state(draws.get_state())
+    device_way = dataloader.judge_corrupt(x, torch.Generator().manual_seed(3), p_blur=0.8,
+                                          p_noise=0.8, noise_generator=noise)
+    assert torch.equal(device_way, cpu_way) and not torch.equal(cpu_way, x)
+    x = x.to("meta")
+    with HostToMeta() as mode:
+        on_meta = dataloader.judge_corrupt(x, torch.Generator().manual_seed(3))
+    assert on_meta.device.type == "meta" and on_meta.shape == x.shape and mode.copies == 1

@@ -80,6 +80,34 @@ def test_prior_teacher_forcing(model):
     torch.testing.assert_close(mean[:, 0], first)
 
 
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_prior_in_one_lstm_call_equals_the_cell_loop_values_and_gradients(model, dtype, tol):
+    """prior_one_call (a GPU's form) computes what the cell-by-cell loop does, forward and backward,
+    with the cells' own weights: no new weight, the same state_dict keys. float32 takes oneDNN's
+    LSTM on this CPU, float64 torch's own."""
+    model = model.to(dtype)
+    keys = list(model.state_dict())
+    z = torch.randn(3, 8, 4, dtype=dtype, requires_grad=True)
+    mixing = torch.randn(3, 8, 4, dtype=dtype)
+
+    def prior(one_call):
+        model.prior_one_call, z.grad = one_call, None
+        model.zero_grad()
+        mean, logvar = model.prior(z)
+        ((mean * mixing).sum() + logvar.square().sum()).backward()
+        grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+        return mean.detach(), logvar.detach(), grads, z.grad.clone()
+
+    loop, one_call = prior(False), prior(True)
+    torch.testing.assert_close(one_call[:2], loop[:2], rtol=tol, atol=tol)
+    assert set(one_call[2]) == set(loop[2]) and any("z_prior_lstm_1" in k for k in loop[2])
+    for k, g in loop[2].items():
+        assert g.abs().max() > 0, k
+        torch.testing.assert_close(one_call[2][k], g, rtol=tol, atol=tol, msg=k)
+    torch.testing.assert_close(one_call[3], loop[3], rtol=tol, atol=tol)
+    assert list(model.state_dict()) == keys
+
+
 def test_closed_form_kl_matches_monte_carlo():
     torch.manual_seed(0)
     mq, lq, mp, lp = torch.randn(4), torch.randn(4) * 0.5, torch.randn(4), torch.randn(4) * 0.5

@@ -51,9 +51,10 @@ def assert_identical(a, b, where="checkpoint"):
 
 
 def rows(log_dir, timing=False):
-    """metrics.jsonl's rows, without the wall-clock field unless asked for."""
+    """metrics.jsonl's rows, without the wall-clock fields unless asked for."""
     with open(os.path.join(log_dir, "metrics.jsonl")) as f:
-        return [{k: v for k, v in json.loads(line).items() if timing or k != "seconds"} for line in f]
+        return [{k: v for k, v in json.loads(line).items()
+                 if timing or k not in ("seconds", "overhead_s")} for line in f]
 
 
 # ---- stops ------------------------------------------------------------------------------------------------

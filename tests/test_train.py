@@ -101,6 +101,27 @@ def test_smoke_training_lowers_the_loss_and_writes_everything(tiny_data, tmp_pat
     assert load_model(str(tmp_path / "model.pt")).f_dim == 8
 
 
+def test_the_curves_wait_for_the_end_and_each_epoch_reports_its_small_overhead(tiny_data, tmp_path,
+                                                                              monkeypatch):
+    """Issue 26: nothing slow between epochs. The curves are drawn once, at the run's end or at a
+    stop; each row's overhead_s (from its epoch's last step to the next's first, or to the run's
+    end, less the validation and judge scoring asked for) is within 0.3 s at tiny sizes."""
+    drawn, plot = [], train_cdsvae.plot_loss_curves
+    monkeypatch.setattr(train_cdsvae, "plot_loss_curves",
+                        lambda rows, path: drawn.append(len(rows)) or plot(rows, path))
+    common = TINY + ["--data_root", tiny_data, "--nEpoch", "3", "--val_chars", "1"]
+    train_cdsvae.main(common + ["--evl_interval", "2", "--log_dir", str(tmp_path / "a")])
+    rows = [json.loads(line) for line in open(tmp_path / "a" / "metrics.jsonl")]
+    assert drawn == [3] and (tmp_path / "a" / "loss_curves.png").stat().st_size > 0
+    assert "val_loss" in rows[0] and any(k.startswith("eval_") for k in rows[1])  # asked for
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert all(0 < r["overhead_s"] <= 0.3 for r in rows), [r["overhead_s"] for r in rows]
+    saved = torch.load(tmp_path / "a" / "model.pt", weights_only=True)["history"]
+    assert [("overhead_s" in r) for r in saved] == [True, True, False]  # the last: after the save
+    train_cdsvae.main(common + ["--max_steps", "4", "--log_dir", str(tmp_path / "b")])
+    assert drawn == [3, 2]  # 2 steps an epoch: stopped after epoch 2
+
+
 @pytest.mark.xdist_group("ddp")  # process groups one at a time (ports)
 def test_two_process_ddp_shares_each_epoch_and_keeps_ranks_identical(tiny_data, tmp_path):
     """Two gloo processes on a port found at run time (--standalone): each rank trains on its own share of every
@@ -292,7 +313,9 @@ def test_tensorboard_events_hold_every_term_the_learning_rate_and_the_epochs(tin
     events.Reload()
     tags = set(events.Tags()["scalars"])
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
-    terms = [k for k in rows[0] if k not in ("epoch", "step", "lr", "seconds") and not k.startswith("val_")]
+    terms = [k for k in rows[0]
+             if k not in ("epoch", "step", "lr", "seconds", "overhead_s")
+             and not k.startswith("val_")]
     assert {f"train/{k}" for k in terms} | {"train/lr"} <= tags
     assert {f"epoch/{k}" for k in rows[0] if k not in ("epoch", "step")} <= tags
     # a point every 3 steps and at each epoch's last (2 steps an epoch, 9 videos held out): 2, 3, 4
