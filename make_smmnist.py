@@ -227,14 +227,11 @@ def main():
     args = p.parse_args()
     if min(args.frames, args.train_videos, args.test_videos) < 1:
         p.error("--frames, --train_videos and --test_videos take positive counts")
-    if os.path.isdir(args.out):
-        sys.exit(f"error: --out {args.out} is a folder; name the file to write, e.g. "
-                 f"--out {os.path.join(args.out, 'data.pkl')}")
     t0 = time.time()
     try:
         mnist = find_mnist(args.mnist)
         check_writable(args.out, "--out", needs_bytes=(args.train_videos + args.test_videos)
-                       * args.frames * SIZE * SIZE)  # the videos' bytes, before they are made
+                       * args.frames * SIZE * SIZE, example="data.pkl")  # before they are made
         data = build(mnist, args.train_videos, args.test_videos, args.frames, args.digits,
                      args.seed)
         write_atomic(args.out, lambda tmp: write_pickle(data, tmp))

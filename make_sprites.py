@@ -103,14 +103,12 @@ def main():
     p.add_argument("--out", default="data/Sprite/data.pkl",
                    help="output pickle (default %(default)s)")
     args = p.parse_args()
-    if os.path.isdir(args.out):
-        sys.exit(f"error: --out {args.out} is a folder; name the file to write, e.g. "
-                 f"--out {os.path.join(args.out, 'data.pkl')}")
     t0 = time.time()
     try:
         sheets = find_sheets(args.sheets)
         # before the build's half minute: every video's bytes, uint8
-        check_writable(args.out, "--out", needs_bytes=6 ** 4 * len(MOTIONS) * 8 * 64 * 64 * 3)
+        check_writable(args.out, "--out", needs_bytes=6 ** 4 * len(MOTIONS) * 8 * 64 * 64 * 3,
+                       example="data.pkl")
         data = build(sheets, *split_characters())  # refuses a sheet of the wrong size or format
         write_atomic(args.out, lambda tmp: write_pickle(data, tmp))
     except (ValueError, OSError) as e:  # FileNotFoundError (no sheets) is an OSError

@@ -382,10 +382,24 @@ def make_folder(folder):
     os.makedirs(folder, exist_ok=True)
 
 
+def temporary_beside(path):
+    """The temporary file of this process beside `path`: <path>.tmp<PID>."""
+    return f"{path}.tmp{os.getpid()}"
+
+
+def remove_temporary(tmp, folders=()):
+    """Remove `tmp` if it is there, then the empty `folders`, whatever signal comes meanwhile."""
+    with signals_deferred(), contextlib.suppress(OSError):
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        for folder in folders:
+            os.rmdir(folder)
+
+
 def write_atomic(path, write):
     """write(temporary path) beside `path`, then rename: a crash never leaves half a file. A failed
     write is a FileFault naming `path`; the temporary is removed, a previous file kept whole."""
-    tmp = f"{path}.tmp{os.getpid()}"
+    tmp = temporary_beside(path)
     try:
         make_folder(os.path.dirname(os.path.abspath(path)))
         write(tmp)
@@ -395,9 +409,7 @@ def write_atomic(path, write):
     except OSError as e:
         raise FileFault(e, path, "write") from None
     finally:
-        with signals_deferred(), contextlib.suppress(OSError):
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        remove_temporary(tmp)
 
 
 def read_text(path):
@@ -455,18 +467,20 @@ def write_json(obj, path):
     write_atomic(path, write)
 
 
-def check_writable(path, flag, needs_bytes=0):
-    """Refuse, before any work, an output that cannot be written: a folder, a path under a file, a
-    read-only or unwritable place (a probe file is made there and removed, with the folders made
-    for it), or, for needs_bytes, too little free space or too low a file-size limit."""
+def check_writable(path, flag, needs_bytes=0, example=None):
+    """Refuse, before any work, an output that cannot be written: a folder (advising
+    <folder>/<example> where given), a path under a file, a read-only or unwritable place (a probe
+    file is made there and removed, with the folders made for it), or, for needs_bytes, too little
+    free space or too low a file-size limit."""
     if os.path.isdir(path):
-        raise RefusedInput(f"{flag} {path} is a folder; name the file to write")
+        advice = f", e.g. {flag} {os.path.join(path, example)}" if example else ""
+        raise RefusedInput(f"{flag} {path} is a folder; name the file to write{advice}")
     folder = os.path.dirname(os.path.abspath(path))
     made, d = [], folder
     while not os.path.lexists(d):  # the folders the probe makes, deepest first
         made.append(d)
         d = os.path.dirname(d)
-    probe = f"{path}.tmp{os.getpid()}"
+    probe = temporary_beside(path)
     try:
         make_folder(folder)
         with open(probe, "wb"):
@@ -475,11 +489,7 @@ def check_writable(path, flag, needs_bytes=0):
     except OSError as e:
         raise FileFault(e, path, "write") from None
     finally:
-        with signals_deferred(), contextlib.suppress(OSError):
-            if os.path.exists(probe):
-                os.remove(probe)
-            for d in made:
-                os.rmdir(d)
+        remove_temporary(probe, made)
     limit, free = resource.getrlimit(resource.RLIMIT_FSIZE)[0], disk.f_bavail * disk.f_frsize
     if limit != resource.RLIM_INFINITY and needs_bytes > limit:
         raise RefusedInput(f"cannot write {path}: it takes about {needs_bytes / 1e6:.0f} MB, more "
