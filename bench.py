@@ -31,8 +31,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
+from benchmarks import BENCHMARKS, add_dataset_flag
 from dataloader import SpriteBatches, content_augment
 from model import CDSVAE, FZCritic, cdsvae_loss, critic_loss
+from smmnist import MASS_CENTRE
 from utils import (OneLineErrors, adam_fused, add_amp_flag, add_compile_flags, amp_dtype, autocast,
                    check_compile_flags, compile_model, dtype_name, grad_scaler,
                    pick_device, prepare_for_device, run_main)
@@ -56,6 +58,7 @@ def get_args(argv=None):
     arg("--weight_mi_critic", type=float, default=0.0,
         help="weight of the critic's I(f; z) estimate; the critic is trained too (default 0: off)")
     arg("--threads", type=int, default=0, help="CPU threads (default 0: torch's choice)")
+    add_dataset_flag(arg, data_root=False)
     arg("--profile", action="store_true",
         help="also each op's share of two steps' self time (torch.profiler), the largest first")
     arg("--paper_step", action="store_true", help="also time the paper repo's step (fp32, the "
@@ -122,7 +125,7 @@ def conv_flops_per_video(model, device):
     mirror with f_mirror (the content view reuses the video's), the decoder; backward 2x forward."""
     model.eval()  # batches of one frame, which BatchNorm refuses in training
     with torch.no_grad(), FlopCounterMode(display=False) as enc:
-        model.encoder(torch.zeros(1, 1, 3, 64, 64, device=device))
+        model.encoder(torch.zeros(1, 1, model.decoder.channels, 64, 64, device=device))
     with torch.no_grad(), FlopCounterMode(display=False) as dec:
         model.decode(torch.zeros(1, 1, model.z_dim, device=device),
                      torch.zeros(1, model.f_dim, device=device))
@@ -133,13 +136,17 @@ def conv_flops_per_video(model, device):
 
 # ---- the loader and the step ---------------------------------------------------------------------
 def batch_stream(args, device, frames):
-    """Endless batches, made on `device` as training makes them, of 8 batches of random bytes."""
+    """Endless batches, made on `device` as training makes them, of 8 batches of random bytes (and
+    random digit positions on Moving MNIST, which its motion view reads)."""
     g = torch.Generator().manual_seed(0)
-    n = 8 * args.batch_size
-    X = torch.randint(0, 256, (n, frames, 64, 64, 3), dtype=torch.uint8, generator=g)
-    A, D = torch.zeros(n, 4, dtype=torch.long), torch.zeros(n, dtype=torch.long)
+    n, bench = 8 * args.batch_size, BENCHMARKS[args.dataset]
+    X = torch.randint(0, 256, (n, frames, 64, 64, bench.channels), dtype=torch.uint8, generator=g)
+    A = torch.zeros(n, 4, dtype=torch.long)
+    D = (MASS_CENTRE + torch.randint(0, 32, (n, frames, 1, 2), generator=g).float()
+         if bench.positions else torch.zeros(n, dtype=torch.long))
     loader = SpriteBatches(X, A, D, args.batch_size, shuffle=True, augment=True, seed=0,
-                           drop_last=True, content_view=False, device=device)
+                           drop_last=True, content_view=False, device=device,
+                           motion_view=bench.motion_view())
     for epoch in itertools.count():
         loader.set_epoch(epoch)
         yield from loader
@@ -149,8 +156,9 @@ def build_step(args, device, as_on_a_gpu=False):
     """(the model, step(batch) as train_cdsvae.py's, its conv FLOPs per video before compiling);
     as_on_a_gpu: the step eager, in the form a GPU runs it on any device (ops_per_step)."""
     torch.manual_seed(0)
-    model = prepare_for_device(CDSVAE(nf=args.nf, z_input=args.z_input,
-                                      f_mirror=args.f_mirror).to(device), device)
+    model = prepare_for_device(CDSVAE(nf=args.nf, z_input=args.z_input, f_mirror=args.f_mirror,
+                                      channels=BENCHMARKS[args.dataset].channels).to(device),
+                               device)
     flops = conv_flops_per_video(model, device)
     graphs = args.compile_mode == "reduce-overhead" and not as_on_a_gpu
     if as_on_a_gpu:
@@ -309,8 +317,8 @@ def main(argv=None):
         "host_cpu": host, "torch": torch.__version__, "threads": torch.get_num_threads(),
         "amp": args.amp,
         "precision": dtype_name(amp_dtype(device, args.amp)),
-        **{k: getattr(args, k) for k in ("compile", "compile_mode", "nf", "batch_size", "z_input",
-                                         "f_mirror", "weight_mi_critic", "steps")},
+        **{k: getattr(args, k) for k in ("dataset", "compile", "compile_mode", "nf", "batch_size",
+                                         "z_input", "f_mirror", "weight_mi_critic", "steps")},
         **figures}
     print(json.dumps(result), flush=True)
     return result

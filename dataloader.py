@@ -63,18 +63,19 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         return getattr(importlib.import_module(module), name)
 
 
-def safe_load_pickle(path):
-    """Unpickle a file that may hold only numpy arrays, dtypes, scalars and plain containers."""
+def safe_load_pickle(path, builder="make_sprites.py", what="Sprites"):
+    """Unpickle a file that may hold only numpy arrays, dtypes, scalars and plain containers;
+    `builder` is the script that makes such a file, `what` the data set, for the messages."""
     if os.path.isdir(path):
         file = os.path.join(path, "data.pkl")
         raise DataError(f"{path} is a folder; --data_root takes the data file itself, e.g. "
-                        f"{file} (build it with `python make_sprites.py --out {file}`)")
+                        f"{file} (build it with `python {builder} --out {file}`)")
     if not os.path.exists(path):
         raise DataError(f"no data file at {path}: build it with "
-                        f"`python make_sprites.py --out {path}`")
+                        f"`python {builder} --out {path}`")
     if not os.path.isfile(path):  # reading a fifo or a device would block or never end
         raise DataError(f"{path} is not a regular file (a fifo, socket or device); --data_root "
-                        f"takes the data file of make_sprites.py")
+                        f"takes the data file of {builder}")
     try:
         with open(path, "rb") as f:
             return _NumpyOnlyUnpickler(f).load()
@@ -84,25 +85,25 @@ def safe_load_pickle(path):
         raise DataError(os_error_line(e, f"data file {path}", "read")) from None
     except (EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError,
             IndexError) as e:  # what a truncated or foreign pickle raises
-        raise DataError(f"{path} is not a readable Sprites pickle ({type(e).__name__}: {e}); "
-                        f"rebuild it with `python make_sprites.py --out {path}`") from None
+        raise DataError(f"{path} is not a readable {what} pickle ({type(e).__name__}: {e}); "
+                        f"rebuild it with `python {builder} --out {path}`") from None
 
 
-def _first(bad):
+def first_index(bad):
     """'i, j, ...': the index of the first True of a boolean array, for an error message."""
     return ", ".join(str(int(i)) for i in np.unravel_index(np.argmax(bad), bad.shape))
 
 
-def _rebuild(path):
-    return f"rebuild the file with `python make_sprites.py --out {path}`"
+def rebuild_hint(path, builder="make_sprites.py"):
+    return f"rebuild the file with `python {builder} --out {path}`"
 
 
 def _one_hot_indices(L, key, path):
     """The class indices of the paper repo's one-hot labels L (..., classes): 0s and one 1 a row."""
     bad = ((L != 0) & (L != 1)).any(-1) | (L.sum(-1) != 1)
     if bad.any():
-        raise DataError(f"{path}: {key}[{_first(bad)}] is not one-hot (0s and a single 1); "
-                        f"{_rebuild(path)}")
+        raise DataError(f"{path}: {key}[{first_index(bad)}] is not one-hot (0s and a single 1); "
+                        f"{rebuild_hint(path)}")
     return L.argmax(-1)
 
 
@@ -116,13 +117,13 @@ def _label_indices(L, key, path, classes, row_dims):
     if one_hot in (1, 2):
         if L.shape[-1] != classes:
             raise DataError(f"{path}: {key} has shape {L.shape}; its one-hot rows need {classes} "
-                            f"classes; {_rebuild(path)}")
+                            f"classes; {rebuild_hint(path)}")
         L = _one_hot_indices(L, key, path)
         if one_hot == 2:
             differs = (L != L[:, :1]).reshape(len(L), -1).any(1)
             if differs.any():
-                raise DataError(f"{path}: the frames of video {_first(differs)} of {key} have "
-                                f"different labels; {_rebuild(path)}")
+                raise DataError(f"{path}: the frames of video {first_index(differs)} of {key} have "
+                                f"different labels; {rebuild_hint(path)}")
             L = L[:, 0]
     return L
 
@@ -138,8 +139,8 @@ def _labels(A, D, n, path, split):
                             (f"D_{split}", D, FACTORS["action"])):
         bad = (L < 0) | (L >= classes)
         if bad.any():
-            raise DataError(f"{path}: {key}[{_first(bad)}] is {L[bad][0]}, out of range "
-                            f"(attributes 0..5, actions 0..8); {_rebuild(path)}")
+            raise DataError(f"{path}: {key}[{first_index(bad)}] is {L[bad][0]}, out of range "
+                            f"(attributes 0..5, actions 0..8); {rebuild_hint(path)}")
     return torch.from_numpy(A.astype(np.int64)), torch.from_numpy(D.astype(np.int64))
 
 
@@ -148,11 +149,11 @@ def _labels(A, D, n, path, split):
 _CHECK_VIDEOS = 256
 
 
-def _images(X, path, split):
+def checked_images(X, path, split, builder="make_sprites.py"):
     """X as uint8, refused unless uint8 or floats in [0, 1] (never rescaled), and not all 0 / 1."""
     key = f"X_{split}"
     if len(X) == 0:
-        raise DataError(f"{path}: {key} holds no videos; {_rebuild(path)}")
+        raise DataError(f"{path}: {key} holds no videos; {rebuild_hint(path, builder)}")
     if X.dtype.kind == "f":  # the paper repo's floats in [0, 1]; 8-bit source art: this is lossless
         out = np.empty(X.shape, np.uint8)
         for s in range(0, len(X), _CHECK_VIDEOS):
@@ -167,7 +168,7 @@ def _images(X, path, split):
         X = out
     elif X.dtype != np.uint8:
         raise DataError(f"{path}: {key} holds {X.dtype} images; we read uint8 (0..255) or floats "
-                        f"in [0, 1]; {_rebuild(path)}")
+                        f"in [0, 1]; {rebuild_hint(path, builder)}")
     if X.max() <= 1:  # floats in [0, 1] cast to uint8 without * 255, or divided by 255 twice
         raise DataError(f"{path}: every pixel of {key} is 0 or 1 out of 255, a conversion gone "
                         f"wrong; store uint8 0..255 or floats in [0, 1]")
@@ -190,17 +191,18 @@ def load_sprites(path):
         if not isinstance(X, np.ndarray) or X.ndim != 5 or X.shape[1:] != (8, 64, 64, 3):
             raise DataError(f"{path}: X_{split} has shape {getattr(X, 'shape', None)}, "
                             f"expected (N, 8, 64, 64, 3)")
-        X = _images(X, path, split)
+        X = checked_images(X, path, split)
         A, D = _labels(data[f"A_{split}"], data[f"D_{split}"], len(X), path, split)
         out[split] = (torch.from_numpy(X), A, D)
     return out
 
 
-def validation_split(X, A, D, n_characters, seed=0):
-    """Hold out every video of `n_characters` train characters (a seeded choice)."""
+def validation_split(X, A, D, n_characters, seed=0, groups=character_id):
+    """Hold out every video of `n_characters` train characters (a seeded choice); `groups` maps A
+    to each video's unit (Sprites' character; a Moving MNIST video is its own)."""
     if n_characters <= 0:
         return (X, A, D), None
-    character = character_id(A)
+    character = groups(A)
     ids = torch.unique(character)
     if n_characters >= len(ids):
         raise ValueError(f"cannot hold out {n_characters} of only {len(ids)} train characters")
@@ -229,7 +231,7 @@ def _empty(shape, device=None):
 
 
 def _to_float_into(out, x_uint8, scratch=None):
-    """out (n, T, 3, H, W) <- x_uint8 (n, T, H, W, 3) / 255, the bytes de-interleaved first."""
+    """out (n, T, C, H, W) <- x_uint8 (n, T, H, W, C) / 255, the bytes de-interleaved first."""
     if scratch is None:
         scratch = torch.empty(out.shape, dtype=torch.uint8, device=out.device)
     scratch = scratch[:len(out)].copy_(x_uint8.permute(0, 1, 4, 2, 3))
@@ -237,12 +239,12 @@ def _to_float_into(out, x_uint8, scratch=None):
 
 
 def to_float(x_uint8):
-    """(B, 8, 64, 64, 3) uint8 -> (B, 8, 3, 64, 64) float in [0, 1], on x_uint8's device."""
-    B, T, H, W = x_uint8.shape[:4]
+    """(B, T, 64, 64, C) uint8 -> (B, T, C, 64, 64) float in [0, 1], on x_uint8's device."""
+    B, T, H, W, C = x_uint8.shape
     device = x_uint8.device
     n = _chunk_size(device, B)
-    out = _empty((B, T, 3, H, W), device)
-    scratch = torch.empty((min(B, n), T, 3, H, W), dtype=torch.uint8, device=device)
+    out = _empty((B, T, C, H, W), device)
+    scratch = torch.empty((min(B, n), T, C, H, W), dtype=torch.uint8, device=device)
     for s in range(0, B, n):
         _to_float_into(out[s:s + n], x_uint8[s:s + n], scratch)
     return out
@@ -349,9 +351,12 @@ def motion_augment(x, generator=None):
     return out
 
 
-def _augmentation_draws(B, T, generator):
-    """Every random draw of a batch's views: the content order and the motion parameters."""
-    return content_order(B, T, generator), _motion_params(B, generator)
+def _augmentation_draws(B, T, generator, motion_view=None):
+    """Every random draw of a batch's views: the content order, then the motion view's draws
+    (motion_view.draws; None: Sprites' colour and blur change, _motion_params)."""
+    order = content_order(B, T, generator)
+    return order, (_motion_params(B, generator) if motion_view is None
+                   else motion_view.draws(B, generator))
 
 
 def _device_draws(B, T, generator, device):
@@ -364,20 +369,25 @@ def _device_draws(B, T, generator, device):
     return order.long(), M.reshape(B, 3, 3), P.reshape(B, 3, 3), q, c[:, 0]
 
 
-def _make_batch(X, i, generator=None, content_view=True, chunk=None):
+def _make_batch(X, i, generator=None, content_view=True, chunk=None, motion_view=None, D=None):
     """x = to_float(X[i]) and, with a generator, its views as content_augment and motion_augment
-    make them, on X's device, `chunk` sequences at a time, nothing read back to the host;
-    content_view=False leaves out c_aug (a model shuffles x's features in that order instead)."""
-    device, B, T, H, W = X.device, len(i), *X.shape[1:4]
+    (or motion_view.apply, given the batch's labels D) make them, on X's device, `chunk` sequences
+    at a time, nothing read back to the host; content_view=False leaves out c_aug (a model
+    shuffles x's features in that order instead)."""
+    device, B, T, H, W, C = X.device, len(i), *X.shape[1:]
     n = chunk or _chunk_size(device, B)
-    x = _empty((B, T, 3, H, W), device)
+    x = _empty((B, T, C, H, W), device)
     u8 = torch.empty((min(n, B),) + tuple(X.shape[1:]), dtype=torch.uint8, device=device)
-    u8t = torch.empty((min(n, B), T, 3, H, W), dtype=torch.uint8, device=device)
+    u8t = torch.empty((min(n, B), T, C, H, W), dtype=torch.uint8, device=device)
     batch = {"x": x}
     if generator is not None:
-        order, M, P, q, c = _device_draws(B, T, generator, device)
-        batch.update(c_aug_order=order, m_aug=_empty(x.shape, device))
-        h = torch.empty(u8t.shape, device=device)
+        if motion_view is None:
+            order, M, P, q, c = _device_draws(B, T, generator, device)
+            batch.update(c_aug_order=order, m_aug=_empty(x.shape, device))
+            h = torch.empty(u8t.shape, device=device)
+        else:
+            order, view_draws = _augmentation_draws(B, T, generator, motion_view)
+            batch["c_aug_order"] = order = order.to(device)
         if content_view:
             batch["c_aug"] = _empty(x.shape, device)
             frames = (order + T * torch.arange(B, device=device)[:, None]).view(-1)
@@ -389,7 +399,10 @@ def _make_batch(X, i, generator=None, content_view=True, chunk=None):
             continue
         if content_view:
             torch.index_select(x_frames, 0, frames[s * T:e * T], out=c_frames[s * T:e * T])
-        _motion_into(x[s:e], batch["m_aug"][s:e], M[s:e], P[s:e], q[s:e], c[s:e], h)
+        if motion_view is None:
+            _motion_into(x[s:e], batch["m_aug"][s:e], M[s:e], P[s:e], q[s:e], c[s:e], h)
+    if generator is not None and motion_view is not None:
+        batch["m_aug"] = motion_view.apply(x, view_draws, D)
     return batch
 
 
@@ -413,11 +426,14 @@ class SpriteBatches:
     set_epoch(epoch, start) skips making the first `start`. With rank / world_size each process gets
     a strided share (as DistributedSampler). The views are made on `device`, from the uint8 split
     moved there once where it fits (and on_host is not asked), else from pinned host rows; A, D
-    and index stay on the CPU."""
+    and index stay on the CPU. The motion view is Sprites' colour change, or motion_view's (an
+    object with draws(B, generator) and apply(x, draws, D), as smmnist.DigitSwap)."""
 
     def __init__(self, X, A, D, batch_size, shuffle=False, augment=False, seed=0, drop_last=False,
-                 rank=0, world_size=1, content_view=True, device=None, on_host=False):
+                 rank=0, world_size=1, content_view=True, device=None, on_host=False,
+                 motion_view=None):
         self.X, self.A, self.D, self.content_view = X, A, D, content_view
+        self.motion_view = motion_view
         self.batch_size, self.shuffle, self.augment, self.seed = batch_size, shuffle, augment, seed
         self.drop_last, self.rank, self.world_size = drop_last, rank, world_size
         self.epoch, self.start = 0, 0
@@ -443,15 +459,17 @@ class SpriteBatches:
         n = math.ceil(len(self.X) / self.world_size)
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
-    def _make(self, i, generator):
+    def _make(self, i, generator, D=None):
         """The batch of the sequences store[i] (i on the store's device) on self.device."""
         if self.store.device.type == self.device.type:
-            return _make_batch(self.store, i, generator, self.content_view, self.chunk)
+            return _make_batch(self.store, i, generator, self.content_view, self.chunk,
+                               self.motion_view, D)
         rows = torch.empty((len(i),) + tuple(self.store.shape[1:]), dtype=torch.uint8,
                            pin_memory=self.device.type == "cuda")
         rows = torch.index_select(self.store, 0, i, out=rows).to(self.device, non_blocking=True)
         every = torch.arange(len(i), device=self.device)
-        return _make_batch(rows, every, generator, self.content_view, self.chunk)
+        return _make_batch(rows, every, generator, self.content_view, self.chunk,
+                           self.motion_view, D)
 
     def __iter__(self):
         idx = self._indices()
@@ -463,9 +481,9 @@ class SpriteBatches:
             # skipped: only its random draws are made, so the batches after it get theirs
             if b < self.start:
                 if self.augment:
-                    _augmentation_draws(len(i), self.X.shape[1], g)
+                    _augmentation_draws(len(i), self.X.shape[1], g, self.motion_view)
                 continue
-            batch = self._make(idx_store[span], g if self.augment else None)
+            batch = self._make(idx_store[span], g if self.augment else None, self.D[i])
             batch.update({"A": self.A[i], "D": self.D[i], "index": i})
             yield batch
 

@@ -1,13 +1,17 @@
-"""A sequential VAE scored on the Sprites test split: the protocols' videos (A, B, swaps), each
+"""A sequential VAE scored on a benchmark's test split: the protocols' videos (A, B, swaps), each
 decoded once and shown to every judge; each judge's figures, their agreement, the latent probes.
+On Moving MNIST also the motion without a judge: each generated frame's centre of mass against the
+positions of the video whose z it was given.
 """
 import math
 
 import torch
 
+from benchmarks import BENCHMARKS
 from dataloader import ATTRIBUTES, DIRECTIONS, factor_labels, to_float
 from model import fixed_content, fixed_motion, swapped
-from probes import probe_labels, probe_table
+from probes import probe_table
+from smmnist import centre_of_mass
 from utils import RefusedInput, autocast, progress
 
 
@@ -141,9 +145,10 @@ def encode_videos(model, X, device, batch_size=256, amp=False, judges=None, deco
 
 
 @torch.inference_mode()
-def run_latents(model, post, seed, type_gt="all", sampled_b=False):
-    """The (z, f) that run `seed` decodes for each protocol ('A', 'B', 'Bs', 'swap'), with the draws
-    of model.generate_* after manual_seed(seed), and the swap's pairing perm."""
+def run_latents(model, post, seed, type_gt="all", sampled_b=False, prior_means=True):
+    """The (z, f) that run `seed` decodes for each protocol ('A', 'B' unless not prior_means, 'Bs'
+    with sampled_b, 'swap'), with the draws of model.generate_* after manual_seed(seed), and the
+    swap's pairing perm."""
     out = {}
     device = post["f"].device
     with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
@@ -152,7 +157,9 @@ def run_latents(model, post, seed, type_gt="all", sampled_b=False):
             out["A"] = fixed_motion(post["z"], post["f"])
         if type_gt in ("static", "all"):
             torch.manual_seed(seed)
-            out["B"], sampled = fixed_content(model, post["z"], post["f"])
+            means, sampled = fixed_content(model, post["z"], post["f"])
+            if prior_means:
+                out["B"] = means
             if sampled_b:
                 out["Bs"] = sampled
     perm = derangement(len(post["f"]), torch.Generator().manual_seed(seed))
@@ -161,13 +168,18 @@ def run_latents(model, post, seed, type_gt="all", sampled_b=False):
 
 
 @torch.inference_mode()
-def decode_and_judge(model, judges, z, f, batch_size=256, amp=False, desc="decode"):
-    """{judge: {head: probabilities}} on decode(z, f): each video decoded once for every judge."""
+def decode_and_judge(model, judges, z, f, batch_size=256, amp=False, desc="decode",
+                     positions=False):
+    """{judge: {head: probabilities}} on decode(z, f): each video decoded once for every judge;
+    with positions also 'com': each frame's centre of mass (N, T, 2) on the host."""
     parts = []
     for s in progress(range(0, len(z), batch_size), desc=desc, unit="batch", leave=False):
         with autocast(z.device, amp):
             videos = model.decode(z[s:s + batch_size], f[s:s + batch_size])
-        parts.append(judge_all(judges, videos, amp, "the model's generated videos"))
+        part = judge_all(judges, videos, amp, "the model's generated videos")
+        if positions:
+            part["com"] = centre_of_mass(videos[:, :, 0].float()).cpu()
+        parts.append(part)
     return _cat(parts)
 
 
@@ -223,6 +235,50 @@ def generated_scores(gen, real_probs, A, D, perm):
     return row
 
 
+# ---- Moving MNIST: the digit judged, the motion measured ----------------------------------------
+def trajectory_error(com, P):
+    """Mean distance in px a frame between centres of mass com (N, T, 2) and the first digit's
+    positions P (N, T, K, 2)."""
+    return (com.double() - P[:, :, 0].double()).norm(dim=-1).mean().item()
+
+
+def _digit_scores(prefix, probs, y):
+    return {f"{prefix}_n": len(probs), f"{prefix}_digit_acc": accuracy(probs, y),
+            f"{prefix}_IS": inception_score(probs),
+            f"{prefix}_H_y_given_x": conditional_entropy(probs),
+            f"{prefix}_H_y": marginal_entropy(probs)}
+
+
+def digit_scores(gen, real_probs, Y, perm):
+    """One judge's figures on Moving MNIST: fixed content (f kept, z a prior path's samples: the
+    digit should stay), fixed motion (z kept, f ~ N(0, I): any digit, a sharp one), swaps (the
+    digit of f's video), the real test videos."""
+    y = Y[:, 0]
+    row = {}
+    for kind, prefix in (("Bs", "fixed_content"), ("A", "fixed_motion")):
+        if kind in gen:
+            row.update(_digit_scores(prefix, gen[kind]["digit"], y))
+    return {**row, "swap_digit_acc": accuracy(gen["swap"]["digit"], y),
+            **_digit_scores("real", real_probs["digit"], y)}
+
+
+def trajectory_errors(gen, P, perm, seed):
+    """Px a frame: fixed motion's frames against their z's video, the swap's against their z's
+    video (perm) and, as chance, against another video's (a seeded derangement of perm)."""
+    other = perm[derangement(len(perm), torch.Generator().manual_seed(seed + 1))]
+    fixed = {"fixed_motion": trajectory_error(gen["A"]["com"], P)} if "A" in gen else {}
+    return {"seed": seed, **fixed, "swap": trajectory_error(gen["swap"]["com"], P[perm]),
+            "chance": trajectory_error(gen["swap"]["com"], P[other])}
+
+
+def position_floor(X, P, batch_size=256):
+    """Px a frame between the real videos' centres of mass and their positions: every motion
+    figure's floor."""
+    com = torch.cat([centre_of_mass(X[s:s + batch_size, ..., 0]) for s in range(0, len(X),
+                                                                                batch_size)])
+    return trajectory_error(com, P)
+
+
 def agreement(probs_a, probs_b):
     """{head: share of videos on which two judges' predictions (argmax) are the same}."""
     return {k: (probs_a[k].argmax(1) == probs_b[k].argmax(1)).double().mean().item()
@@ -239,22 +295,26 @@ def judge_pairs(names):
     return [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
 
 
-def _probe_figures(model, probe_train, real, test, device, batch_size, amp, seed):
+def _probe_figures(model, probe_train, real, test, device, batch_size, amp, seed, bench):
     """probes.probe_table fitted on probe_train (X, A, D), scored on the encoded test videos."""
     X, A, D = probe_train
     train_post = encode_videos(model, X, device, batch_size, amp, decode=False,
                                desc="encode, probes' train videos")
-    out = probe_table(train_post, real, probe_labels(A, D), probe_labels(*test[1:]), seed)
+    out = probe_table(train_post, real, bench.probe_labels(A, D), bench.probe_labels(*test[1:]),
+                      seed, bench.probe_factors, bench.probe_targets(A, D),
+                      bench.probe_targets(*test[1:]))
     out["probes_n"] = {"train": len(X), "test": len(test[0])}
     return out
 
 
 def evaluate(model, judges, test, device, seeds=(0,), amp=False, batch_size=256, type_gt="all",
-             sampled_b=False, probe_train=None, probe_seed=0):
+             sampled_b=False, probe_train=None, probe_seed=0, bench=None):
     """{'judges': {name: {'runs': [{figure: value}], 'mean', 'std'}}, 'agreement': {'a vs b': ...},
-    'recon_mse_per_pixel'} over `seeds`, and with probe_train the probes. Figures: A_*, B_*, Bs_*,
-    swap_*, real_*. `model` needs encode(x, random=False) -> {'f_mean', 'z_mean'} ('f_logvar',
+    'recon_mse_per_pixel'} over `seeds`, and with probe_train the probes. Figures on Sprites (the
+    default bench): A_*, B_*, Bs_*, swap_*, real_*; on Moving MNIST those of digit_scores, and
+    'trajectory_error'. `model` needs encode(x, random=False) -> {'f_mean', 'z_mean'} ('f_logvar',
     'z_logvar' for the sampled probes), decode(z, f) and sample_z_prior(N, T, like=)."""
+    bench = bench or BENCHMARKS["sprites"]
     X, A, D = test
     model.eval()
     for judge in judges.values():
@@ -263,14 +323,19 @@ def evaluate(model, judges, test, device, seeds=(0,), amp=False, batch_size=256,
     names = list(judges)
     runs = {name: [] for name in names}
     agree = {f"{a} vs {b}": [] for a, b in judge_pairs(names)}
+    paths = []
     for seed in progress(seeds, desc="runs", unit="run"):
-        latents, perm = run_latents(model, real, seed, type_gt, sampled_b)
-        gen = {k: decode_and_judge(model, judges, z, f, batch_size, amp, desc=f"decode {k}")
+        # Moving MNIST's fixed content decodes the prior's samples (S3VAE's protocol), not means
+        latents, perm = run_latents(model, real, seed, type_gt, sampled_b or bench.positions,
+                                    prior_means=not bench.positions)
+        gen = {k: decode_and_judge(model, judges, z, f, batch_size, amp, desc=f"decode {k}",
+                                   positions=bench.positions)
                for k, (z, f) in latents.items()}
         for name in names:
-            runs[name].append({"seed": seed, **generated_scores(
-                {k: g[name] for k, g in gen.items()}, real["probs"][name], A, D, perm),
-                               **real_scores(real["probs"][name], A, D)})
+            runs[name].append({"seed": seed, **judge_figures(
+                {k: g[name] for k, g in gen.items()}, real["probs"][name], A, D, perm, bench)})
+        if bench.positions:
+            paths.append(trajectory_errors(gen, D, perm, seed))
         kinds = {**gen, "real": real["probs"]}
         for a, b in judge_pairs(names):
             agree[f"{a} vs {b}"].append({"seed": seed, **{
@@ -279,7 +344,18 @@ def evaluate(model, judges, test, device, seeds=(0,), amp=False, batch_size=256,
     result = {"judges": {name: _summary(r) for name, r in runs.items()},
               "agreement": {pair: _summary(r) for pair, r in agree.items()},
               "recon_mse_per_pixel": real["se"].sum().item() / X[:1].numel() / len(X)}
+    if bench.positions:
+        summary = _summary(paths)
+        result["trajectory_error"] = {**summary["mean"], "floor": position_floor(X, D),
+                                      "std": summary["std"], "runs": paths}
     if probe_train is not None:
         result.update(_probe_figures(model, probe_train, real, test, device, batch_size, amp,
-                                     probe_seed))
+                                     probe_seed, bench))
     return result
+
+
+def judge_figures(gen, real_probs, A, D, perm, bench):
+    """One judge's figures of one run, by what the benchmark's D holds."""
+    if bench.positions:
+        return digit_scores(gen, real_probs, A, perm)
+    return {**generated_scores(gen, real_probs, A, D, perm), **real_scores(real_probs, A, D)}

@@ -1,4 +1,5 @@
-"""Qualitative figures of one C-DSVAE checkpoint on the Sprites test videos.
+"""Qualitative figures of one C-DSVAE checkpoint on the test videos of Sprites (or, with --dataset
+smmnist, of Stochastic Moving MNIST).
 
     python make_figs.py --model_dir runs/e1/model.pt [--metrics runs/e1/metrics.jsonl] [--out figs]
 
@@ -9,8 +10,10 @@ Writes to --out (the same files for the same checkpoint, data and --seed):
   fixed_motion.png       z of a few videos kept, f ~ N(0, I)
   cosine_similarity.md   cosine similarity of f_mean and of flattened z_mean, 4 categories x 3 pairs
   cosine_similarity.png  the same table as an image
-  proj_f.png             2-D PCA of f_mean, coloured by skin, pant, top, hair
-  proj_z.png             2-D PCA of flattened z_mean, coloured by motion (action-direction)
+  proj_f.png             2-D PCA of f_mean, coloured by skin, pant, top, hair (Moving MNIST: digit)
+  proj_z.png             2-D PCA of flattened z_mean, coloured by motion (action-direction; Moving
+                         MNIST: where the digit starts, left to right, and its digit)
+On Moving MNIST the similarity table's categories are same / different digit, other paths.
   loss_curves.png        every loss term per epoch, from --metrics
 """
 import argparse
@@ -24,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from dataloader import ATTRIBUTES, MOTION_NAMES, DataError, character_id, load_sprites, to_float
+from benchmarks import BENCHMARKS, add_dataset_flag, benchmark_of
+from dataloader import ATTRIBUTES, MOTION_NAMES, DataError, character_id, to_float
 from evaluation import encode_videos
 from utils import (CheckpointError, check_writable, folders_held, load_model, pick_device,
                    plot_loss_curves, read_text, refuse_overwriting, run_main, write_atomic,
@@ -35,6 +39,7 @@ FIGURES = ("swap_grid.png", "swap.gif", "fixed_content.png", "fixed_motion.png",
            "cosine_similarity.md", "cosine_similarity.png", "proj_f.png", "proj_z.png",
            "loss_curves.png")
 PER_CATEGORY = 3  # pairs of each category in the similarity table
+SPRITES = BENCHMARKS["sprites"]
 
 
 # ---- image grids: cells of 64x64 (times scale), 2 px apart, row labels in a 120 px left margin ---
@@ -76,20 +81,34 @@ def save_figure(fig, path, **kwargs):
 
 
 # ---- data and model helpers ----------------------------------------------------------------------
-def describe(i, A, D):
-    """'#12 s1 p0 t3 h5 walk-left': index, attributes and motion of a test video."""
+def describe(i, A, D, bench=SPRITES):
+    """'#12 s1 p0 t3 h5 walk-left': index, attributes and motion of a test video (Moving MNIST:
+    '#12 digit 7 from (30, 41)', where its digit starts)."""
+    if bench.positions:
+        return f"#{i} digit {int(A[i, 0])} from ({D[i, 0, 0, 0]:.0f}, {D[i, 0, 0, 1]:.0f})"
     s, p, t, h = (int(v) for v in A[i])
     return f"#{i} s{s} p{p} t{t} h{h} {MOTION_NAMES[int(D[i])]}"
 
 
-def label(i, A, D, prefix=""):
+def label(i, A, D, prefix="", bench=SPRITES):
     """Two-line row label of a test video: '<prefix>#12 walk-left' / 's1 p0 t3 h5'."""
+    if bench.positions:
+        return prefix + describe(i, A, D, bench).replace(" from", "\nfrom")
     s, p, t, h = (int(v) for v in A[i])
     return f"{prefix}#{i} {MOTION_NAMES[int(D[i])]}\ns{s} p{p} t{t} h{h}"
 
 
+def figure_keys(A, D, bench=SPRITES):
+    """(appearance, action, motion) id of each test video: Sprites' character, action type and
+    motion; Moving MNIST's digit, and the video itself for both (each path is its own)."""
+    if bench.positions:
+        own = torch.arange(len(A))
+        return A[:, 0], own, own
+    return character_id(A), D // 3, D
+
+
 def videos(X, idx, device):
-    """Float videos (B, 8, 3, 64, 64) of the test indices idx (a list)."""
+    """Float videos (B, 8, C, 64, 64) of the test indices idx (a list)."""
     return to_float(X[idx]).to(device)
 
 
@@ -104,12 +123,12 @@ def cosine(a, b):
     return float(F.cosine_similarity(a[None], b[None], eps=1e-12).clamp(-1, 1))
 
 
-def pick_pairs(A, D, n, generator):
+def pick_pairs(A, D, n, generator, bench=SPRITES):
     """Up to n pairs (i, j) of test videos, no video twice where the data allow: of different
-    characters and actions, else of a different character or motion, else any."""
+    characters (digits) and actions, else of a different character or motion, else any."""
     perm = torch.randperm(len(D), generator=generator).tolist()
-    c, d = character_id(A).tolist(), D.tolist()
-    conditions = (lambda i, j: c[i] != c[j] and d[i] // 3 != d[j] // 3,
+    c, act, d = (key.tolist() for key in figure_keys(A, D, bench))
+    conditions = (lambda i, j: c[i] != c[j] and act[i] != act[j],
                   lambda i, j: c[i] != c[j] or d[i] != d[j],
                   lambda i, j: True)
     pairs, used = [], set()
@@ -128,10 +147,10 @@ def pick_pairs(A, D, n, generator):
     return pairs
 
 
-def pick_videos(A, D, n, generator):
-    """Up to n test videos, of different characters and motions where possible."""
+def pick_videos(A, D, n, generator, bench=SPRITES):
+    """Up to n test videos, of different characters (digits) and motions where possible."""
     perm = torch.randperm(len(D), generator=generator).tolist()
-    c, d = character_id(A).tolist(), D.tolist()
+    c, _, d = (key.tolist() for key in figure_keys(A, D, bench))
     chosen = []
     for strict in (True, False):
         for i in perm:
@@ -151,15 +170,23 @@ PAIR_CATEGORIES = (
     ("different appearance, different action", lambda sc, sa, sm: ~sc & ~sa),
     ("same appearance & action, different direction", lambda sc, sa, sm: sc & sa & ~sm),
 )
+DIGIT_PAIR_CATEGORIES = (  # Moving MNIST's: every path is a video's own
+    ("same digit, another path", lambda sc, sa, sm: sc & ~sm),
+    ("different digit, another path", lambda sc, sa, sm: ~sc & ~sm),
+)
 
 
-def similarity_pairs(A, D, per_category, generator):
+def pair_categories(bench):
+    return DIGIT_PAIR_CATEGORIES if bench.positions else PAIR_CATEGORIES
+
+
+def similarity_pairs(A, D, per_category, generator, bench=SPRITES):
     """{category: [(i, j), ...]}, up to `per_category` random pairs i < j of test videos each."""
-    c, act = character_id(A), D // 3
-    same_c, same_a, same_m = c[:, None] == c[None], act[:, None] == act[None], D[:, None] == D[None]
+    c, act, m = figure_keys(A, D, bench)
+    same_c, same_a, same_m = c[:, None] == c[None], act[:, None] == act[None], m[:, None] == m[None]
     upper = torch.ones(len(D), len(D), dtype=torch.bool).triu(1)
     out = {}
-    for name, cond in PAIR_CATEGORIES:
+    for name, cond in pair_categories(bench):
         cand = torch.nonzero(cond(same_c, same_a, same_m) & upper)
         order = torch.randperm(len(cand), generator=generator)[:per_category]
         out[name] = [tuple(int(v) for v in cand[k]) for k in order]
@@ -181,15 +208,16 @@ def pca_2d(X):
 
 
 # ---- the figures ---------------------------------------------------------------------------------
-def fig_swaps(model, X, A, D, device, out, seed, n_grid=4, n_gif=3):
-    pairs = pick_pairs(A, D, max(n_grid, n_gif), torch.Generator().manual_seed(seed))
+def fig_swaps(model, X, A, D, device, out, seed, n_grid=4, n_gif=3, bench=SPRITES):
+    pairs = pick_pairs(A, D, max(n_grid, n_gif), torch.Generator().manual_seed(seed), bench)
     i, j = map(list, zip(*pairs))
     xa, xb = videos(X, i, device), videos(X, j, device)
     ab, ba = model.swap(xa, xb)  # f(A)+z(B), f(B)+z(A)
     rows, labels = [], []
     for k in range(min(n_grid, len(pairs))):
         rows += [xa[k], xb[k], ab[k], ba[k]]
-        labels += [label(i[k], A, D, "A "), label(j[k], A, D, "B "), "f(A) + z(B)", "f(B) + z(A)"]
+        labels += [label(i[k], A, D, "A ", bench), label(j[k], A, D, "B ", bench), "f(A) + z(B)",
+                   "f(B) + z(A)"]
     save_image(image_grid(rows, labels, group_size=4), os.path.join(out, "swap_grid.png"))
     n = min(n_gif, len(pairs))
     frames = [image_grid([torch.stack([xa[k, t], xb[k, t], ab[k, t], ba[k, t]]) for k in range(n)],
@@ -202,8 +230,8 @@ def fig_swaps(model, X, A, D, device, out, seed, n_grid=4, n_gif=3):
     return pairs
 
 
-def fig_fixed(model, X, A, D, device, out, seed, n_videos=3, n_samples=4):
-    idx = pick_videos(A, D, n_videos, torch.Generator().manual_seed(seed + 1))
+def fig_fixed(model, X, A, D, device, out, seed, n_videos=3, n_samples=4, bench=SPRITES):
+    idx = pick_videos(A, D, n_videos, torch.Generator().manual_seed(seed + 1), bench)
     x = videos(X, idx, device)
     post = model.encode(x, random=False)
     recon = model.decode(post["z_mean"], post["f_mean"])
@@ -217,17 +245,17 @@ def fig_fixed(model, X, A, D, device, out, seed, n_videos=3, n_samples=4):
         rows, labels = [], []
         for k, i in enumerate(idx):
             rows += [x[k], recon[k], *gen[k * n_samples:(k + 1) * n_samples]]
-            labels += [label(i, A, D), "reconstruction"]
+            labels += [label(i, A, D, bench=bench), "reconstruction"]
             labels += [f"{what} #{s + 1}" for s in range(n_samples)]
         grid = image_grid(rows, labels, group_size=2 + n_samples)
         save_image(grid, os.path.join(out, f"{name}.png"))
     return idx
 
 
-def similarity_table(model, X, A, D, device, seed):
+def similarity_table(model, X, A, D, device, seed, bench=SPRITES):
     """Rows (category, i, j, cos f, cos z) of the similarity table, and the categories short of
     pairs."""
-    pairs = similarity_pairs(A, D, PER_CATEGORY, torch.Generator().manual_seed(seed + 4))
+    pairs = similarity_pairs(A, D, PER_CATEGORY, torch.Generator().manual_seed(seed + 4), bench)
     idx = sorted({v for ps in pairs.values() for p in ps for v in p})
     rows = []
     if idx:
@@ -246,25 +274,27 @@ def _md_row(cells):
     return "| " + " | ".join(cells) + " |"
 
 
-def similarity_cells(rows, A, D):
+def similarity_cells(rows, A, D, bench=SPRITES):
     """The similarity table's text: its header, then one row of cells per pair."""
     return [["#", "category", "video A", "video B", "cos f", "cos z"]] + [
-        [str(k + 1), name, describe(i, A, D), describe(j, A, D), _fmt(cf), _fmt(cz)]
+        [str(k + 1), name, describe(i, A, D, bench), describe(j, A, D, bench), _fmt(cf), _fmt(cz)]
         for k, (name, i, j, cf, cz) in enumerate(rows)]
 
 
-def similarity_markdown(rows, cells, missing):
+def similarity_markdown(rows, cells, missing, bench=SPRITES):
     """The similarity table, each category's means and a legend, as markdown."""
     lines = [_md_row(cells[0]), "|---" * 6 + "|", *map(_md_row, cells[1:]), "",
              _md_row(["category", "pairs", "mean cos f", "mean cos z"]), "|---" * 4 + "|"]
-    for name, _ in PAIR_CATEGORIES:
+    for name, _ in pair_categories(bench):
         sel = [r for r in rows if r[0] == name]
         means = [_fmt(np.mean([r[k] for r in sel])) for k in (3, 4)] if sel else ["n/a", "n/a"]
         lines.append(_md_row([name, str(len(sel)), *means]))
     if missing:
         lines += ["", f"Fewer than {PER_CATEGORY} pairs in the test set for: {', '.join(missing)}."]
+    video = ("the digit, and where it starts (row, col) in px" if bench.positions
+             else "skin / pant / top / hair, action-direction")
     lines += ["", "f: posterior mean of the static factor; z: posterior means of the 8 dynamic "
-              "factors, flattened. Video: test index, skin / pant / top / hair, action-direction."]
+              f"factors, flattened. Video: test index, {video}."]
     return "\n".join(lines) + "\n"
 
 
@@ -299,11 +329,13 @@ def pca_panel(ax, scores, ratios, labels, names, size, markers="ooo"):
     ax.set_ylabel(f"PC2 ({100 * ratios[1]:.0f}%)")
 
 
-def fig_projections(model, X, A, D, device, out, seed, n=900):
-    import matplotlib.pyplot as plt
+def fig_projections(model, X, A, D, device, out, seed, n=900, bench=SPRITES):
     g = torch.Generator().manual_seed(seed + 5)
     idx = torch.randperm(len(X), generator=g)[:n].sort().values.tolist()
     f, z = posterior_means(model, X, idx, device)
+    if bench.positions:
+        return fig_digit_projections(f, z, A[idx], D[idx], out)
+    import matplotlib.pyplot as plt
     pf = pca_2d(f)
     fig, axes = plt.subplots(2, 2, figsize=(9, 8))
     for k, (ax, name) in enumerate(zip(axes.flat, ATTRIBUTES)):
@@ -320,6 +352,30 @@ def fig_projections(model, X, A, D, device, out, seed, n=900):
     fig.tight_layout()
     save_figure(fig, os.path.join(out, "proj_z.png"), dpi=100)
     return len(idx)
+
+
+def fig_digit_projections(f, z, Y, P, out):
+    """Moving MNIST's projections: f by digit; z by where the digit starts (5 bands of columns,
+    left to right) and by digit, which a z without the digit scatters evenly."""
+    import matplotlib.pyplot as plt
+    digits = [f"digit {v}" for v in range(10)]
+    fig, ax = plt.subplots(figsize=(7, 6))
+    pca_panel(ax, *pca_2d(f), Y[:, 0], digits, 8, markers="oooo")
+    ax.set_title(f"PCA of f_mean, {len(f)} test videos, coloured by digit")
+    ax.legend(fontsize=7, markerscale=2, loc="best")
+    fig.tight_layout()
+    save_figure(fig, os.path.join(out, "proj_f.png"), dpi=100)
+    band = (P[:, 0, 0, 1] - P[:, 0, 0, 1].min()).div(32 / 5).floor().clamp(0, 4).long()
+    fig, axes = plt.subplots(1, 2, figsize=(13, 6))
+    pz = pca_2d(z)
+    pca_panel(axes[0], *pz, band, [f"starts in column band {v + 1} of 5" for v in range(5)], 8)
+    pca_panel(axes[1], *pz, Y[:, 0], digits, 8, markers="oooo")
+    for ax, what in zip(axes, ("where the digit starts", "digit")):
+        ax.set_title(f"PCA of flattened z_mean, coloured by {what}")
+        ax.legend(fontsize=7, markerscale=2, loc="best")
+    fig.tight_layout()
+    save_figure(fig, os.path.join(out, "proj_z.png"), dpi=100)
+    return len(f)
 
 
 def read_metrics(path):
@@ -349,8 +405,7 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_dir", required=True, help="model.pt of train_cdsvae.py, or its folder")
-    p.add_argument("--data_root", default="data/Sprite/data.pkl",
-                   help="Sprites data.pkl; its test split is used (default %(default)s)")
+    add_dataset_flag(p.add_argument)  # --dataset, --data_root: its test split is used
     p.add_argument("--metrics", help="metrics.jsonl for loss_curves.png (default: "
                    "<checkpoint>.metrics.jsonl or metrics.jsonl beside the checkpoint, if any)")
     p.add_argument("--out", default="figs", help="output folder (default figs)")
@@ -359,7 +414,9 @@ def get_args(argv=None):
     p.add_argument("--n_proj", type=int, default=900,
                    help="test videos in the PCA projections (default 900)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    benchmark_of(args)
+    return args
 
 
 def metrics_path(args, ckpt):
@@ -393,24 +450,25 @@ def make_figures(args, ckpt, metrics):
     try:
         device = pick_device(args.device)
         model = load_model(ckpt, device)
-        X, A, D = load_sprites(args.data_root)["test"]
+        bench = BENCHMARKS[args.dataset]
+        X, A, D = bench.load(args.data_root)["test"]
         if len(X) < 2:
             raise DataError(f"{args.data_root} has {len(X)} test videos; the figures need at "
                             f"least 2")
     except (CheckpointError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    pairs = fig_swaps(model, X, A, D, device, args.out, args.seed)
+    pairs = fig_swaps(model, X, A, D, device, args.out, args.seed, bench=bench)
     print(f"swap_grid.png, swap.gif: {len(pairs)} pairs")
-    idx = fig_fixed(model, X, A, D, device, args.out, args.seed)
+    idx = fig_fixed(model, X, A, D, device, args.out, args.seed, bench=bench)
     print(f"fixed_content.png, fixed_motion.png: videos {idx}")
-    rows, missing = similarity_table(model, X, A, D, device, args.seed)
-    cells = similarity_cells(rows, A, D)
-    text = similarity_markdown(rows, cells, missing)
+    rows, missing = similarity_table(model, X, A, D, device, args.seed, bench)
+    cells = similarity_cells(rows, A, D, bench)
+    text = similarity_markdown(rows, cells, missing, bench)
     write_text(text, os.path.join(args.out, "cosine_similarity.md"))
     plot_similarity(rows, cells, os.path.join(args.out, "cosine_similarity.png"))
     print(text)
-    n = fig_projections(model, X, A, D, device, args.out, args.seed, args.n_proj)
+    n = fig_projections(model, X, A, D, device, args.out, args.seed, args.n_proj, bench)
     print(f"proj_f.png, proj_z.png: {n} test videos")
     if metrics and os.path.isfile(metrics):
         print(f"loss_curves.png: {fig_loss_curves(metrics, args.out)} epochs from {metrics}")

@@ -1,6 +1,7 @@
 """C-DSVAE (Bai, Wang & Gomes, NeurIPS 2021): the network and its losses; nothing of files or flags.
 
-Shapes: a video x is (B, T, 3, 64, 64) in [0, 1]; f is (B, f_dim); z is (B, T, z_dim).
+Shapes: a video x is (B, T, C, 64, 64) in [0, 1], C channels (Sprites 3, Moving MNIST 1); f is
+(B, f_dim); z is (B, T, z_dim).
 """
 import math
 import warnings
@@ -18,13 +19,13 @@ def _conv_block(c_in, c_out, transpose=False):
 class FrameEncoder(nn.Module):
     """64x64 frame -> g_dim: four 4x4 stride-2 convs (nf, 2nf, 4nf, 8nf), then a 4x4 valid conv."""
 
-    def __init__(self, g_dim=128, nf=64):
+    def __init__(self, g_dim=128, nf=64, channels=3):
         super().__init__()
         self.net = nn.Sequential(
-            _conv_block(3, nf), _conv_block(nf, 2 * nf), _conv_block(2 * nf, 4 * nf), _conv_block(4 * nf, 8 * nf),
+            _conv_block(channels, nf), _conv_block(nf, 2 * nf), _conv_block(2 * nf, 4 * nf), _conv_block(4 * nf, 8 * nf),
             nn.Conv2d(8 * nf, g_dim, 4, 1, 0), nn.BatchNorm2d(g_dim), nn.Tanh())
 
-    def forward(self, x):  # (B, T, 3, 64, 64) -> (B, T, g_dim)
+    def forward(self, x):  # (B, T, C, 64, 64) -> (B, T, g_dim)
         B, T = x.shape[:2]
         return self.net(x.reshape(B * T, *x.shape[2:])).view(B, T, -1)
 
@@ -32,16 +33,17 @@ class FrameEncoder(nn.Module):
 class FrameDecoder(nn.Module):
     """[z_t; f] -> 64x64 frame: 4x4 deconv to 8nf x 4 x 4, four stride-2 deconvs, a sigmoid."""
 
-    def __init__(self, in_dim, nf=64):
+    def __init__(self, in_dim, nf=64, channels=3):
         super().__init__()
+        self.channels = channels
         self.net = nn.Sequential(
             nn.ConvTranspose2d(in_dim, 8 * nf, 4, 1, 0), nn.BatchNorm2d(8 * nf), nn.LeakyReLU(0.2),
             _conv_block(8 * nf, 4 * nf, True), _conv_block(4 * nf, 2 * nf, True), _conv_block(2 * nf, nf, True),
-            nn.ConvTranspose2d(nf, 3, 4, 2, 1), nn.Sigmoid())
+            nn.ConvTranspose2d(nf, channels, 4, 2, 1), nn.Sigmoid())
 
-    def forward(self, h):  # (B, T, in_dim) -> (B, T, 3, 64, 64)
+    def forward(self, h):  # (B, T, in_dim) -> (B, T, C, 64, 64)
         B, T = h.shape[:2]
-        return self.net(h.reshape(B * T, -1, 1, 1)).view(B, T, 3, 64, 64)
+        return self.net(h.reshape(B * T, -1, 1, 1)).view(B, T, self.channels, 64, 64)
 
 
 def init_weights(module, deconv_normal=True):
@@ -88,14 +90,15 @@ class CDSVAE(nn.Module):
     paper's)."""
 
     def __init__(self, f_dim=256, z_dim=32, g_dim=128, rnn_size=256, nf=64, frames=8,
-                 z_input="bilstm", f_mirror=False, f_head_leaky=False, deconv_normal=True):
+                 z_input="bilstm", f_mirror=False, f_head_leaky=False, deconv_normal=True,
+                 channels=3):
         super().__init__()
         if z_input not in ("bilstm", "frame_delta", "full"):
             raise ValueError(f"z_input must be 'bilstm', 'frame_delta' or 'full', got {z_input!r}")
         self.f_dim, self.z_dim, self.g_dim, self.rnn_size, self.frames = f_dim, z_dim, g_dim, rnn_size, frames
         self.z_input, self.f_mirror = z_input, f_mirror
-        self.encoder = FrameEncoder(g_dim, nf)
-        self.decoder = FrameDecoder(z_dim + f_dim, nf)
+        self.encoder = FrameEncoder(g_dim, nf, channels)
+        self.decoder = FrameDecoder(z_dim + f_dim, nf, channels)
         # the paper's name; this BiLSTM is shared by q(f|x) and q(z|x)
         self.z_lstm = nn.LSTM(g_dim, rnn_size, batch_first=True, bidirectional=True)
         self.f_mean, self.f_logvar = (
@@ -144,7 +147,7 @@ class CDSVAE(nn.Module):
                 "z_mean": z_mean, "z_logvar": z_logvar, "z": reparameterize(z_mean, z_logvar, random)}
 
     def decode(self, z, f):
-        """(B, T, z_dim), (B, f_dim) -> (B, T, 3, 64, 64)."""
+        """(B, T, z_dim), (B, f_dim) -> (B, T, C, 64, 64)."""
         return self.decoder(torch.cat([z, f[:, None].expand(-1, z.shape[1], -1)], dim=2))
 
     # ---- prior -----------------------------------------------------------------------------------

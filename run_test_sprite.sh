@@ -11,8 +11,6 @@ cd "$(dirname "$0")"
 MODEL=${MODEL:-checkpoints/cdsvae_sprites_cpu.pt}
 DATA=${DATA:-data/Sprite/data.pkl}
 OUT=${OUT:-runs/test_sprite/$(basename "$MODEL" .pt).json}
-NITER=${NITER:-$(python -c 'import torch, utils
-print(5 if utils.amp_dtype(utils.pick_device("auto"), "auto") else 1)')}
 [ -f "$DATA" ] || python make_sprites.py --out "$DATA"
 python test_sprite.py --model_dir "$MODEL" --data_root "$DATA" \
-  --type_gt all --niter "$NITER" --batch_size 256 --amp --out "$OUT" "$@"
+  --type_gt all --niter "${NITER:-auto}" --batch_size 256 --amp --out "$OUT" "$@"

@@ -1,12 +1,18 @@
-"""Stochastic Moving MNIST (Denton & Fergus, 2018): the frame geometry, and a digit's position read
-from pixels, which scores motion without a judge.
+"""Stochastic Moving MNIST (Denton & Fergus, 2018): the frame geometry, a digit's position read
+from pixels (which scores motion without a judge), the checked loading of make_smmnist.py's file,
+and the motion views of C-DSVAE on it.
 
 A digit's position, (row, col) in pixels with pixel i's centre at i, is the point of its 32x32 box
 where MNIST puts every digit's centre of mass (pixel 14, 14 of the 28x28 field, scaled): it does not
 depend on the digit's shape, so a video whose digit was swapped for another keeps it, and the centre
 of mass of a one-digit frame reads it up to that digit's own shape.
 """
+import numpy as np
 import torch
+import torch.nn.functional as F
+
+from dataloader import (DataError, checked_images, first_index, gaussian_blur, rebuild_hint,
+                        safe_load_pickle)
 
 SIZE = 64  # frames are SIZE x SIZE, one channel
 DIGIT = 32  # an MNIST digit (28 x 28) is scaled to DIGIT x DIGIT
@@ -26,3 +32,137 @@ def centre_of_mass(frames):
     centre = torch.stack([(x.sum(-1) * rows).sum(-1), (x.sum(-2) * cols).sum(-1)], -1)
     middle = torch.tensor([(H - 1) / 2, (W - 1) / 2], dtype=x.dtype, device=x.device)
     return torch.where(mass[..., None] > 0, centre / mass.clamp_min(1e-12)[..., None], middle)
+
+
+# ---- the data file -------------------------------------------------------------------------------
+BUILDER = "make_smmnist.py"
+DIGITS = 10
+CHECK_VIDEOS = 64  # videos whose centres of mass are checked against their stored positions
+CHECK_PX = 2.0  # the largest distance allowed there: the floor is at most 0.86 px on real data
+
+
+def _array(data, key, path, dtype_kinds, shape, what):
+    """data[key] as a numpy array of one of `dtype_kinds` and `shape` (None: any size there)."""
+    value = data.get(key)
+    if not isinstance(value, np.ndarray) or value.dtype.kind not in dtype_kinds or \
+            value.ndim != len(shape) or any(s is not None and s != v
+                                            for s, v in zip(shape, value.shape)):
+        found = (f"{value.dtype} {value.shape}" if isinstance(value, np.ndarray)
+                 else type(value).__name__)
+        raise DataError(f"{path}: {key} is {found}, expected {what}; {rebuild_hint(path, BUILDER)}")
+    return value
+
+
+def _split(data, path, split, frames=None, k=None):
+    """(X uint8 (N, T, 64, 64, 1), Y digits (N, K) int64, P positions (N, T, K, 2) float32)."""
+    X = _array(data, f"X_{split}", path, "uf", (None, frames, SIZE, SIZE, 1),
+               f"videos (N, T, {SIZE}, {SIZE}, 1)")
+    X = checked_images(X, path, split, BUILDER)
+    n, frames = X.shape[:2]
+    Y = _array(data, f"Y_{split}", path, "iu", (n, k), f"digit labels ({n}, K) of 0..9")
+    k = Y.shape[1]
+    P = _array(data, f"P_{split}", path, "f", (n, frames, k, 2),
+               f"positions ({n}, {frames}, {k}, 2) in px")
+    bad = (Y < 0) | (Y >= DIGITS)
+    if bad.any():
+        raise DataError(f"{path}: Y_{split}[{first_index(bad)}] is {Y[bad][0]}, digits are 0..9; "
+                        f"{rebuild_hint(path, BUILDER)}")
+    low, high = MASS_CENTRE, SIZE - DIGIT - 1 + MASS_CENTRE  # box corners 0..31
+    bad = ~((P >= low - 1e-3) & (P <= high + 1e-3))  # NaN compares false, so it is caught too
+    if bad.any():
+        raise DataError(f"{path}: P_{split}[{first_index(bad)}] is {P[bad][0]}, outside the "
+                        f"{low:.3f}..{high:.3f} px a digit's position takes; "
+                        f"{rebuild_hint(path, BUILDER)}")
+    if k == 1:  # the file's own pixels must put each digit where its positions say
+        sample = slice(0, CHECK_VIDEOS)
+        error = np.linalg.norm(centre_of_mass(X[sample, ..., 0]).numpy() - P[sample, :, 0], axis=-1)
+        if error.max() > CHECK_PX:
+            i = np.unravel_index(np.argmax(error), error.shape)
+            raise DataError(f"{path}: frame {i[1]} of video {i[0]} of X_{split} has its digit "
+                            f"{error[i]:.1f} px from P_{split}'s position (the data's own floor "
+                            f"is under 1 px): videos and positions do not belong together; "
+                            f"{rebuild_hint(path, BUILDER)}")
+    return torch.from_numpy(X), torch.from_numpy(Y.astype(np.int64)), torch.from_numpy(
+        P.astype(np.float32))
+
+
+def load_smmnist(path):
+    """{'train': (X, Y, P), 'test': (X, Y, P)} of make_smmnist.py's file, checked: X uint8 (N, T,
+    64, 64, 1), Y each video's digits (N, K), P their positions a frame (N, T, K, 2)."""
+    data = safe_load_pickle(path, BUILDER, "Stochastic Moving MNIST")
+    if not isinstance(data, dict):
+        raise DataError(f"{path} holds a {type(data).__name__}, expected the dict of "
+                        f"{BUILDER} (X_train, Y_train, P_train, ...)")
+    train = _split(data, path, "train")
+    test = _split(data, path, "test", frames=train[0].shape[1], k=train[1].shape[1])
+    return {"train": train, "test": test}
+
+
+def digit_labels(Y, P=None):
+    """{'digit': the first digit of each video}: the judges' one head (one digit a video)."""
+    return {"digit": Y[:, 0]}
+
+
+# ---- motion views: the same path, another look ---------------------------------------------------
+def box_corners(P):
+    """The top-left corners (..., 2) int64 of the digit boxes at positions P (..., 2)."""
+    return torch.round(P - MASS_CENTRE).long()
+
+
+class DigitSwap:
+    """The motion view that keeps every digit's path and changes what moves along it: each video's
+    digits are replaced by those of another video of the batch (a random one, never itself),
+    cut from its first frame, and drawn at this video's positions, overlaps clipped to 1."""
+    name = "digit"
+
+    def draws(self, B, generator):
+        """The donor of each video, (i + shift) mod B with shift 1..B-1 (B = 1: itself)."""
+        shift = torch.randint(1, max(B, 2), (B,), generator=generator)
+        return (torch.arange(B) + shift) % max(B, 1)
+
+    def apply(self, x, donor, P):
+        """x (B, T, C, 64, 64) with digits at positions P (B, T, K, 2) -> the view."""
+        B, T, C = x.shape[:3]
+        device = x.device
+        corners = box_corners(P).to(device)
+        donor = donor.to(device)
+        d = torch.arange(DIGIT, device=device)
+        b = torch.arange(B, device=device)
+        out = torch.zeros_like(x)
+        for k in range(corners.shape[2]):
+            first = corners[donor, 0, k]  # (B, 2): each donor's box in its first frame
+            rows, cols = first[:, 0, None] + d, first[:, 1, None] + d
+            digit = x[donor[:, None, None], 0, :, rows[:, :, None], cols[:, None, :]]  # B,32,32,C
+            at = corners[:, :, k]  # (B, T, 2): where this video's digit k is each frame
+            r = (at[..., 0, None] + d)[:, :, :, None, None]
+            c = (at[..., 1, None] + d)[:, :, None, :, None]
+            out.index_put_((b[:, None, None, None, None], torch.arange(T, device=device)[
+                None, :, None, None, None], torch.arange(C, device=device), r, c),
+                digit[:, None].expand(B, T, DIGIT, DIGIT, C), accumulate=True)
+        return out.clamp_(0, 1)
+
+
+class Stroke:
+    """The alternative motion view, a look change of the digit itself: each video's strokes made
+    thinner or thicker (a 3x3 min or max filter, or none, a third each), its intensity scaled by
+    0.4..1, and blurred (sigma 0.1..2 px, p 0.5); the digit stays the same digit."""
+    name = "stroke"
+
+    def draws(self, B, generator):
+        return torch.stack([torch.randint(-1, 2, (B,), generator=generator).float(),
+                            0.4 + 0.6 * torch.rand(B, generator=generator),
+                            (0.1 + 1.9 * torch.rand(B, generator=generator))
+                            * (torch.rand(B, generator=generator) < 0.5)], 1)
+
+    def apply(self, x, draws, P=None):
+        B, T, C, H, W = x.shape
+        thick, gain, sigma = draws.to(x.device).unbind(1)
+        frames = x.reshape(B * T, C, H, W)
+        grown = F.max_pool2d(frames, 3, 1, 1).view_as(x)
+        shrunk = -F.max_pool2d(-frames, 3, 1, 1).view_as(x)
+        pick = thick.view(B, 1, 1, 1, 1)
+        y = torch.where(pick > 0, grown, torch.where(pick < 0, shrunk, x))
+        return gaussian_blur(y * gain.view(B, 1, 1, 1, 1), sigma).clamp_(0, 1)
+
+
+MOTION_VIEWS = {"digit": DigitSwap(), "stroke": Stroke()}

@@ -1,11 +1,13 @@
-"""Time to quality of a run: protocol-A action accuracy under each judge against training minutes.
+"""Time to quality of a run: protocol-A action accuracy (Moving MNIST, --dataset smmnist: the swap's
+digit accuracy) under each judge against training minutes.
 
     python train_cdsvae.py ... --snapshot_every 1          # keeps model_dir/epoch_<N>.pt
     python time_to_quality.py --run runs/cdsvae_cpu --out figs/time_to_quality.png [--test_stride 4]
 
-Scores each snapshot epoch_<N>.pt of --run in protocol A (one seed) with each judge, at the training
-minutes of epoch N's end (summed from the run's metrics.jsonl), and writes the curve (PNG), its
-figures (JSON beside it) and the minutes at which each judge first saw 90%, 95% and 99%.
+Scores each snapshot epoch_<N>.pt of --run in protocol A and swaps (one seed) with each judge, at
+the training minutes of epoch N's end (summed from the run's metrics.jsonl), and writes the curve
+(PNG), its figures (JSON beside it) and the minutes at which each judge first saw 90%, 95% and
+99%.
 """
 import argparse
 import glob
@@ -19,9 +21,10 @@ import sys
 import torch
 from tqdm import tqdm
 
-from dataloader import DataError, load_sprites
+from benchmarks import BENCHMARKS, add_dataset_flag, benchmark_of
+from dataloader import DataError
 from evaluation import NotFiniteError, evaluate
-from judges.networks import SHIPPED_JUDGES, judge_name, load_judge
+from judges.networks import judge_name, load_judge
 from utils import (CheckpointError, check_writable, for_inference, held_lock, load_model,
                    pick_device, progress, read_text, refuse_overwriting, run_main, same_file,
                    write_atomic, write_json)
@@ -77,7 +80,7 @@ def first_reaching(points, level):
     return next((m for m, acc in points if acc >= level), None)
 
 
-def plot(curves, reference, out):
+def plot(curves, reference, out, label="protocol A action accuracy"):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -89,7 +92,7 @@ def plot(curves, reference, out):
     for level in LEVELS:
         ax.axhline(level, color="black", lw=0.5, ls=":")
     ax.set_xlabel("training minutes (2-core CPU)")
-    ax.set_ylabel("protocol A action accuracy")
+    ax.set_ylabel(label)
     ax.set_ylim(0, 1)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
@@ -104,8 +107,7 @@ def get_args(argv=None):
     p.add_argument("--out", default="figs/time_to_quality.png",
                    help="the curve's PNG; its JSON goes beside it (default %(default)s)")
     p.add_argument("--judge", action="append", help="judge file; repeatable (default both shipped)")
-    p.add_argument("--data_root", default="data/Sprite/data.pkl",
-                   help="the data pickle of make_sprites.py (default %(default)s)")
+    add_dataset_flag(p.add_argument)
     p.add_argument("--test_stride", type=int, default=4,
                    help="score every this-many-th test video (default 4)")
     p.add_argument("--reference", help="JSON {'label': str, 'points': [[minutes, accuracy], ...]} "
@@ -116,6 +118,7 @@ def get_args(argv=None):
                    help="default auto: cuda when there is one")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default 0: torch's choice)")
     args = p.parse_args(argv)
+    args.judge = args.judge or list(benchmark_of(args).judges)
     if args.test_stride < 1 or args.threads < 0:
         p.error("--test_stride must be positive, and --threads 0 or more")
     return args
@@ -146,7 +149,7 @@ def main(argv=None):
     if same_file(args.out, json_out):
         sys.exit(f"error: --out {args.out} names the curve's PNG; its JSON goes beside it")
     inputs = ([("--run", path) for _, path in snaps] + [("--run", metrics)]
-              + [("--judge", j) for j in args.judge or SHIPPED_JUDGES]
+              + [("--judge", j) for j in args.judge]
               + [("--data_root", args.data_root), ("--reference", args.reference)])
     refuse_overwriting([("--out", args.out), ("--out", json_out)], inputs)
     with held_lock(args.out + ".lock", f"{args.out} is being written by {{holder}}, another "
@@ -158,10 +161,11 @@ def main(argv=None):
 
 def score_snapshots(args, device, snaps, metrics, json_out):
     """Score each snapshot, draw the curve and write its figures; every file is checked first."""
+    bench = BENCHMARKS[args.dataset]
     try:
-        judges = {judge_name(j): for_inference(load_judge(j, device))
-                  for j in args.judge or SHIPPED_JUDGES}
-        test = tuple(t[::args.test_stride] for t in load_sprites(args.data_root)["test"])
+        judges = {judge_name(j): for_inference(load_judge(j, device, bench.heads))
+                  for j in args.judge}
+        test = tuple(t[::args.test_stride] for t in bench.load(args.data_root)["test"])
         reference = read_reference(args.reference) if args.reference else None
         minutes = epoch_minutes(metrics)
         unlogged = [e for e, _ in snaps if e not in minutes]
@@ -179,14 +183,15 @@ def score_snapshots(args, device, snaps, metrics, json_out):
     for epoch, path in progress(snaps, desc="snapshots", unit="snapshot", leave=False):
         try:
             model = for_inference(load_model(path, device))
-            result = evaluate(model, judges, test, device, seeds=[0], amp=True, type_gt="action")
+            result = evaluate(model, judges, test, device, seeds=[0], amp=True, type_gt="action",
+                              bench=bench)
         except CheckpointError as e:
             sys.exit(f"error: {e}")
         except NotFiniteError as e:  # the judge's file when its outputs are the ones at fault
-            judge = dict(zip(judges, args.judge or SHIPPED_JUDGES)).get(e.judge)
+            judge = dict(zip(judges, args.judge)).get(e.judge)
             sys.exit(f"error: {f'judge file {judge}' if e.judge else path}: {e}")
         for name in judges:
-            curves[name].append((minutes[epoch], result["judges"][name]["mean"]["A_action_acc"]))
+            curves[name].append((minutes[epoch], result["judges"][name]["mean"][bench.quality[0]]))
         tqdm.write(f"epoch {epoch} ({minutes[epoch]:.1f} min): " + ", ".join(
             f"{name} {pts[-1][1]:.2%}" for name, pts in curves.items()))
     write_curves(args, curves, reference, len(test[0]), json_out)
@@ -198,7 +203,7 @@ def write_curves(args, curves, reference, n_test, json_out):
                for name, pts in curves.items()}
     write_json({"run": args.run, "test_stride": args.test_stride, "n_test": n_test,
                 "curves": curves, "minutes_to": reached, "reference": reference}, json_out)
-    plot(curves, reference, args.out)
+    plot(curves, reference, args.out, BENCHMARKS[args.dataset].quality[1])
     for name, r in reached.items():
         print(f"{name}: minutes to " + ", ".join(
             f"{k} {'not reached' if v is None else f'{v:.1f}'}" for k, v in r.items()))

@@ -1,6 +1,8 @@
-"""Train C-DSVAE on Sprites (or, with --model dsvae, the DSVAE baseline).
+"""Train C-DSVAE on Sprites or, with --dataset smmnist, Stochastic Moving MNIST (with --model dsvae,
+the DSVAE baseline).
 
     python train_cdsvae.py --data_root data/Sprite/data.pkl --log_dir runs/paper   # one process
+    python train_cdsvae.py --dataset smmnist --log_dir runs/smmnist                # Moving MNIST
     torchrun --nproc_per_node=2 train_cdsvae.py ...                                # DDP
     python train_cdsvae.py --log_dir runs/paper --resume                           # continue a run
 
@@ -26,7 +28,8 @@ import torch.distributed.nn.functional as dist_nn
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from dataloader import DataError, SpriteBatches, load_sprites, validation_split
+from benchmarks import add_dataset_flag, benchmark_of
+from dataloader import DataError, SpriteBatches, validation_split
 from evaluation import evaluate
 from judges.networks import SHIPPED_JUDGES, judge_name, load_judge
 from model import CDSVAE, FZCritic, cdsvae_loss, critic_loss
@@ -41,7 +44,8 @@ from utils import (MODEL_ARGS, REMOVED_AT, REMOVED_TRAIN_ARGS, CheckpointError, 
 
 # ---- arguments -----------------------------------------------------------------------------------
 def get_args(argv=None):
-    p = OneLineErrors(description="Train C-DSVAE on Sprites. Each option's reasoning: README.md.")
+    p = OneLineErrors(description="Train C-DSVAE on Sprites or Stochastic Moving MNIST. Each "
+                      "option's reasoning: README.md.")
     arg = p.add_argument
     # optimisation
     arg("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
@@ -80,7 +84,9 @@ def get_args(argv=None):
     arg("--weight_m_aug", type=float, default=10.0, help="weight of the motion InfoNCE (10)")
     arg("--temperature", type=float, default=0.5, help="NT-Xent temperature (default 0.5)")
     # data and outputs
-    arg("--data_root", default="data/Sprite/data.pkl", help="the data pickle of make_sprites.py")
+    add_dataset_flag(arg)
+    arg("--motion_view", default=None, help="C-DSVAE's motion view: colour on sprites (its only "
+        "one); digit (the default: another digit on the same path) or stroke on smmnist")
     arg("--subset", type=int, default=0, help="the first N train videos only (default 0: all)")
     arg("--val_chars", type=int, default=0, help="train characters held out, logged as val_* (0)")
     arg("--log_dir", default="runs/cdsvae", help="folder of logs and curves (default runs/cdsvae)")
@@ -109,8 +115,18 @@ def get_args(argv=None):
              "warn or fail at any wait for the GPU (a GPU only; default off)")
     args = p.parse_args(argv)
     check_args(p, args)
+    check_data_args(p, args)
     args.model_dir = args.model_dir or args.log_dir
     return args
+
+
+def check_data_args(p, args):
+    """The data set's file and motion view, each refused in one line if not the data set's."""
+    bench = benchmark_of(args)
+    try:
+        bench.motion_view(args.motion_view)
+    except ValueError as e:
+        p.error(str(e))
 
 
 def check_args(p, args):
@@ -246,15 +262,17 @@ def load_judges(args, device):
 def load_data(run):
     """The train split (or --subset) less --val_chars characters, its loaders, the test split."""
     args = run.args
+    bench = benchmark_of(args)
     try:
-        data = load_sprites(args.data_root)
+        data = bench.load(args.data_root)
     except DataError as e:
         sys.exit(f"error: {e}")
     X, A, D = data["train"]
     if args.subset:
         X, A, D = X[:args.subset], A[:args.subset], D[:args.subset]
     try:
-        (X, A, D), val = validation_split(X, A, D, args.val_chars, seed=args.seed)
+        (X, A, D), val = validation_split(X, A, D, args.val_chars, seed=args.seed,
+                                          groups=bench.groups)
     except ValueError as e:
         sys.exit(f"error: --val_chars {args.val_chars}: {e}; hold out fewer")
     if len(X) < args.batch_size:
@@ -264,13 +282,16 @@ def load_data(run):
                  f"periodic scoring's swaps need 2: use --evl_interval 0, or other data")
     augment = args.model == "cdsvae"
     # the model shuffles x's frame features for the content view, so its tensor is not made
+    view = bench.motion_view(args.motion_view)
     run.loader = SpriteBatches(X, A, D, args.batch_size // run.world, shuffle=True, augment=augment,
                                seed=args.seed, drop_last=True, rank=run.rank, world_size=run.world,
-                               content_view=False, device=run.device, on_host=args.data_on_host)
+                               content_view=False, device=run.device, on_host=args.data_on_host,
+                               motion_view=view)
     run.val_loader = (SpriteBatches(*val, args.batch_size, augment=augment, seed=args.seed,
-                                    content_view=False, device=run.device)
+                                    content_view=False, device=run.device, motion_view=view)
                       if args.val_chars else None)
     run.n_train, run.frames, run.test = len(X), X.shape[1], data["test"]
+    run.channels = X.shape[-1]
 
 
 def build_networks(run):
@@ -283,7 +304,8 @@ def build_networks(run):
                                       betas=(0.5, 0.9)) if run.critic is not None else None)
     torch.manual_seed(args.seed + run.rank)
     run.model_args = {k: getattr(args, k) for k in MODEL_ARGS if hasattr(args, k)}
-    run.model_args.update(frames=run.frames, deconv_normal=args.deconv_init == "normal")
+    run.model_args.update(frames=run.frames, channels=run.channels,
+                          deconv_normal=args.deconv_init == "normal")
     model = prepare_for_device(CDSVAE(**run.model_args).to(device), device)
     if args.compile:
         compile_model(model, args.compile_mode)
@@ -296,11 +318,12 @@ def build_networks(run):
 
 def resume_mismatch(ckpt, args, world):
     """What differs from the checkpoint's run (batches, schedule), as one phrase, or None."""
-    saved = {"model": "cdsvae", **ckpt.get("args", {})}
+    saved = {"model": "cdsvae", "dataset": "sprites", "motion_view": None, **ckpt.get("args", {})}
     changed = [f"--{k} {saved[k]} (removed after its experiment lost: resume with the code of "
                f"commit {REMOVED_AT})"
                for k, off in REMOVED_TRAIN_ARGS.items() if saved.get(k, off) != off]
-    for k in ("model", "batch_size", "sche") + (("nEpoch",) if args.sche != "const" else ()):
+    for k in ("model", "dataset", "motion_view", "batch_size", "sche") + (
+            ("nEpoch",) if args.sche != "const" else ()):
         if saved.get(k) != getattr(args, k):  # nEpoch: the length of a schedule
             changed.append(f"--{k} {getattr(args, k)} (checkpoint: {saved.get(k)})")
     if ckpt.get("world_size") != world:
@@ -378,8 +401,8 @@ def setup(args):
         sys.exit(f"error: --batch_size {args.batch_size} must be a multiple of the {run.world} "
                  f"processes with at least 2 videos each (the InfoNCE terms contrast each video "
                  f"with the others of its batch)")
-    run.judges, missing = (load_judges(args, run.device) if args.evl_interval and run.main_proc
-                           else ({}, []))
+    scored = args.evl_interval and run.main_proc and args.dataset == "sprites"
+    run.judges, missing = load_judges(args, run.device) if scored else ({}, [])
     load_data(run)
     build_networks(run)
     run.ckpt_path = os.path.join(args.model_dir, "model.pt")
@@ -417,6 +440,8 @@ def setup(args):
     log(run, "progress: the bar (plain lines when the output is not a terminal) counts the steps "
              "done, and shows each term's mean over the epoch so far, read every --log_every "
              "steps; TensorBoard's train/* points are the means since the read before")
+    if args.evl_interval and args.dataset != "sprites":
+        log(run, f"periodic scoring runs on Sprites only for now: off on {args.dataset}")
     if missing:
         log(run, f"no judge file at {', '.join(missing)} (--judge): " + (
             f"periodic scoring uses {', '.join(run.judges)} only" if run.judges else

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from model import CDSVAE
 
 MODEL_ARGS = ("f_dim", "z_dim", "g_dim", "rnn_size", "nf", "frames", "z_input", "f_mirror",
-              "f_head_leaky", "deconv_normal")
+              "f_head_leaky", "deconv_normal", "channels")
 # options removed after their experiments lost (EXPERIMENTS.md): a checkpoint that needs one names
 # the commit
 REMOVED_AT = "7544b94"

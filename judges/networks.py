@@ -1,33 +1,35 @@
-"""The two families of Sprites judges, (B, T, 3, 64, 64) in [0, 1] -> {head of dataloader.FACTORS:
-logits (B, classes)}, and the loading of a judge file (ours or the paper repo's)."""
+"""The two families of judges, (B, T, C, 64, 64) in [0, 1] -> {head: logits (B, classes)}, the heads
+of a benchmark (Sprites' dataloader.FACTORS by default), and the loading of a judge file (ours or
+the paper repo's)."""
 import os
 import re
 
 import torch
 from torch import nn
 
+from benchmarks import BENCHMARKS
 from dataloader import FACTORS
 from model import FrameEncoder
 from utils import (STATE_DICT, CheckpointError, a_kind, bad_constructor_args, check_fields,
                    checkpoint_kind, paper_encoder_names, read_checkpoint)
 
-SHIPPED_JUDGES = ("judges/sprite_judge.pt", "judges/clip_judge.pt")
+SHIPPED_JUDGES = BENCHMARKS["sprites"].judges
 
 
-def factor_heads(n_in, hidden):
+def factor_heads(n_in, hidden, heads):
     return nn.ModuleDict({k: nn.Sequential(nn.Linear(n_in, hidden), nn.ReLU(), nn.Linear(hidden, n))
-                          for k, n in FACTORS.items()})
+                          for k, n in heads.items()})
 
 
 class SpriteJudge(nn.Module):
     """Frame encoder, BiLSTM, one MLP head per factor: the paper's classifier_Sprite_all design."""
 
-    def __init__(self, g_dim=128, rnn_size=256, hidden=256, nf=64):
+    def __init__(self, g_dim=128, rnn_size=256, hidden=256, nf=64, channels=3, heads=None):
         super().__init__()
-        self.encoder = FrameEncoder(g_dim, nf)
+        self.encoder = FrameEncoder(g_dim, nf, channels)
         self.lstm = nn.LSTM(g_dim, rnn_size, batch_first=True, bidirectional=True)
         self.rnn_size = rnn_size
-        self.heads = factor_heads(2 * rnn_size, hidden)
+        self.heads = factor_heads(2 * rnn_size, hidden, heads or FACTORS)
 
     def forward(self, x):
         out, _ = self.lstm(self.encoder(x))  # read out: the last step forward, the first backward
@@ -39,7 +41,7 @@ class ClipJudge(nn.Module):
     """3D convolutions over the whole clip (space and time mixed from the first layer, no
     recurrence), average-pooled to 2x2x2 cells of (time, height, width), one MLP head per factor."""
 
-    def __init__(self, nf=32, hidden=256):
+    def __init__(self, nf=32, hidden=256, channels=3, heads=None):
         super().__init__()
 
         def block(c_in, c_out, kernel, stride, padding):
@@ -47,12 +49,12 @@ class ClipJudge(nn.Module):
                     nn.BatchNorm3d(c_out), nn.ReLU()]
 
         self.net = nn.Sequential(
-            *block(3, nf, (3, 5, 5), (1, 2, 2), (1, 2, 2)),   # 8 x 32 x 32
+            *block(channels, nf, (3, 5, 5), (1, 2, 2), (1, 2, 2)),  # 8 x 32 x 32
             *block(nf, 2 * nf, 3, (1, 2, 2), 1),              # 8 x 16 x 16
             *block(2 * nf, 4 * nf, 3, 2, 1),                  # 4 x 8 x 8
             *block(4 * nf, 8 * nf, 3, 2, 1),                  # 2 x 4 x 4
             nn.AdaptiveAvgPool3d(2), nn.Flatten())
-        self.heads = factor_heads(64 * nf, hidden)
+        self.heads = factor_heads(64 * nf, hidden, heads or FACTORS)
 
     def forward(self, x):
         h = self.net(x.transpose(1, 2))
@@ -83,9 +85,11 @@ def paper_judge(state, path):
     return {"model": renamed, "judge_args": judge_args, "arch": "bilstm"}
 
 
-def load_judge(path, device="cpu"):
+def load_judge(path, device="cpu", heads=None):
     """The judge network of a file of judges/train_judge.py or of the paper repo, in fp32, in eval
-    mode; CheckpointError, naming the judge file, if it is neither or if a field is malformed."""
+    mode; CheckpointError, naming the judge file, if it is neither, if a field is malformed, or if
+    its heads are not `heads` (default: Sprites' FACTORS)."""
+    heads = heads or FACTORS
     ckpt = read_checkpoint(path, what="judge file")
     kind = checkpoint_kind(ckpt, path)
     if kind == "the paper repo's judge":
@@ -98,9 +102,10 @@ def load_judge(path, device="cpu"):
     name = f"judge file {path}"
     check_fields(ckpt, name, {"model": STATE_DICT, "judge_args": (
         lambda v: isinstance(v, dict), "a dict of the judge network's arguments")})
-    heads = ckpt.get("heads", FACTORS)
-    if not isinstance(heads, dict) or heads != FACTORS:
-        raise CheckpointError(f"{name} has judge heads {str(heads)[:200]}, expected {FACTORS}")
+    found = ckpt.get("heads", FACTORS)
+    if not isinstance(found, dict) or found != heads:
+        raise CheckpointError(f"{name} has judge heads {str(found)[:200]}, expected {heads}: a "
+                              f"judge of another data set?")
     arch = ckpt.get("arch", "bilstm")  # judge files that name no arch are of the first network
     if not isinstance(arch, str) or arch not in JUDGES:
         raise CheckpointError(f"{name} is a judge of network {str(arch)[:60]!r}, which this code "
@@ -110,7 +115,7 @@ def load_judge(path, device="cpu"):
         raise CheckpointError(f"{name} has judge_args that no {JUDGES[arch].__name__} takes: "
                               f"{'; '.join(bad)}; the file is damaged or of other code")
     try:
-        judge = JUDGES[arch](**ckpt["judge_args"])
+        judge = JUDGES[arch](**ckpt["judge_args"], heads=heads)
         judge.load_state_dict(ckpt["model"])  # copied into the fp32 parameters
     except (TypeError, RuntimeError) as e:
         raise CheckpointError(f"{name} does not fit {JUDGES[arch].__name__} "

@@ -1,14 +1,16 @@
-"""Train a Sprites judge (heads action, skin, pant, top, hair), fully supervised on the train split,
-on videos blurred and noised at random (dataloader.judge_corrupt) so that it reads the factors and
-not the sharpness of what it is shown. The epoch is chosen on --val_chars held-out train characters
-(the best worst head); the test split is scored once, at the end, sharp and corrupted (the
-robustness card). The judge file is written atomically in half precision with the network's name
-and arguments, the test accuracies and the card (judges/README.md); --resume continues a run from
+"""Train a judge of a benchmark's heads (Sprites: action, skin, pant, top, hair; Moving MNIST: the
+digit), fully supervised on the train split, on videos blurred and noised at random
+(dataloader.judge_corrupt) so that it reads the factors and not the sharpness of what it is shown.
+The epoch is chosen on --val_chars held-out train characters (Moving MNIST: videos; the best worst
+head); the test split is scored once, at the end, sharp and corrupted (the robustness card). The
+judge file is written atomically in half precision with the network's name and arguments, its data
+set and heads, the test accuracies and the card (judges/README.md); --resume continues a run from
 its last epoch's --ckpt.
 
     python judges/train_judge.py --arch bilstm --amp --threads 1 [--nEpoch 6] [--out FILE]
     python judges/train_judge.py --arch conv3d --amp --threads 1 --nEpoch 8 --out FILE
     python judges/train_judge.py --card_only --out judges/sprite_judge.pt  # card of a judge file
+    python judges/train_judge.py --dataset smmnist --arch conv3d ...  # judges/smmnist_clip_judge.pt
 """
 import argparse
 import os
@@ -20,8 +22,9 @@ import torch.nn.functional as F
 
 # run as a script, this file sees judges/ first; the modules it imports live one folder up
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from dataloader import (FACTORS, DataError, SpriteBatches, factor_labels,  # noqa: E402
-                        gaussian_blur, judge_corrupt, load_sprites, validation_split)
+from benchmarks import BENCHMARKS, add_dataset_flag, benchmark_of  # noqa: E402
+from dataloader import (DataError, SpriteBatches, gaussian_blur, judge_corrupt,  # noqa: E402
+                        validation_split)
 from judges.networks import JUDGES, load_judge  # noqa: E402
 from utils import (STATE_DICT, CheckpointError, add_amp_flag, autocast, check_fields,  # noqa: E402
                    check_writable, grad_scaler, half_precision, held_lock, load_adam_state,
@@ -36,36 +39,37 @@ CARD = {"sharp": lambda x, g: x,
 
 
 @torch.no_grad()
-def accuracy(judge, X, A, D, device, amp, corrupt=CARD["sharp"]):
+def accuracy(judge, bench, X, A, D, device, amp, corrupt=CARD["sharp"]):
     """({head: accuracy}, {head: wrong}) over every sequence of X, each seen as corrupt(x, g)."""
     judge.eval()
-    wrong = dict.fromkeys(FACTORS, 0)
+    wrong = dict.fromkeys(bench.heads, 0)
     g = torch.Generator().manual_seed(0)
     for batch in SpriteBatches(X, A, D, 256):
         with autocast(device, amp):
             logits = judge(corrupt(batch["x"], g).to(device))
-        for k, y in factor_labels(batch["A"], batch["D"]).items():
+        for k, y in bench.labels(batch["A"], batch["D"]).items():
             wrong[k] += (logits[k].argmax(1).cpu() != y).sum().item()
     return {k: 1 - w / len(X) for k, w in wrong.items()}, wrong
 
 
-def robustness_card(judge, test, device, amp):
-    return {name: accuracy(judge, *test, device, amp, c)[0] for name, c in CARD.items()}
+def robustness_card(judge, bench, test, device, amp):
+    return {name: accuracy(judge, bench, *test, device, amp, c)[0] for name, c in CARD.items()}
 
 
 def print_card(card):
-    print(f"{'real test videos':<18}" + "".join(f"{k:>9}" for k in FACTORS))
+    heads = list(next(iter(card.values())))
+    print(f"{'real test videos':<18}" + "".join(f"{k:>9}" for k in heads))
     for name, accs in card.items():
-        print(f"{name:<18}" + "".join(f"{100 * accs[k]:>8.2f}%" for k in FACTORS))
+        print(f"{name:<18}" + "".join(f"{100 * accs[k]:>8.2f}%" for k in heads))
 
 
-def card_only(args, test, device):
+def card_only(args, bench, test, device):
     """Add the robustness card to the judge file --out (its weights unchanged), print it."""
     try:
-        ckpt, judge = read_checkpoint(args.out), load_judge(args.out, device)
+        ckpt, judge = read_checkpoint(args.out), load_judge(args.out, device, bench.heads)
     except CheckpointError as e:
         sys.exit(f"error: {e}")
-    ckpt["robustness"] = robustness_card(judge, test, device, args.amp)
+    ckpt["robustness"] = robustness_card(judge, bench, test, device, args.amp)
     save_atomic(ckpt, args.out)
     print_card(ckpt["robustness"])
     print(f"wrote the card into {args.out}")
@@ -78,8 +82,9 @@ class Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFo
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=Help)
     arg = p.add_argument
-    arg("--data_root", default="data/Sprite/data.pkl", help="the data pickle of make_sprites.py")
-    arg("--out", default="judges/sprite_judge.pt", help="where to write the judge")
+    add_dataset_flag(arg)
+    arg("--out", default=None, help="where to write the judge (default: the data set's shipped "
+        "judge of --arch: judges/sprite_judge.pt or clip_judge.pt, judges/smmnist_*_judge.pt)")
     arg("--ckpt", default="runs/judge/last.pt", help="checkpoint written after every epoch")
     arg("--resume", action="store_true", help="continue from --ckpt when it exists")
     arg("--arch", choices=tuple(JUDGES), default="bilstm", help="bilstm: frame encoder + "
@@ -97,16 +102,21 @@ def parse_args(argv):
     arg("--g_dim", type=int, default=128, help="frame feature size, bilstm only")
     arg("--rnn_size", type=int, default=256, help="BiLSTM size, bilstm only")
     arg("--hidden", type=int, default=256, help="hidden units of each head")
-    arg("--val_chars", type=int, default=20, help="train characters held out to pick the epoch")
+    arg("--val_chars", type=int, default=None, help="train characters (Moving MNIST: videos) held "
+        "out to pick the epoch (default: 20 characters, 500 videos)")
     arg("--seed", type=int, default=0, help="random seed")
     arg("--threads", type=int, default=0, help="CPU threads (0: torch's choice)")
     arg("--device", default="auto", choices=("auto", "cpu", "cuda"),
         help="auto: cuda when a GPU is visible, else cpu")
     add_amp_flag(arg)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    bench = benchmark_of(args)
+    args.out = args.out or bench.judges[tuple(JUDGES).index(args.arch)]
+    args.val_chars = bench.judge_val if args.val_chars is None else args.val_chars
+    return args
 
 
-def set_up(args, train, device):
+def set_up(args, bench, train, device):
     """(the training batches, the held-out sequences, the judge's arguments, the run: the judge of
     --arch and its optimizer, schedule, gradient scaler and corruption generator)."""
     if not (0 <= args.p_blur <= 1 and 0 <= args.p_noise <= 1):
@@ -117,13 +127,16 @@ def set_up(args, train, device):
             sys.exit(f"error: --{name} {getattr(args, name)} must be at least 1")
     torch.manual_seed(args.seed)
     try:
-        (X, A, D), held_out = validation_split(*train, args.val_chars, seed=args.seed)
+        (X, A, D), held_out = validation_split(*train, args.val_chars, seed=args.seed,
+                                               groups=bench.groups)
     except ValueError as e:
         sys.exit(f"error: --val_chars {args.val_chars}: {e}")
     judge_args = {"hidden": args.hidden, "nf": args.nf}
+    if bench.channels != 3:  # Sprites' judge files name no channels: 3, the default
+        judge_args["channels"] = bench.channels
     if args.arch == "bilstm":
         judge_args.update(g_dim=args.g_dim, rnn_size=args.rnn_size)
-    judge = JUDGES[args.arch](**judge_args).to(device)
+    judge = JUDGES[args.arch](**judge_args, heads=bench.heads).to(device)
     if device.type == "cpu":  # channels-last convolutions are the faster ones on the CPU
         judge = judge.to(memory_format=torch.channels_last_3d if args.arch == "conv3d"
                          else torch.channels_last)
@@ -191,7 +204,7 @@ def resume(path, run):
                  f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})")
 
 
-def train_one_epoch(run, loader, epoch, args, device):
+def train_one_epoch(run, bench, loader, epoch, args, device):
     """One pass over the training batches, each video corrupted at random: the last batch's loss."""
     judge, optimizer, scaler = run["judge"], run["optimizer"], run["scaler"]
     loader.set_epoch(epoch)
@@ -202,7 +215,7 @@ def train_one_epoch(run, loader, epoch, args, device):
                           noise_generator=run["noise_g"])
         with autocast(device, args.amp):
             logits = judge(x)
-        labels = labels_on(factor_labels(batch["A"], batch["D"]), device)
+        labels = labels_on(bench.labels(batch["A"], batch["D"]), device)
         loss = sum(F.cross_entropy(logits[k].float(), y) for k, y in labels.items())
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -222,18 +235,19 @@ def labels_on(labels, device):
     return dict(zip(labels, stacked.to(device, non_blocking=True)))
 
 
-def finish(args, judge, judge_args, best_state, test, device, t0):
+def finish(args, bench, judge, judge_args, best_state, test, device, t0):
     """Score the chosen weights on every test sequence, sharp and corrupted, and write them in half
     precision with what was measured."""
     judge.load_state_dict(best_state)
     train_seconds = time.time() - t0
-    acc, wrong = accuracy(judge, *test, device, args.amp)
+    acc, wrong = accuracy(judge, bench, *test, device, args.amp)
     print(f"test accuracy ({len(test[0])} sequences): "
           + ", ".join(f"{k} {v:.4%} ({wrong[k]} wrong)" for k, v in acc.items()))
-    card = robustness_card(judge, test, device, args.amp)
+    card = robustness_card(judge, bench, test, device, args.amp)
     print_card(card)
     save_atomic({"model": half_precision(best_state), "arch": args.arch, "judge_args": judge_args,
-                 "heads": dict(FACTORS), "test_accuracy": acc, "test_wrong": wrong,
+                 "heads": dict(bench.heads), "dataset": bench.name, "test_accuracy": acc,
+                 "test_wrong": wrong,
                  "robustness": card, "n_test": len(test[0]), "train_seconds": round(train_seconds),
                  "args": vars(args)}, args.out)
     print(f"wrote {args.out} ({os.path.getsize(args.out) / 1e6:.1f} MB); trained in "
@@ -258,26 +272,28 @@ def train(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
+    bench = BENCHMARKS[args.dataset]
     try:
-        data = load_sprites(args.data_root)
+        data = bench.load(args.data_root)
     except DataError as e:
         sys.exit(f"error: {e}")
     if args.card_only:
-        return card_only(args, data["test"], device)
-    loader, held_out, judge_args, run = set_up(args, data["train"], device)
+        return card_only(args, bench, data["test"], device)
+    loader, held_out, judge_args, run = set_up(args, bench, data["train"], device)
     judge = run["judge"]
     best, best_state, start, spent = -1.0, None, 0, 0.0
     if args.resume and os.path.isfile(args.ckpt):
         best, best_state, start, spent = resume(args.ckpt, run)
         print(f"resumed from {args.ckpt} after epoch {start}", flush=True)
     print(f"{len(loader.X)} train sequences, {len(held_out[0])} held out ({args.val_chars} "
-          f"characters), judge {judge_args}, {sum(q.numel() for q in judge.parameters())} "
+          f"{'characters' if args.dataset == 'sprites' else 'videos'}), judge {judge_args}, "
+          f"{sum(q.numel() for q in judge.parameters())} "
           f"parameters, {torch.get_num_threads()} thread(s), {precision_note(device, args.amp)}",
           flush=True)
     t0 = time.time() - spent
     for epoch in range(start, args.nEpoch):
-        loss = train_one_epoch(run, loader, epoch, args, device)
-        val = accuracy(judge, *held_out, device, args.amp)[0]
+        loss = train_one_epoch(run, bench, loader, epoch, args, device)
+        val = accuracy(judge, bench, *held_out, device, args.amp)[0]
         print(f"epoch {epoch + 1}: loss {loss:.4f}, held-out train characters "
               + ", ".join(f"{k} {v:.4f}" for k, v in val.items())
               + f" ({time.time() - t0:.0f} s)", flush=True)
@@ -286,7 +302,7 @@ def train(args):
             best, best_state = min(val.values()), {k: v.detach().to("cpu", copy=True)
                                                    for k, v in judge.state_dict().items()}
         save_atomic(checkpoint(run, epoch + 1, best, best_state, time.time() - t0), args.ckpt)
-    finish(args, judge, judge_args, best_state, data["test"], device, t0)
+    finish(args, bench, judge, judge_args, best_state, data["test"], device, t0)
 
 
 if __name__ == "__main__":

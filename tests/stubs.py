@@ -154,3 +154,61 @@ def spread_init(model, seed=0):
         for m in norms:
             m.momentum = 0.1
     return model.eval()
+
+
+# ---- Moving MNIST stand-ins: a digit painted as the level of a 4x4 block where the video's digit is
+SQUARE = 4  # its centre of mass is its centre, corner + 1.5: positions read back exactly
+
+
+def paint_digits(digits, positions):
+    """Videos (B, T, 1, 64, 64): a SQUARE x SQUARE block of level (digit + 1) / LEVELS centred at
+    each frame's position (B, T, 2), which must be a whole number + 1.5 inside the frame."""
+    B, T = positions.shape[:2]
+    video = torch.zeros(B, T, 1, 64, 64)
+    corner = (positions - 1.5).round().long().clamp(0, 64 - SQUARE)
+    level = (digits.float() + 1) / LEVELS
+    for b in range(B):
+        for t in range(T):
+            r, c = corner[b, t].tolist()
+            video[b, t, 0, r:r + SQUARE, c:c + SQUARE] = level[b]
+    return video
+
+
+def painted_smmnist(n=24, frames=FRAMES, seed=0):
+    """(X uint8 (n, frames, 64, 64, 1), Y digits (n, 1), P positions (n, frames, 1, 2)) laid out as
+    make_smmnist stores a split: random digits on random walks, each position a whole number + 1.5."""
+    g = torch.Generator().manual_seed(seed)
+    Y = torch.randint(0, 10, (n, 1), generator=g)
+    P = torch.randint(0, 61, (n, frames, 1, 2), generator=g).float() + 1.5
+    X = (paint_digits(Y[:, 0], P[:, :, 0]) * 255).round().to(torch.uint8).permute(0, 1, 3, 4, 2)
+    return X.contiguous(), Y, P
+
+
+class DigitPainter(nn.Module):
+    """The model interface of evaluation.evaluate on Moving MNIST: z_t = the block's centre in frame
+    t (read as its centre of mass), f = the one-hot code of the digit read from the block's level;
+    decode(z, f) paints the digit of f's argmax along the path of z; the prior's means and samples
+    are positions in the frame."""
+
+    def encode(self, x, random=False):
+        from smmnist import centre_of_mass
+        z = centre_of_mass(x[:, :, 0]).float()
+        digit = (x.flatten(1).amax(1) * LEVELS - 1).round().clamp(0, 9).long()
+        f = nn.functional.one_hot(digit, 10).float()
+        return {"z_mean": z, "z_logvar": torch.zeros_like(z), "z": z,
+                "f_mean": f, "f_logvar": torch.zeros_like(f), "f": f}
+
+    def decode(self, z, f):
+        return paint_digits(f.argmax(1), (z - 1.5).round() + 1.5)
+
+    def sample_z_prior(self, B, T=None, random=True, like=None):
+        means = torch.full((B, T or FRAMES, 2), 31.5, dtype=like.dtype, device=like.device)
+        return means, (means + 8 * torch.randn_like(means)).round() + 0.5
+
+
+class DigitReader(nn.Module):
+    """A Moving MNIST judge that reads the painted digit: logits 50 on it, 0 elsewhere."""
+
+    def forward(self, x):
+        digit = (x.flatten(1).amax(1) * LEVELS - 1).round().clamp(0, 9).long()
+        return {"digit": 50 * nn.functional.one_hot(digit, 10).float()}

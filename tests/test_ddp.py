@@ -13,6 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import train_cdsvae
+from dataloader import load_sprites
 from model import FZCritic, cdsvae_loss
 
 # the tests that start process groups run one at a time (one xdist worker): ports are not shared
@@ -123,7 +124,7 @@ def test_validation_terms_are_logged_each_epoch_and_leave_training_as_it_was(tin
     # the validation pass draws no number from the training run's random stream
     torch.manual_seed(0)
     state = torch.get_rng_state()
-    loader = train_cdsvae.SpriteBatches(*train_cdsvae.load_sprites(tiny_data)["test"], 4, augment=True,
+    loader = train_cdsvae.SpriteBatches(*load_sprites(tiny_data)["test"], 4, augment=True,
                                         content_view=False)
     run = SimpleNamespace(args=train_cdsvae.get_args(common), raw_model=with_val, val_loader=loader,
                           n_train=100, device=torch.device("cpu"), step=0, critic=None)

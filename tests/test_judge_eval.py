@@ -342,3 +342,21 @@ def test_run_test_sprite_sh_runs_five_times_only_where_a_half_precision_is_nativ
     assert r.returncode == 0, r.stderr
     expected = int(niter_env) if niter_env else 5 if amp_dtype(torch.device("cpu"), "auto") else 1
     assert json.load(open(out))["niter"] == expected
+
+
+@pytest.mark.parametrize("ratio, amp, niter, runs", [
+    (0.6, "auto", "auto", 5), (6.0, "auto", "auto", 1), (6.0, "bf16", "auto", 5),
+    (0.6, "off", "auto", 1), (6.0, "auto", 3, 3)])
+def test_niter_auto_makes_five_runs_only_in_a_half_precision(monkeypatch, ratio, amp, niter, runs):
+    import utils
+    monkeypatch.setattr(utils, "cpu_bf16_ratio", lambda: ratio)  # bf16 native below 2x fp32's time
+    assert ts.resolve_niter(niter, torch.device("cpu"), amp) == runs
+
+
+@pytest.mark.parametrize("niter", ["0", "five", "-1"])
+def test_niter_refuses_what_is_neither_a_count_nor_auto(niter, capsys):
+    with pytest.raises(SystemExit) as e:
+        ts.parse_args(["--model_dir", "m.pt", "--niter", niter])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--niter" in err[0], err

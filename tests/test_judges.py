@@ -126,7 +126,7 @@ def test_two_judges_scored_and_their_agreement(files, tmp_path, capsys):
 def test_both_shipped_judges_are_the_default(files, monkeypatch):
     seen = []
     real_load = networks.load_judge
-    monkeypatch.setattr(ts, "load_judge", lambda path, device="cpu": seen.append(path) or real_load(files["conv3d"]))
+    monkeypatch.setattr(ts, "load_judge", lambda path, device="cpu", heads=None: seen.append(path) or real_load(files["conv3d"], device, heads))
     ts.main(["--model_dir", files["model"], "--data_root", files["data"], "--niter", "1", "--device", "cpu",
              "--type_gt", "action", "--out", str(files["dir"] / "d.json")])
     assert seen == list(SHIPPED_JUDGES) == ["judges/sprite_judge.pt", "judges/clip_judge.pt"]

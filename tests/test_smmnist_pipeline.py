@@ -1,0 +1,284 @@
+"""Stochastic Moving MNIST through the shared code: its data file loaded and checked (refusals in one
+line), the motion views (the digit swap drawn exactly, the stroke view's known answer, batches that
+resume), a tiny C-DSVAE training on it, the judges trained and loaded with its heads, and the scoring
+path's known answers with stub models (the digit judged; trajectories measured without a judge; the
+R² probe against an independent least-squares fit)."""
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import evaluation as ev
+import make_smmnist as mm
+import stubs
+from benchmarks import BENCHMARKS
+from dataloader import DataError, SpriteBatches
+from judges.networks import load_judge
+from probes import probe_r2
+from smmnist import (DIGIT, MASS_CENTRE, DigitSwap, Stroke, box_corners, centre_of_mass,
+                     load_smmnist)
+from test_smmnist import write_mnist
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMMNIST = BENCHMARKS["smmnist"]
+
+
+@pytest.fixture(scope="module")
+def tiny_smmnist(tmp_path_factory):
+    """make_smmnist's file of 48 train and 16 test videos, from random 28x28 'digits'."""
+    folder = tmp_path_factory.mktemp("mnist")
+    write_mnist(folder, n_train=40, n_test=20)
+    data = mm.build(str(folder), train_videos=48, test_videos=16)
+    path = folder / "data.pkl"
+    with open(path, "wb") as f:
+        pickle.dump(data, f)
+    return str(path), data
+
+
+def test_loads_what_make_smmnist_wrote(tiny_smmnist):
+    path, data = tiny_smmnist
+    loaded = load_smmnist(path)
+    for split in ("train", "test"):
+        X, Y, P = loaded[split]
+        assert X.dtype == torch.uint8 and X.shape[1:] == (8, 64, 64, 1)
+        assert torch.equal(X, torch.from_numpy(data[f"X_{split}"]))
+        assert torch.equal(Y, torch.from_numpy(data[f"Y_{split}"]))
+        assert torch.equal(P, torch.from_numpy(data[f"P_{split}"]))
+
+
+def _spoiled(data, key, change):
+    out = dict(data)
+    out[key] = change(np.array(data[key]))
+    return out
+
+
+BAD = [
+    ("Y_train", lambda a: a + 10, "Y_train[0, 0] is 1"),
+    ("Y_test", lambda a: a.astype(np.float32), "Y_test is float32"),
+    ("P_train", lambda a: a - 20, "outside the"),
+    ("P_test", lambda a: np.where(np.arange(a.size).reshape(a.shape) == 3, np.nan, a), "is nan"),
+    ("P_train", lambda a: a[::-1].copy(), "do not belong together"),
+    ("X_test", lambda a: a[:, :, :32], "expected videos"),
+    ("P_test", lambda a: a[:, :4], "expected positions"),
+]
+
+
+@pytest.mark.parametrize("key, change, message", BAD)
+def test_refuses_spoiled_files_in_one_line(tiny_smmnist, tmp_path, key, change, message):
+    path = tmp_path / "bad.pkl"
+    spoiled = _spoiled(tiny_smmnist[1], key, change)
+    if key == "Y_train":  # a label out of 0..9 where the first is 1 + 10
+        spoiled[key][0, 0] = 11
+        message = "Y_train[0, 0] is 11"
+    with open(path, "wb") as f:
+        pickle.dump(spoiled, f)
+    with pytest.raises(DataError) as e:
+        load_smmnist(str(path))
+    assert message in str(e.value) and "\n" not in str(e.value)
+    assert "make_smmnist.py" in str(e.value) or message.startswith("expected")
+
+
+def test_refuses_a_missing_file_and_a_sprites_file_naming_the_builder(tmp_path):
+    with pytest.raises(DataError, match="python make_smmnist.py --out"):
+        load_smmnist(str(tmp_path / "none.pkl"))
+    path = tmp_path / "sprites.pkl"
+    with open(path, "wb") as f:
+        pickle.dump({"X_train": np.zeros((2, 8, 64, 64, 3), np.uint8)}, f)
+    with pytest.raises(DataError, match="X_train is uint8 .2, 8, 64, 64, 3., expected videos"):
+        load_smmnist(str(path))
+
+
+def test_digit_swap_draws_the_donor_digit_on_the_video_path(tiny_smmnist):
+    X, Y, P = load_smmnist(tiny_smmnist[0])["train"]
+    x = X[:12].permute(0, 1, 4, 2, 3).float() / 255
+    view = DigitSwap()
+    donor = view.draws(12, torch.Generator().manual_seed(0))
+    assert not torch.equal(donor, torch.arange(12)) and (donor != torch.arange(12)).all()
+    out = view.apply(x, donor, P[:12])
+    corners = box_corners(P[:12])
+    for i in range(12):
+        r0, c0 = corners[donor[i], 0, 0].tolist()
+        digit = x[donor[i], 0, 0, r0:r0 + DIGIT, c0:c0 + DIGIT]
+        for t in range(8):
+            want = torch.zeros(64, 64)
+            r, c = corners[i, t, 0].tolist()
+            want[r:r + DIGIT, c:c + DIGIT] = digit
+            assert torch.equal(out[i, t, 0], want), (i, t)
+    assert torch.equal(donor, view.draws(12, torch.Generator().manual_seed(0)))
+
+
+def test_stroke_view_known_answer():
+    x = torch.zeros(2, 3, 1, 64, 64)
+    x[:, :, 0, 30, 30] = 1.0
+    # video 0 thicker at full level, no blur; video 1 thinner (a lone pixel vanishes) at level 0.5
+    draws = torch.tensor([[1.0, 1.0, 0.0], [-1.0, 0.5, 0.0]])
+    out = Stroke().apply(x, draws)
+    want = torch.zeros(64, 64)
+    want[29:32, 29:32] = 1.0
+    assert torch.equal(out[0, 1, 0], want) and torch.equal(out[1, 2, 0], torch.zeros(64, 64))
+
+
+@pytest.mark.parametrize("view", ["digit", "stroke"])
+def test_batches_with_a_motion_view_resume_where_they_stopped(tiny_smmnist, view):
+    X, Y, P = load_smmnist(tiny_smmnist[0])["train"]
+
+    def batches(start):
+        loader = SpriteBatches(X, Y, P, 8, shuffle=True, augment=True, seed=3,
+                               content_view=False, motion_view=SMMNIST.motion_view(view))
+        loader.set_epoch(1, start)
+        return list(loader)
+
+    whole, resumed = batches(0), batches(3)
+    assert len(resumed) == len(whole) - 3
+    for a, b in zip(whole[3:], resumed):
+        assert all(torch.equal(a[k], b[k]) for k in ("x", "m_aug", "c_aug_order", "index"))
+    x, m = whole[0]["x"], whole[0]["m_aug"]
+    assert m.shape == x.shape == (8, 8, 1, 64, 64) and not torch.equal(m, x)
+    if view == "digit":  # the path is kept: the view's centres of mass are the positions
+        error = (centre_of_mass(m[:, :, 0]) - whole[0]["D"][:, :, 0].double()).norm(dim=-1)
+        assert error.max() < 2.0
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_smmnist, tmp_path_factory):
+    """A tiny C-DSVAE trained 2 epochs on the tiny file (a snapshot each epoch), and a tiny judge of
+    each family: {'run': folder, 'judges': [paths], 'train': the CompletedProcess}."""
+    folder = tmp_path_factory.mktemp("smmnist_run")
+    train = _run("train_cdsvae.py", "--dataset", "smmnist", "--data_root", tiny_smmnist[0],
+                 "--nf", "4", "--g_dim", "8", "--rnn_size", "8", "--f_dim", "8", "--z_dim", "4",
+                 "--batch_size", "16", "--nEpoch", "2", "--threads", "1", "--snapshot_every", "1",
+                 "--log_dir", str(folder / "run"), "--motion_view", "digit")
+    judges = []
+    for arch, extra in (("bilstm", ["--g_dim", "8", "--rnn_size", "8"]), ("conv3d", [])):
+        out = folder / f"{arch}.pt"
+        r = _run("judges/train_judge.py", "--dataset", "smmnist", "--data_root", tiny_smmnist[0],
+                 "--arch", arch, "--nf", "4", "--hidden", "8", "--nEpoch", "1", "--batch_size",
+                 "16", "--val_chars", "8", "--threads", "1", "--out", str(out), "--ckpt",
+                 str(folder / f"{arch}_last.pt"), *extra)
+        assert r.returncode == 0, r.stderr
+        judges.append(str(out))
+    return {"run": folder / "run", "judges": judges, "train": train}
+
+
+def test_a_tiny_cdsvae_trains_on_smmnist_with_one_channel(tiny_run):
+    assert tiny_run["train"].returncode == 0, tiny_run["train"].stderr
+    assert "periodic scoring runs on Sprites only for now" in tiny_run["train"].stdout
+    rows = [json.loads(line) for line in open(tiny_run["run"] / "metrics.jsonl")]
+    assert [row["step"] for row in rows] == [3, 6]
+    ckpt = torch.load(tiny_run["run"] / "model.pt", weights_only=True)
+    assert ckpt["model_args"]["channels"] == 1 and ckpt["args"]["dataset"] == "smmnist"
+    assert ckpt["model"]["encoder.net.0.0.weight"].shape[1] == 1
+
+
+def test_a_view_of_another_data_set_is_refused_in_one_line(tiny_smmnist):
+    r = _run("train_cdsvae.py", "--dataset", "smmnist", "--data_root", tiny_smmnist[0],
+             "--motion_view", "colour")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        "error: --motion_view colour is not a view of Stochastic Moving MNIST: choose one of "
+        "digit, stroke (see --help)"]
+
+
+def test_judges_train_on_smmnist_and_load_only_with_its_heads(tiny_run):
+    for path in tiny_run["judges"]:
+        saved = torch.load(path, weights_only=True)
+        assert saved["heads"] == {"digit": 10} and saved["judge_args"]["channels"] == 1
+        assert saved["dataset"] == "smmnist" and set(saved["robustness"]) >= {"sharp", "blur_1.0"}
+        judge = load_judge(path, heads=SMMNIST.heads)
+        assert judge(torch.rand(2, 8, 1, 64, 64))["digit"].shape == (2, 10)
+        with pytest.raises(Exception, match="a judge of another data set"):
+            load_judge(path)  # Sprites' heads
+
+
+def test_run_test_smmnist_sh_writes_the_figures_the_issue_names(tiny_smmnist, tiny_run, tmp_path):
+    out = tmp_path / "r.json"
+    env = dict(os.environ, MODEL=str(tiny_run["run"] / "model.pt"), DATA=tiny_smmnist[0],
+               OUT=str(out), NITER="2", OMP_NUM_THREADS="1")
+    r = subprocess.run(["bash", os.path.join(ROOT, "run_test_smmnist.sh"), "--judge",
+                        tiny_run["judges"][0], "--judge", tiny_run["judges"][1], "--threads", "1",
+                        "--probe_characters", "24"], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "trajectory error" in r.stdout and "R² of positions" in r.stdout
+    saved = json.load(open(out))
+    assert saved["dataset"] == "smmnist" and saved["niter"] == 2 and len(saved["digit_counts"]) == 10
+    for name in ("bilstm", "conv3d"):
+        mean = saved["judges"][name]["mean"]
+        assert 0 <= mean["fixed_content_digit_acc"] <= 1 and 0 <= mean["swap_digit_acc"] <= 1
+        assert len(saved["judges"][name]["runs"]) == 2
+    paths = saved["trajectory_error"]
+    assert set(paths) >= {"fixed_motion", "swap", "floor", "chance"}
+    assert 0 < paths["floor"] < 1 and len(paths["runs"]) == 2
+    assert set(saved["probes_r2"]["z"]) == {"positions"} and saved["probes_n"]["train"] == 24
+
+
+def test_figures_time_to_quality_and_bench_take_smmnist(tiny_smmnist, tiny_run, tmp_path):
+    figs = _run("make_figs.py", "--dataset", "smmnist", "--data_root", tiny_smmnist[0],
+                "--model_dir", str(tiny_run["run"]), "--out", str(tmp_path / "figs"), "--n_proj",
+                "16")
+    assert figs.returncode == 0, figs.stderr
+    assert "same digit, another path" in open(tmp_path / "figs" / "cosine_similarity.md").read()
+    ttq = _run("time_to_quality.py", "--dataset", "smmnist", "--data_root", tiny_smmnist[0],
+               "--run", str(tiny_run["run"]), "--out", str(tmp_path / "ttq.png"), "--test_stride",
+               "1", "--threads", "1", *[a for j in tiny_run["judges"] for a in ("--judge", j)])
+    assert ttq.returncode == 0, ttq.stderr
+    curves = json.load(open(tmp_path / "ttq.json"))["curves"]
+    assert [len(points) for points in curves.values()] == [2, 2]
+    bench = _run("bench.py", "--dataset", "smmnist", "--device", "cpu", "--nf", "4",
+                 "--batch_size", "4", "--steps", "1", "--threads", "1")
+    assert bench.returncode == 0, bench.stderr
+    assert json.loads(bench.stdout.strip().splitlines()[-1])["dataset"] == "smmnist"
+
+
+def test_scoring_known_answers_with_stub_models():
+    X, Y, P = stubs.painted_smmnist(n=24)
+    result = ev.evaluate(stubs.DigitPainter(), {"a": stubs.DigitReader(), "b": stubs.DigitReader()},
+                         (X, Y, P), torch.device("cpu"), seeds=(0, 1), batch_size=10, bench=SMMNIST,
+                         probe_train=stubs.painted_smmnist(n=40, seed=1))
+    for name in ("a", "b"):
+        mean = result["judges"][name]["mean"]
+        assert mean["real_digit_acc"] == mean["fixed_content_digit_acc"] == 1.0
+        assert mean["swap_digit_acc"] == 1.0
+    paths = result["trajectory_error"]
+    assert paths["fixed_motion"] == paths["swap"] == paths["floor"] == 0.0
+    # chance: the swap's paths (those of perm) against another video's, computed on its own
+    chance = []
+    for seed in (0, 1):
+        perm = ev.derangement(24, torch.Generator().manual_seed(seed))
+        other = perm[ev.derangement(24, torch.Generator().manual_seed(seed + 1))]
+        chance.append((P[perm, :, 0] - P[other, :, 0]).double().norm(dim=-1).mean().item())
+    assert paths["chance"] == pytest.approx(sum(chance) / 2, rel=1e-9) and paths["chance"] > 10
+    assert [r["seed"] for r in paths["runs"]] == [0, 1]
+    assert result["agreement"]["a vs b"]["mean"]["swap_digit"] == 1.0
+    assert result["probes"]["f"]["digit"] == 1.0
+    assert result["probes_r2"]["z"]["positions"] > 0.99 > 0.1 > result["probes_r2"]["f"]["positions"]
+
+
+def test_r2_probe_against_an_independent_least_squares_fit():
+    g = torch.Generator().manual_seed(0)
+    x, x_test = torch.randn(200, 5, generator=g), torch.randn(50, 5, generator=g)
+    w = torch.randn(5, 3, generator=g)
+    y = x @ w + 0.5 * torch.randn(200, 3, generator=g) + 7
+    y_test = x_test @ w + 0.5 * torch.randn(50, 3, generator=g) + 7
+    # numpy's least squares on standardised features with an intercept column
+    mean, std = x.double().mean(0), x.double().std(0)
+    design = np.c_[((x.double() - mean) / std).numpy(), np.ones(200)]
+    coef = np.linalg.lstsq(design, y.double().numpy(), rcond=None)[0]
+    pred = np.c_[((x_test.double() - mean) / std).numpy(), np.ones(50)] @ coef
+    want = 1 - ((pred - y_test.numpy()) ** 2).sum() / ((y_test.numpy() - y_test.numpy().mean(0))
+                                                      ** 2).sum()
+    assert probe_r2(x, y, x_test, y_test, l2=0.0) == pytest.approx(want, abs=1e-9)
+    assert probe_r2(x, torch.randn(200, 2, generator=g), x_test, torch.randn(50, 2, generator=g)) < 0.1
+
+
+def test_the_positions_are_where_mnist_centres_a_digit():
+    assert box_corners(torch.tensor([[MASS_CENTRE, 31 + MASS_CENTRE]])).tolist() == [[0, 31]]
