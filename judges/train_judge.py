@@ -294,7 +294,8 @@ def train(args):
     for epoch in range(start, args.nEpoch):
         loss = train_one_epoch(run, bench, loader, epoch, args, device)
         val = accuracy(judge, bench, *held_out, device, args.amp)[0]
-        print(f"epoch {epoch + 1}: loss {loss:.4f}, held-out train characters "
+        print(f"epoch {epoch + 1}: loss {loss:.4f}, held-out train "
+              f"{'characters' if args.dataset == 'sprites' else 'videos'} "
               + ", ".join(f"{k} {v:.4f}" for k, v in val.items())
               + f" ({time.time() - t0:.0f} s)", flush=True)
         if min(val.values()) >= best:  # ties go to the later epoch
