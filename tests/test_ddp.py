@@ -91,10 +91,25 @@ def test_resume_refuses_another_batch_size_or_schedule(tiny_data, tmp_path, chan
 def test_resume_refuses_another_schedule_length_but_not_a_longer_constant_run(tiny_data, tmp_path):
     common = TINY + ["--data_root", tiny_data, "--max_steps", "1"]
     train_cdsvae.main(common + ["--log_dir", str(tmp_path / "a"), "--nEpoch", "2", "--sche", "cosine"])
-    with pytest.raises(SystemExit, match=r"--nEpoch 3 \(checkpoint: 2\)"):
+    with pytest.raises(SystemExit, match=r"a schedule over 3 epochs \(checkpoint: 2;"):
         train_cdsvae.main(common + ["--log_dir", str(tmp_path / "a"), "--nEpoch", "3", "--sche", "cosine", "--resume"])
     train_cdsvae.main(common + ["--log_dir", str(tmp_path / "b"), "--nEpoch", "2"])
     train_cdsvae.main(common + ["--log_dir", str(tmp_path / "b"), "--nEpoch", "3", "--resume", "--max_steps", "2"])
+
+
+def test_a_run_stopped_along_a_longer_schedule_is_that_schedule_s_first_epochs(tiny_data, tmp_path):
+    common = TINY + ["--data_root", tiny_data, "--subset", "24", "--sche", "cosine_to_zero"]
+    train_cdsvae.main(common + ["--log_dir", str(tmp_path / "full"), "--nEpoch", "3"])
+    train_cdsvae.main(common + ["--log_dir", str(tmp_path / "part"), "--nEpoch", "2", "--sche_epochs", "3"])
+    rows = {k: [{m: v for m, v in json.loads(line).items() if m not in ("seconds", "overhead_s")}
+                for line in open(tmp_path / k / "metrics.jsonl")] for k in ("full", "part")}
+    assert len(rows["part"]) == 2 and rows["part"] == rows["full"][:2]
+    assert rows["part"][-1]["lr"] > 0  # stopped before the cosine's end
+    # it continues along the same schedule: epoch 3 of 3 is the full run's
+    train_cdsvae.main(common + ["--log_dir", str(tmp_path / "part"), "--nEpoch", "3", "--sche_epochs", "3",
+                                "--resume"])
+    last = json.loads(open(tmp_path / "part" / "metrics.jsonl").read().splitlines()[-1])
+    assert {m: v for m, v in last.items() if m not in ("seconds", "overhead_s")} == rows["full"][2]
 
 
 def test_another_schedule_process_count_or_a_removed_option_is_refused(tiny_data, tmp_path):
