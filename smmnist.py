@@ -166,3 +166,42 @@ class Stroke:
 
 
 MOTION_VIEWS = {"digit": DigitSwap(), "stroke": Stroke()}
+
+
+# ---- the judges' augmentation --------------------------------------------------------------------
+def warp_digits(x, P, generator, p=1.0, degrees=15.0, scale=0.15, shear=0.2, elastic_px=1.0):
+    """A judge's training videos x (B, T, C, 64, 64) with their digits reshaped as handwriting
+    varies, so that 8000 digits teach more than 8000 shapes: with probability p a video gets one
+    random map about its digit (rotation up to `degrees`, scale 1 +- `scale`, shear up to
+    `shear`) and a smooth random displacement of the digit's box (Simard et al.'s elastic
+    distortion, about `elastic_px` px), the same in every frame; each frame is warped about its
+    digits' mean position P (B, T, K, 2). The draws come from `generator`, a CPU one."""
+    B, T, C, H, W = x.shape
+    warped = torch.rand(B, generator=generator) < p
+    angle = torch.deg2rad((2 * torch.rand(B, generator=generator) - 1) * degrees)
+    zoom = 1 + (2 * torch.rand(B, generator=generator) - 1) * scale
+    tilt = (2 * torch.rand(B, generator=generator) - 1) * shear
+    grid_noise = torch.randn(B, 2, 5, 5, generator=generator) * elastic_px
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom  # output -> source: the inverse map
+    A = torch.stack([torch.stack([cos, -sin + tilt * cos], -1),
+                     torch.stack([sin, cos + tilt * sin], -1)], -2)  # (B, 2, 2), acting on (x, y)
+    eye = torch.eye(2).expand(B, 2, 2)
+    A = torch.where(warped[:, None, None], A, eye).to(x.device)
+    grid_noise = (grid_noise * warped[:, None, None, None]).to(x.device)
+    # pixel coordinates (x = column, y = row) of every output pixel, relative to the frame's digit
+    centre = P.to(x.device, torch.float32).mean(2).flip(-1)  # (B, T, 2) as (x, y)
+    rows, cols = torch.meshgrid(torch.arange(H, device=x.device, dtype=torch.float32),
+                                torch.arange(W, device=x.device, dtype=torch.float32),
+                                indexing="ij")
+    rel = torch.stack([cols, rows], -1) - centre[:, :, None, None, :]  # (B, T, H, W, 2)
+    source = torch.einsum("bij,bthwj->bthwi", A, rel)
+    # the displacement field over the digit's box (+-DIGIT/2 px about its position), smooth
+    field = F.interpolate(grid_noise, size=(DIGIT, DIGIT), mode="bicubic", align_corners=True)
+    inside = (rel / (DIGIT / 2)).reshape(B, T * H, W, 2)
+    shift = F.grid_sample(field, inside, align_corners=True, padding_mode="zeros")
+    source = source + shift.permute(0, 2, 3, 1).reshape(B, T, H, W, 2)
+    source = source + centre[:, :, None, None, :]
+    grid = (2 * source + 1) / torch.tensor([W, H], device=x.device) - 1  # pixel centres
+    out = F.grid_sample(x.reshape(B * T, C, H, W), grid.reshape(B * T, H, W, 2),
+                        mode="bilinear", padding_mode="zeros", align_corners=False)
+    return out.view_as(x).clamp_(0, 1)

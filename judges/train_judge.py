@@ -93,6 +93,10 @@ def parse_args(argv):
         help="probability that a training video is blurred, sigma uniform in [0, 2] px")
     arg("--p_noise", type=float, default=0.5,
         help="probability of Gaussian pixel noise, std uniform in [0, 0.1]")
+    arg("--p_warp", type=float, default=None,
+        help="probability that a training video's digit is rotated, scaled, sheared and "
+             "elastically distorted (smmnist.warp_digits; default 0.8 on smmnist, 0 on Sprites, "
+             "which has no such augmentation)")
     arg("--card_only", action="store_true",
         help="train nothing: add the robustness card to the judge file --out and print it")
     arg("--nEpoch", type=int, default=6, help="epochs")
@@ -113,15 +117,18 @@ def parse_args(argv):
     bench = benchmark_of(args)
     args.out = args.out or bench.judges[tuple(JUDGES).index(args.arch)]
     args.val_chars = bench.judge_val if args.val_chars is None else args.val_chars
+    args.p_warp = bench.judge_p_warp if args.p_warp is None else args.p_warp
+    if args.p_warp and bench.judge_warp is None:
+        p.error(f"--p_warp {args.p_warp}: {bench.title} has no warp augmentation; drop it")
     return args
 
 
 def set_up(args, bench, train, device):
     """(the training batches, the held-out sequences, the judge's arguments, the run: the judge of
     --arch and its optimizer, schedule, gradient scaler and corruption generator)."""
-    if not (0 <= args.p_blur <= 1 and 0 <= args.p_noise <= 1):
-        sys.exit(f"error: --p_blur {args.p_blur} and --p_noise {args.p_noise} must be "
-                 f"probabilities in [0, 1]")
+    if not (0 <= args.p_blur <= 1 and 0 <= args.p_noise <= 1 and 0 <= args.p_warp <= 1):
+        sys.exit(f"error: --p_blur {args.p_blur}, --p_noise {args.p_noise} and --p_warp "
+                 f"{args.p_warp} must be probabilities in [0, 1]")
     for name in ("nEpoch", "batch_size", "val_chars"):
         if getattr(args, name) < 1:
             sys.exit(f"error: --{name} {getattr(args, name)} must be at least 1")
@@ -153,6 +160,7 @@ def set_up(args, bench, train, device):
         "judge": judge, "optimizer": optimizer, "sched": sched,
         "scaler": grad_scaler(device, args.amp),
         "corrupt_g": torch.Generator().manual_seed(args.seed + 1),
+        "warp_g": torch.Generator().manual_seed(args.seed + 3),
         "noise_g": (torch.Generator(device).manual_seed(args.seed + 2)
                     if device.type != "cpu" else None)}
 
@@ -162,7 +170,8 @@ def checkpoint(run, epoch, best, best_state, seconds):
     noise = {"noise_rng": run["noise_g"].get_state()} if run.get("noise_g") is not None else {}
     return {"model": run["judge"].state_dict(), "optimizer": run["optimizer"].state_dict(),
             "sched": run["sched"].state_dict(), "scaler": run["scaler"].state_dict(),
-            "corrupt_rng": run["corrupt_g"].get_state(), "epoch": epoch, "best": best,
+            "corrupt_rng": run["corrupt_g"].get_state(), "warp_rng": run["warp_g"].get_state(),
+            "epoch": epoch, "best": best,
             "best_state": best_state, "seconds": seconds, **noise}
 
 
@@ -194,6 +203,8 @@ def resume(path, run):
         if "scaler" in ckpt:  # checkpoints written before fp16 loss scaling have none
             run["scaler"].load_state_dict(ckpt["scaler"])
         run["corrupt_g"].set_state(ckpt["corrupt_rng"])
+        if "warp_rng" in ckpt:  # checkpoints written before the warp augmentation have none
+            run["warp_g"].set_state(ckpt["warp_rng"])
         if run.get("noise_g") is not None and "noise_rng" in ckpt:  # a run off the CPU
             run["noise_g"].set_state(ckpt["noise_rng"])
         return ckpt["best"], ckpt["best_state"], ckpt["epoch"], ckpt["seconds"]
@@ -211,7 +222,10 @@ def train_one_epoch(run, bench, loader, epoch, args, device):
     judge.train()
     for batch in progress(loader, desc=f"epoch {epoch + 1}/{args.nEpoch}", leave=False,
                           mininterval=30):
-        x = judge_corrupt(batch["x"], run["corrupt_g"], p_blur=args.p_blur, p_noise=args.p_noise,
+        x = batch["x"]
+        if args.p_warp:  # the reshaped digit, then blur and noise as for every judge
+            x = bench.judge_warp(x, batch["D"], run["warp_g"], p=args.p_warp)
+        x = judge_corrupt(x, run["corrupt_g"], p_blur=args.p_blur, p_noise=args.p_noise,
                           noise_generator=run["noise_g"])
         with autocast(device, args.amp):
             logits = judge(x)

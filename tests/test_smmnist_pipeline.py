@@ -21,7 +21,7 @@ from dataloader import DataError, SpriteBatches
 from judges.networks import load_judge
 from probes import probe_r2
 from smmnist import (DIGIT, MASS_CENTRE, DigitSwap, Stroke, box_corners, centre_of_mass,
-                     load_smmnist)
+                     load_smmnist, warp_digits)
 from test_smmnist import write_mnist
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -122,6 +122,34 @@ def test_stroke_view_known_answer():
     want = torch.zeros(64, 64)
     want[29:32, 29:32] = 1.0
     assert torch.equal(out[0, 1, 0], want) and torch.equal(out[1, 2, 0], torch.zeros(64, 64))
+
+
+def test_warp_reshapes_each_video_s_digit_alike_in_every_frame_and_p_0_is_the_identity(tiny_smmnist):
+    X, Y, P = load_smmnist(tiny_smmnist[0])["train"]
+    digit = X[0, 0, ..., 0].float() / 255
+    r0, c0 = box_corners(P[0, 0, 0]).tolist()
+    digit = digit[r0:r0 + DIGIT, c0:c0 + DIGIT]
+    # the same digit at three places, in four videos: each video's map follows its digit
+    corners = torch.tensor([[8, 8], [20, 12], [24, 24]])  # 8 px from the edges: nothing cut
+    x = torch.zeros(4, 3, 1, 64, 64)
+    for t, (r, c) in enumerate(corners.tolist()):
+        x[:, t, 0, r:r + DIGIT, c:c + DIGIT] = digit
+    positions = (corners.float() + MASS_CENTRE)[None, :, None].expand(4, 3, 1, 2)
+    assert torch.equal(warp_digits(x, positions, torch.Generator().manual_seed(0), p=0.0), x)
+    out = warp_digits(x, positions, torch.Generator().manual_seed(0))
+    pad = torch.nn.functional.pad(out, (8, 8, 8, 8))  # the warped digit can leave its box a little
+    for i in range(4):
+        crops = [pad[i, t, 0, r:r + DIGIT + 16, c:c + DIGIT + 16] for t, (r, c) in enumerate(corners.tolist())]
+        inside = [crop.sum() for crop in crops]
+        assert torch.allclose(crops[0], crops[1], atol=1e-4) and torch.allclose(crops[0], crops[2], atol=1e-4)
+        assert inside[0] > 0.999 * out[i, 0].sum()
+        assert not torch.allclose(crops[0][8:-8, 8:-8], digit, atol=0.05)  # reshaped
+    assert not torch.allclose(out[0], out[1], atol=0.05)  # another map for another video
+    assert torch.equal(out, warp_digits(x, positions, torch.Generator().manual_seed(0)))
+    # its centre of mass stays near the digit's position, and it keeps most of its ink
+    com = centre_of_mass(out[:, 0, 0])
+    assert (com - positions[:, 0, 0].double()).norm(dim=-1).max() < 3
+    assert ((out.sum((2, 3, 4)) / x.sum((2, 3, 4))) - 1).abs().max() < 0.35
 
 
 @pytest.mark.parametrize("view", ["digit", "stroke"])
