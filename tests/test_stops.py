@@ -78,12 +78,13 @@ def test_a_signal_writes_a_checkpoint_and_exits_128_plus_its_number(tiny_data, t
     assert ckpt["step"] >= 3 and ckpt["epoch"] * 3 + ckpt["batches_done"] == ckpt["step"]
 
 
-@pytest.mark.parametrize("max_steps", [1, 4])  # 3 steps an epoch: in epoch 1, in epoch 2
+@pytest.mark.parametrize("max_steps", [1, 3, 4])  # 3 steps an epoch: in epoch 1, at its end, in epoch 2
 def test_mid_epoch_resume_writes_the_same_record_as_an_uninterrupted_run(tiny_data, tmp_path, max_steps):
     """--sche cosine_to_zero --amp, as the shipped recipe: parameters, optimizer, scheduler and metrics rows all alike."""
     common = TINY + ["--data_root", tiny_data, "--nEpoch", "2", "--sche", "cosine_to_zero", "--amp"]
     whole = train_cdsvae.main(common + ["--log_dir", str(tmp_path / "a")])
     train_cdsvae.main(common + ["--log_dir", str(tmp_path / "b"), "--max_steps", str(max_steps)])
+    assert torch.load(tmp_path / "b" / "model.pt", weights_only=True)["step"] == max_steps  # not one more
     # as if killed between the two writes of an epoch's end in some earlier version: a row the checkpoint lacks
     (tmp_path / "b" / "metrics.jsonl").write_text('{"epoch": 1, "loss": 0}\n' * 2)
     resumed = train_cdsvae.main(common + ["--log_dir", str(tmp_path / "b"), "--resume"])
