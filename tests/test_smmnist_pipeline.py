@@ -208,6 +208,18 @@ def test_a_tiny_cdsvae_trains_on_smmnist_with_one_channel(tiny_run):
     assert ckpt["model"]["encoder.net.0.0.weight"].shape[1] == 1
 
 
+@pytest.mark.parametrize("script, model", [("run_cdsvae_smmnist.sh", "cdsvae"), ("run_dsvae_smmnist.sh", "dsvae")])
+def test_the_smmnist_recipes_train_on_the_data_set_they_name(tiny_smmnist, tmp_path, script, model):
+    tiny = ["--nf", "4", "--g_dim", "8", "--rnn_size", "8", "--f_dim", "8", "--z_dim", "4", "--batch_size", "16",
+            "--threads", "1", "--max_steps", "2"]
+    r = subprocess.run(["bash", os.path.join(ROOT, script), *tiny], capture_output=True, text=True,
+                       timeout=300, env=dict(os.environ, DATA=tiny_smmnist[0], LOG_DIR=str(tmp_path)))
+    assert r.returncode == 0, r.stderr[-2000:]
+    args = torch.load(tmp_path / "model.pt", weights_only=True)["args"]
+    assert (args["dataset"], args["model"], args["f_mirror"], args["amp"]) == ("smmnist", model, False, "auto")
+    assert args["motion_view"] == ("digit" if model == "cdsvae" else None)
+
+
 def test_a_view_of_another_data_set_is_refused_in_one_line(tiny_smmnist):
     r = _run("train_cdsvae.py", "--dataset", "smmnist", "--data_root", tiny_smmnist[0],
              "--motion_view", "colour")
