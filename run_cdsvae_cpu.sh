@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The CPU recipe that trained the shipped checkpoint: 118.0 min on a 2-core AMD EPYC with AVX-512 BF16, where --amp
 # gives bf16. On a CPU without native bf16 (AVX2) --amp gives fp32, and the AVX2 recipe is this one stopped after 16
-# of its 28 epochs: --nEpoch 16 --sche_epochs 28 (the README's table has both runs' times and scores). Differences from
+# of its 28 epochs: --nEpoch 16 --sche_epochs 28 (107.4 min on a 2-core Xeon limited to AVX2; the README's table has
+# both runs' times and scores). Differences from
 # the paper's settings (run_cdsvae.sh): conv width 32 instead of 64 (4x fewer conv FLOPs), batch 64, cosine
 # learning rate over 28 epochs, InfoNCE weights 100 instead of 10, q(z|x) reads each frame's features minus the
 # video's mean frame feature (--z_input frame_delta), q(f|x) is invariant to mirroring the video (--f_mirror), the
