@@ -175,13 +175,15 @@ def checkpoint(run, epoch, best, best_state, seconds):
             "best_state": best_state, "seconds": seconds, **noise}
 
 
-# every field resume reads, with what it must be ('scaler' only in checkpoints that have one)
+# every field resume reads, with what it must be ('scaler', 'warp_rng' only in checkpoints with one)
 RESUME_FIELDS = {
     "model": STATE_DICT, "optimizer": (lambda v: isinstance(v, dict), "an optimizer's state"),
     "sched": (lambda v: isinstance(v, dict), "a scheduler's state"),
     "scaler": (lambda v: isinstance(v, dict), "a grad scaler's state"),
     "corrupt_rng": (lambda v: isinstance(v, torch.Tensor) and v.dtype == torch.uint8,
                     "a generator's state (a uint8 tensor)"),
+    "warp_rng": (lambda v: isinstance(v, torch.Tensor) and v.dtype == torch.uint8,
+                 "a generator's state (a uint8 tensor)"),
     "epoch": (lambda v: type(v) is int and v >= 0, "a whole number of epochs"),
     "best": (lambda v: type(v) in (int, float) and -1 <= v <= 1, "an accuracy"),
     "best_state": STATE_DICT,
@@ -196,7 +198,7 @@ def resume(path, run):
         # puts the weights and the optimizer's state on the judge's device
         ckpt = read_checkpoint(path, map_location="cpu", what="judge training checkpoint")
         check_fields(ckpt, f"{path} is not a checkpoint of this train_judge.py run: it",
-                     RESUME_FIELDS, optional=("scaler",))
+                     RESUME_FIELDS, optional=("scaler", "warp_rng"))
         run["judge"].load_state_dict(ckpt["model"])
         load_adam_state(run["optimizer"], ckpt["optimizer"])
         run["sched"].load_state_dict(ckpt["sched"])

@@ -70,7 +70,7 @@ def tiny_run(device):
     return {"judge": judge, "optimizer": optimizer,
             "sched": torch.optim.lr_scheduler.OneCycleLR(optimizer, 1e-3, total_steps=10),
             "scaler": torch.amp.GradScaler("cpu", enabled=False),
-            "corrupt_g": torch.Generator().manual_seed(1)}
+            "corrupt_g": torch.Generator().manual_seed(1), "warp_g": torch.Generator().manual_seed(3)}
 
 
 # loading weights into meta parameters copies nothing, which torch warns of once per parameter
@@ -85,7 +85,8 @@ def test_resume_onto_a_judge_off_the_cpu_keeps_the_generator_on_the_cpu(tmp_path
     loss.backward()
     saved["optimizer"].step()
     saved["sched"].step()
-    torch.rand(5, generator=saved["corrupt_g"])  # a generator state other than the fresh one
+    torch.rand(5, generator=saved["corrupt_g"])  # generator states other than the fresh ones
+    torch.rand(3, generator=saved["warp_g"])
     ckpt = train_judge.checkpoint(saved, 1, 0.5, saved["judge"].state_dict(), 12.0)
     del ckpt["scaler"]
     torch.save(ckpt, tmp_path / "last.pt")
@@ -95,6 +96,7 @@ def test_resume_onto_a_judge_off_the_cpu_keeps_the_generator_on_the_cpu(tmp_path
     assert (best, epoch, seconds) == (0.5, 1, 12.0)
     torch.testing.assert_close(best_state, ckpt["best_state"], rtol=0, atol=0)
     assert torch.equal(run["corrupt_g"].get_state(), saved["corrupt_g"].get_state())
+    assert torch.equal(run["warp_g"].get_state(), saved["warp_g"].get_state())
     assert {v.device.type for s in run["optimizer"].state.values() for k, v in s.items()
             if k != "step"} == {"meta"}
     assert run["sched"].state_dict() == saved["sched"].state_dict()
