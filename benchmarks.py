@@ -32,6 +32,7 @@ class Benchmark:
     judge_val: int  # the units a judge's training holds out to choose its epoch
     judge_warp: Callable  # (x, D, generator, p) -> a judge's training videos reshaped, or None
     judge_p_warp: float  # the share of a judge's training videos it reshapes by default
+    judge_crop: int  # the window about each frame's centre of mass a judge reads, px (0: none)
     positions: bool  # D holds positions: motion is measured without a judge (trajectory errors)
     probe_factors: dict  # the probes' classifiers {factor: classes}
     probe_labels: Callable  # (A, D) -> {factor: labels (N,)}
@@ -58,7 +59,7 @@ BENCHMARKS = {
         motion_views={"colour": None}, data_root="data/Sprite/data.pkl",
         builder="make_sprites.py", judges=("judges/sprite_judge.pt", "judges/clip_judge.pt"),
         load=load_sprites, labels=factor_labels, groups=character_id, judge_val=20,
-        judge_warp=None, judge_p_warp=0.0,
+        judge_warp=None, judge_p_warp=0.0, judge_crop=0,
         positions=False, probe_factors=probes.PROBE_FACTORS, probe_labels=probes.probe_labels,
         probe_targets=lambda A, D: {}, probe_units=300,
         quality=("A_action_acc", "protocol A action accuracy")),
@@ -68,7 +69,8 @@ BENCHMARKS = {
         data_root="data/smmnist/data.pkl", builder="make_smmnist.py",
         judges=("judges/smmnist_lstm_judge.pt", "judges/smmnist_clip_judge.pt"),
         load=smmnist.load_smmnist, labels=smmnist.digit_labels, groups=_each_video,
-        judge_val=500, judge_warp=smmnist.warp_digits, judge_p_warp=0.8, positions=True,
+        judge_val=500, judge_warp=smmnist.warp_digits, judge_p_warp=0.8, judge_crop=40,
+        positions=True,
         probe_factors={"digit": smmnist.DIGITS},
         probe_labels=smmnist.digit_labels, probe_targets=lambda A, D: {"positions": D},
         probe_units=2700, quality=("swap_digit_acc", "swaps: digit accuracy")),
@@ -80,7 +82,7 @@ def add_dataset_flag(arg, data_root=True):
     arg("--dataset", choices=tuple(BENCHMARKS), default="sprites",
         help="the benchmark: sprites or smmnist, Stochastic Moving MNIST (default sprites)")
     if data_root:
-            arg("--data_root", default=None, help="its data file (default: data/Sprite/data.pkl of "
+        arg("--data_root", default=None, help="its data file (default: data/Sprite/data.pkl of "
             "make_sprites.py, or data/smmnist/data.pkl of make_smmnist.py)")
 
 

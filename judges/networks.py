@@ -5,11 +5,13 @@ import os
 import re
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from benchmarks import BENCHMARKS
 from dataloader import FACTORS
 from model import FrameEncoder
+from smmnist import centre_of_mass
 from utils import (STATE_DICT, CheckpointError, a_kind, bad_constructor_args, check_fields,
                    checkpoint_kind, paper_encoder_names, read_checkpoint)
 
@@ -21,28 +23,61 @@ def factor_heads(n_in, hidden, heads):
                           for k, n in heads.items()})
 
 
-class SpriteJudge(nn.Module):
-    """Frame encoder, BiLSTM, one MLP head per factor: the paper's classifier_Sprite_all design."""
+class MassCrop(nn.Module):
+    """Each frame (B, T, C, H, W) resampled to H x W from the `window` px square about its centre
+    of mass, so that a judge reads a small digit where it is and larger. The mass is what lies
+    above half the frame's peak: pixel noise and a generated frame's haze do not pull it."""
 
-    def __init__(self, g_dim=128, rnn_size=256, hidden=256, nf=64, channels=3, heads=None):
+    def __init__(self, window):
         super().__init__()
+        self.window = window
+
+    def forward(self, x):
+        B, T, C, H, W = x.shape
+        frames = x.reshape(B * T, C, H, W).float()
+        grey = frames.mean(1)
+        mass = (grey - 0.5 * grey.amax((1, 2), keepdim=True)).clamp_min(0)
+        row, col = centre_of_mass(mass).to(frames.dtype).unbind(-1)
+        theta = torch.zeros(B * T, 2, 3, dtype=frames.dtype, device=frames.device)
+        theta[:, 0, 0], theta[:, 1, 1] = self.window / W, self.window / H
+        theta[:, 0, 2], theta[:, 1, 2] = (2 * col + 1) / W - 1, (2 * row + 1) / H - 1
+        grid = F.affine_grid(theta, frames.shape, align_corners=False)
+        crops = F.grid_sample(frames, grid, align_corners=False)  # zeros beyond the frame
+        return crops.reshape(B, T, C, H, W)
+
+
+def frame_crop(crop):
+    """The judges' first layer: MassCrop(crop), or nothing for crop 0 (Sprites' judges)."""
+    return MassCrop(crop) if crop else nn.Identity()
+
+
+class SpriteJudge(nn.Module):
+    """Frame encoder, BiLSTM, one MLP head per factor: the paper's classifier_Sprite_all design;
+    with crop > 0, each frame is first cropped about its centre of mass (MassCrop)."""
+
+    def __init__(self, g_dim=128, rnn_size=256, hidden=256, nf=64, channels=3, heads=None,
+                 crop=0):
+        super().__init__()
+        self.crop = frame_crop(crop)
         self.encoder = FrameEncoder(g_dim, nf, channels)
         self.lstm = nn.LSTM(g_dim, rnn_size, batch_first=True, bidirectional=True)
         self.rnn_size = rnn_size
         self.heads = factor_heads(2 * rnn_size, hidden, heads or FACTORS)
 
     def forward(self, x):
-        out, _ = self.lstm(self.encoder(x))  # read out: the last step forward, the first backward
+        out, _ = self.lstm(self.encoder(self.crop(x)))  # read out: the last step forward, the first backward
         h = torch.cat([out[:, -1, :self.rnn_size], out[:, 0, self.rnn_size:]], dim=1)
         return {k: head(h) for k, head in self.heads.items()}
 
 
 class ClipJudge(nn.Module):
     """3D convolutions over the whole clip (space and time mixed from the first layer, no
-    recurrence), average-pooled to 2x2x2 cells of (time, height, width), one MLP head per factor."""
+    recurrence), average-pooled to 2x2x2 cells of (time, height, width), one MLP head per factor;
+    with crop > 0, each frame is first cropped about its centre of mass (MassCrop)."""
 
-    def __init__(self, nf=32, hidden=256, channels=3, heads=None):
+    def __init__(self, nf=32, hidden=256, channels=3, heads=None, crop=0):
         super().__init__()
+        self.crop = frame_crop(crop)
 
         def block(c_in, c_out, kernel, stride, padding):
             return [nn.Conv3d(c_in, c_out, kernel, stride, padding, bias=False),
@@ -57,7 +92,7 @@ class ClipJudge(nn.Module):
         self.heads = factor_heads(64 * nf, hidden, heads or FACTORS)
 
     def forward(self, x):
-        h = self.net(x.transpose(1, 2))
+        h = self.net(self.crop(x).transpose(1, 2))
         return {k: head(h) for k, head in self.heads.items()}
 
 

@@ -97,6 +97,9 @@ def parse_args(argv):
         help="probability that a training video's digit is rotated, scaled, sheared and "
              "elastically distorted (smmnist.warp_digits; default 0.8 on smmnist, 0 on Sprites, "
              "which has no such augmentation)")
+    arg("--crop", type=int, default=None,
+        help="the window about each frame's centre of mass the judge reads, resampled to the "
+             "frame's size, px (judges.networks.MassCrop; default 40 on smmnist, 0: none, Sprites)")
     arg("--card_only", action="store_true",
         help="train nothing: add the robustness card to the judge file --out and print it")
     arg("--nEpoch", type=int, default=6, help="epochs")
@@ -118,6 +121,7 @@ def parse_args(argv):
     args.out = args.out or bench.judges[tuple(JUDGES).index(args.arch)]
     args.val_chars = bench.judge_val if args.val_chars is None else args.val_chars
     args.p_warp = bench.judge_p_warp if args.p_warp is None else args.p_warp
+    args.crop = bench.judge_crop if args.crop is None else args.crop
     if args.p_warp and bench.judge_warp is None:
         p.error(f"--p_warp {args.p_warp}: {bench.title} has no warp augmentation; drop it")
     return args
@@ -132,6 +136,8 @@ def set_up(args, bench, train, device):
     for name in ("nEpoch", "batch_size", "val_chars"):
         if getattr(args, name) < 1:
             sys.exit(f"error: --{name} {getattr(args, name)} must be at least 1")
+    if not 0 <= args.crop <= 64:  # no wider than the 64 px frame
+        sys.exit(f"error: --crop {args.crop} must be a window of 1..64 px, or 0 for none")
     torch.manual_seed(args.seed)
     try:
         (X, A, D), held_out = validation_split(*train, args.val_chars, seed=args.seed,
@@ -143,6 +149,8 @@ def set_up(args, bench, train, device):
         judge_args["channels"] = bench.channels
     if args.arch == "bilstm":
         judge_args.update(g_dim=args.g_dim, rnn_size=args.rnn_size)
+    if args.crop:  # Sprites' judge files name no crop: 0, the default
+        judge_args["crop"] = args.crop
     judge = JUDGES[args.arch](**judge_args, heads=bench.heads).to(device)
     if device.type == "cpu":  # channels-last convolutions are the faster ones on the CPU
         judge = judge.to(memory_format=torch.channels_last_3d if args.arch == "conv3d"
@@ -175,15 +183,15 @@ def checkpoint(run, epoch, best, best_state, seconds):
             "best_state": best_state, "seconds": seconds, **noise}
 
 
+GENERATOR_STATE = (lambda v: isinstance(v, torch.Tensor) and v.dtype == torch.uint8,
+                   "a generator's state (a uint8 tensor)")  # each of the run's CPU generators
+
 # every field resume reads, with what it must be ('scaler', 'warp_rng' only in checkpoints with one)
 RESUME_FIELDS = {
     "model": STATE_DICT, "optimizer": (lambda v: isinstance(v, dict), "an optimizer's state"),
     "sched": (lambda v: isinstance(v, dict), "a scheduler's state"),
     "scaler": (lambda v: isinstance(v, dict), "a grad scaler's state"),
-    "corrupt_rng": (lambda v: isinstance(v, torch.Tensor) and v.dtype == torch.uint8,
-                    "a generator's state (a uint8 tensor)"),
-    "warp_rng": (lambda v: isinstance(v, torch.Tensor) and v.dtype == torch.uint8,
-                 "a generator's state (a uint8 tensor)"),
+    "corrupt_rng": GENERATOR_STATE, "warp_rng": GENERATOR_STATE,
     "epoch": (lambda v: type(v) is int and v >= 0, "a whole number of epochs"),
     "best": (lambda v: type(v) in (int, float) and -1 <= v <= 1, "an accuracy"),
     "best_state": STATE_DICT,
@@ -301,8 +309,9 @@ def train(args):
     if args.resume and os.path.isfile(args.ckpt):
         best, best_state, start, spent = resume(args.ckpt, run)
         print(f"resumed from {args.ckpt} after epoch {start}", flush=True)
+    unit = "characters" if args.dataset == "sprites" else "videos"  # what --val_chars counts
     print(f"{len(loader.X)} train sequences, {len(held_out[0])} held out ({args.val_chars} "
-          f"{'characters' if args.dataset == 'sprites' else 'videos'}), judge {judge_args}, "
+          f"{unit}), judge {judge_args}, "
           f"{sum(q.numel() for q in judge.parameters())} "
           f"parameters, {torch.get_num_threads()} thread(s), {precision_note(device, args.amp)}",
           flush=True)
@@ -310,8 +319,7 @@ def train(args):
     for epoch in range(start, args.nEpoch):
         loss = train_one_epoch(run, bench, loader, epoch, args, device)
         val = accuracy(judge, bench, *held_out, device, args.amp)[0]
-        print(f"epoch {epoch + 1}: loss {loss:.4f}, held-out train "
-              f"{'characters' if args.dataset == 'sprites' else 'videos'} "
+        print(f"epoch {epoch + 1}: loss {loss:.4f}, held-out train {unit} "
               + ", ".join(f"{k} {v:.4f}" for k, v in val.items())
               + f" ({time.time() - t0:.0f} s)", flush=True)
         if min(val.values()) >= best:  # ties go to the later epoch
