@@ -18,7 +18,7 @@ import make_smmnist as mm
 import stubs
 from benchmarks import BENCHMARKS
 from dataloader import DataError, SpriteBatches
-from judges.networks import load_judge
+from judges.networks import MassCrop, load_judge
 from probes import probe_r2
 from smmnist import (DIGIT, MASS_CENTRE, DigitSwap, Stroke, box_corners, centre_of_mass,
                      load_smmnist, warp_digits)
@@ -151,6 +151,23 @@ def test_warp_reshapes_each_video_s_digit_alike_in_every_frame_and_p_0_is_the_id
     assert ((out.sum((2, 3, 4)) / x.sum((2, 3, 4))) - 1).abs().max() < 0.35
 
 
+def test_mass_crop_centres_and_enlarges_a_square_wherever_it_is_even_in_noise():
+    x = torch.zeros(3, 2, 1, 64, 64)
+    x[0, :, 0, 5:15, 40:50] = 1  # a 10 px square, centre (9.5, 44.5)
+    x[1, :, 0, 0:10, 54:64] = 1  # in a corner: the window reaches beyond the frame
+    x[2, :, 0, 30:40, 10:20] = 1
+    x[2, 1, 0] = (x[2, 1, 0] + 0.1 * torch.randn(64, 64, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+    out = MassCrop(40)(x)
+    assert out.shape == x.shape
+    assert torch.allclose(centre_of_mass(out[:2, :, 0]), torch.tensor(31.5, dtype=torch.float64), atol=0.05)
+    assert torch.allclose(out[:2].sum((2, 3, 4)), torch.tensor(100 * (64 / 40) ** 2), rtol=0.01)  # 16 px a side
+    square = out[0, 0, 0, 25:38, 25:38]  # the 16 px square's inside, away from its interpolated edge
+    assert torch.equal(square, torch.ones_like(square))
+    noisy = centre_of_mass((out[2, 1, 0] > 0.5).float())
+    assert (noisy - 31.5).abs().max() < 1.0  # noise does not pull the window: only mass above half the peak counts
+    assert torch.equal(MassCrop(40)(torch.zeros(1, 1, 1, 64, 64)), torch.zeros(1, 1, 1, 64, 64))  # black: no NaN
+
+
 @pytest.mark.parametrize("view", ["digit", "stroke"])
 def test_batches_with_a_motion_view_resume_where_they_stopped(tiny_smmnist, view):
     X, Y, P = load_smmnist(tiny_smmnist[0])["train"]
@@ -232,6 +249,7 @@ def test_judges_train_on_smmnist_and_load_only_with_its_heads(tiny_run):
     for path in tiny_run["judges"]:
         saved = torch.load(path, weights_only=True)
         assert saved["heads"] == {"digit": 10} and saved["judge_args"]["channels"] == 1
+        assert saved["judge_args"]["crop"] == 40  # the default window, rebuilt by load_judge
         assert saved["dataset"] == "smmnist" and set(saved["robustness"]) >= {"sharp", "blur_1.0"}
         judge = load_judge(path, heads=SMMNIST.heads)
         assert judge(torch.rand(2, 8, 1, 64, 64))["digit"].shape == (2, 10)

@@ -116,7 +116,8 @@ def test_a_checkpoint_of_another_run_is_a_one_line_error(tiny_data, tmp_path):
     (["--val_chars", "6"], "error: --val_chars 6: cannot hold out 6 of only 6 train characters"),
     (["--batch_size", "100"], "error: --batch_size 100 is more than the 36 training sequences"),
     (["--nEpoch", "0"], "error: --nEpoch 0 must be at least 1"),
-    (["--p_blur", "2"], "error: --p_blur 2.0, --p_noise 0.5 and --p_warp 0.0 must be probabilities in [0, 1]")])
+    (["--p_blur", "2"], "error: --p_blur 2.0, --p_noise 0.5 and --p_warp 0.0 must be probabilities in [0, 1]"),
+    (["--crop", "65"], "error: --crop 65 must be a window of 1..64 px, or 0 for none")])
 def test_settings_no_run_can_use_are_one_line_errors(tiny_data, tmp_path, bad, expected):
     msg = exit_message(["--data_root", tiny_data, "--out", str(tmp_path / "j.pt"), *TINY_ARGS,
                         "--ckpt", str(tmp_path / "last.pt"), *bad])
@@ -127,6 +128,7 @@ def test_settings_no_run_can_use_are_one_line_errors(tiny_data, tmp_path, bad, e
 def test_the_warp_is_moving_mnist_s_only_and_on_by_default_there(capsys):
     assert train_judge.parse_args(["--dataset", "smmnist"]).p_warp == 0.8
     assert train_judge.parse_args([]).p_warp == 0.0
+    assert (train_judge.parse_args(["--dataset", "smmnist"]).crop, train_judge.parse_args([]).crop) == (40, 0)
     with pytest.raises(SystemExit):
         train_judge.parse_args(["--p_warp", "0.5"])
     assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
