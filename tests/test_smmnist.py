@@ -256,3 +256,20 @@ def test_full_build_from_mnist_10k(tmp_path):
         assert again[key].tobytes() == data[key].tobytes()
     assert again["X_train"].tobytes() == data["X_train"][:50].tobytes()
     assert again["meta"]["position_floor_px"] == data["meta"]["position_floor_px"]
+
+
+@pytest.mark.parametrize("path", ["judges/smmnist_lstm_judge.pt", "judges/smmnist_clip_judge.pt"])
+def test_shipped_digit_judges_read_real_test_videos_and_are_carded(path):
+    if not os.path.isdir(MNIST_10K):
+        pytest.skip(f"needs the MNIST subset at {MNIST_10K}")
+    from judges.networks import load_judge
+    ckpt = torch.load(os.path.join(ROOT, path), weights_only=True)
+    assert ckpt["dataset"] == "smmnist" and ckpt["judge_args"]["crop"] == 40 and ckpt["n_test"] == 2664
+    acc = ckpt["test_accuracy"]["digit"]
+    assert acc >= 0.985 and ckpt["test_wrong"]["digit"] == round((1 - acc) * 2664)
+    assert ckpt["robustness"]["sharp"] == ckpt["test_accuracy"] and len(ckpt["robustness"]) == 6
+    data = mm.build(MNIST_10K, train_videos=1, test_videos=64)  # the first 64 of the 2664 test videos
+    x = torch.as_tensor(data["X_test"]).permute(0, 1, 4, 2, 3).float() / 255
+    with torch.inference_mode():
+        digits = load_judge(os.path.join(ROOT, path), heads={"digit": 10})(x)["digit"].argmax(1)
+    assert (digits == torch.as_tensor(data["Y_test"][:, 0])).float().mean() >= 0.95
