@@ -65,7 +65,8 @@ class SpriteJudge(nn.Module):
         self.heads = factor_heads(2 * rnn_size, hidden, heads or FACTORS)
 
     def forward(self, x):
-        out, _ = self.lstm(self.encoder(self.crop(x)))  # read out: the last step forward, the first backward
+        # read out: the last step forward, the first backward
+        out, _ = self.lstm(self.encoder(self.crop(x)))
         h = torch.cat([out[:, -1, :self.rnn_size], out[:, 0, self.rnn_size:]], dim=1)
         return {k: head(h) for k, head in self.heads.items()}
 

@@ -1,7 +1,8 @@
 """Stochastic Moving MNIST (make_smmnist.py, smmnist.py): SVG's generator and its bounce rule, the
 same bytes from the same seed, each split's videos made of its own digits only, the centre-of-mass
 known answers, the MNIST files read raw and gzipped and refused in one line when bad, and the full
-build from ../shared/mnist-10k where it is (the test skips and says why where it is not)."""
+build from ../shared/mnist-10k and the shipped digit judges on its first test videos, where it is
+(the tests skip and say why where it is not)."""
 import gzip
 import os
 import subprocess
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 import make_smmnist as mm
-from dataloader import safe_load_pickle
+from dataloader import safe_load_pickle, to_float
 from smmnist import DIGIT, MASS_CENTRE, SIZE, centre_of_mass
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.one_thread: tiny problems
@@ -269,7 +270,7 @@ def test_shipped_digit_judges_read_real_test_videos_and_are_carded(path):
     assert acc >= 0.985 and ckpt["test_wrong"]["digit"] == round((1 - acc) * 2664)
     assert ckpt["robustness"]["sharp"] == ckpt["test_accuracy"] and len(ckpt["robustness"]) == 6
     data = mm.build(MNIST_10K, train_videos=1, test_videos=64)  # the first 64 of the 2664 test videos
-    x = torch.as_tensor(data["X_test"]).permute(0, 1, 4, 2, 3).float() / 255
+    x = to_float(torch.as_tensor(data["X_test"]))
     with torch.inference_mode():
         digits = load_judge(os.path.join(ROOT, path), heads={"digit": 10})(x)["digit"].argmax(1)
     assert (digits == torch.as_tensor(data["Y_test"][:, 0])).float().mean() >= 0.95
