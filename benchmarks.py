@@ -23,7 +23,6 @@ class Benchmark:
     channels: int
     heads: dict  # the judges' heads {factor: classes}
     motion_views: dict  # {name: view (None: Sprites' colour change)}; the first is the default
-    content_views: dict  # {name: view (None: shuffled frames)}; the first is the default
     data_root: str  # where the scripts look for the data file by default
     builder: str  # the script that builds it
     judges: tuple  # the shipped judge files
@@ -42,20 +41,12 @@ class Benchmark:
     quality: tuple  # (the judges' figure time_to_quality.py follows, what it is)
 
     def motion_view(self, name=None):
-        """The motion view called `name` (None: the default), refused in one line if not this
-        set's."""
-        return self._view(self.motion_views, "motion_view", name)
-
-    def content_view(self, name=None):
-        """The content view called `name` (None: the default; None back: shuffled frames)."""
-        return self._view(self.content_views, "content_view", name)
-
-    def _view(self, views, flag, name):
-        name = name or next(iter(views))
-        if name not in views:
-            raise ValueError(f"--{flag} {name} is not a view of {self.title}: choose one of "
-                             f"{', '.join(views)}")
-        return views[name]
+        """The view called `name` (None: the default), refused in one line if not this set's."""
+        name = name or next(iter(self.motion_views))
+        if name not in self.motion_views:
+            raise ValueError(f"--motion_view {name} is not a view of {self.title}: choose one of "
+                             f"{', '.join(self.motion_views)}")
+        return self.motion_views[name]
 
 
 def _each_video(A):
@@ -65,7 +56,7 @@ def _each_video(A):
 BENCHMARKS = {
     "sprites": Benchmark(
         "sprites", "Sprites", frames=8, channels=3, heads=dict(FACTORS),
-        motion_views={"colour": None}, content_views={"shuffle": None}, data_root="data/Sprite/data.pkl",
+        motion_views={"colour": None}, data_root="data/Sprite/data.pkl",
         builder="make_sprites.py", judges=("judges/sprite_judge.pt", "judges/clip_judge.pt"),
         load=load_sprites, labels=factor_labels, groups=character_id, judge_val=20,
         judge_warp=None, judge_p_warp=0.0, judge_crop=0,
@@ -75,7 +66,6 @@ BENCHMARKS = {
     "smmnist": Benchmark(
         "smmnist", "Stochastic Moving MNIST", frames=8, channels=1,
         heads={"digit": smmnist.DIGITS}, motion_views=smmnist.MOTION_VIEWS,
-        content_views=smmnist.CONTENT_VIEWS,
         data_root="data/smmnist/data.pkl", builder="make_smmnist.py",
         judges=("judges/smmnist_lstm_judge.pt", "judges/smmnist_clip_judge.pt"),
         load=smmnist.load_smmnist, labels=smmnist.digit_labels, groups=_each_video,

@@ -351,16 +351,12 @@ def motion_augment(x, generator=None):
     return out
 
 
-def _augmentation_draws(B, T, generator, motion_view=None, content_swap=None):
+def _augmentation_draws(B, T, generator, motion_view=None):
     """Every random draw of a batch's views: the content order, then the motion view's draws
-    (motion_view.draws; None: Sprites' colour and blur change, _motion_params), then
-    content_swap's (none without one)."""
+    (motion_view.draws; None: Sprites' colour and blur change, _motion_params)."""
     order = content_order(B, T, generator)
-    motion = (_motion_params(B, generator) if motion_view is None
-              else motion_view.draws(B, generator))
-    if content_swap is None:
-        return order, motion
-    return order, motion, content_swap.draws(B, generator)
+    return order, (_motion_params(B, generator) if motion_view is None
+                   else motion_view.draws(B, generator))
 
 
 def _device_draws(B, T, generator, device):
@@ -373,13 +369,11 @@ def _device_draws(B, T, generator, device):
     return order.long(), M.reshape(B, 3, 3), P.reshape(B, 3, 3), q, c[:, 0]
 
 
-def _make_batch(X, i, generator=None, content_view=True, chunk=None, motion_view=None, D=None,
-                content_swap=None):
+def _make_batch(X, i, generator=None, content_view=True, chunk=None, motion_view=None, D=None):
     """x = to_float(X[i]) and, with a generator, its views as content_augment and motion_augment
     (or motion_view.apply, given the batch's labels D) make them, on X's device, `chunk` sequences
     at a time, nothing read back to the host; content_view=False leaves out c_aug (a model
-    shuffles x's features in that order instead). content_swap (as smmnist.PathSwap, given D)
-    makes c_aug in place of shuffled frames."""
+    shuffles x's features in that order instead)."""
     device, B, T, H, W, C = X.device, len(i), *X.shape[1:]
     n = chunk or _chunk_size(device, B)
     x = _empty((B, T, C, H, W), device)
@@ -392,8 +386,7 @@ def _make_batch(X, i, generator=None, content_view=True, chunk=None, motion_view
             batch.update(c_aug_order=order, m_aug=_empty(x.shape, device))
             h = torch.empty(u8t.shape, device=device)
         else:
-            order, view_draws, *swap_draws = _augmentation_draws(B, T, generator, motion_view,
-                                                                 content_swap)
+            order, view_draws = _augmentation_draws(B, T, generator, motion_view)
             batch["c_aug_order"] = order = order.to(device)
         if content_view:
             batch["c_aug"] = _empty(x.shape, device)
@@ -410,8 +403,6 @@ def _make_batch(X, i, generator=None, content_view=True, chunk=None, motion_view
             _motion_into(x[s:e], batch["m_aug"][s:e], M[s:e], P[s:e], q[s:e], c[s:e], h)
     if generator is not None and motion_view is not None:
         batch["m_aug"] = motion_view.apply(x, view_draws, D)
-        if content_swap is not None:
-            batch["c_aug"] = content_swap.apply(x, swap_draws[0], D)
     return batch
 
 
@@ -436,14 +427,13 @@ class SpriteBatches:
     a strided share (as DistributedSampler). The views are made on `device`, from the uint8 split
     moved there once where it fits (and on_host is not asked), else from pinned host rows; A, D
     and index stay on the CPU. The motion view is Sprites' colour change, or motion_view's (an
-    object with draws(B, generator) and apply(x, draws, D), as smmnist.DigitSwap); content_swap,
-    an object of the same kind beside one (smmnist.PathSwap), makes c_aug for shuffled frames."""
+    object with draws(B, generator) and apply(x, draws, D), as smmnist.DigitSwap)."""
 
     def __init__(self, X, A, D, batch_size, shuffle=False, augment=False, seed=0, drop_last=False,
                  rank=0, world_size=1, content_view=True, device=None, on_host=False,
-                 motion_view=None, content_swap=None):
+                 motion_view=None):
         self.X, self.A, self.D, self.content_view = X, A, D, content_view
-        self.motion_view, self.content_swap = motion_view, content_swap
+        self.motion_view = motion_view
         self.batch_size, self.shuffle, self.augment, self.seed = batch_size, shuffle, augment, seed
         self.drop_last, self.rank, self.world_size = drop_last, rank, world_size
         self.epoch, self.start = 0, 0
@@ -473,13 +463,13 @@ class SpriteBatches:
         """The batch of the sequences store[i] (i on the store's device) on self.device."""
         if self.store.device.type == self.device.type:
             return _make_batch(self.store, i, generator, self.content_view, self.chunk,
-                               self.motion_view, D, self.content_swap)
+                               self.motion_view, D)
         rows = torch.empty((len(i),) + tuple(self.store.shape[1:]), dtype=torch.uint8,
                            pin_memory=self.device.type == "cuda")
         rows = torch.index_select(self.store, 0, i, out=rows).to(self.device, non_blocking=True)
         every = torch.arange(len(i), device=self.device)
         return _make_batch(rows, every, generator, self.content_view, self.chunk,
-                           self.motion_view, D, self.content_swap)
+                           self.motion_view, D)
 
     def __iter__(self):
         idx = self._indices()
@@ -491,8 +481,7 @@ class SpriteBatches:
             # skipped: only its random draws are made, so the batches after it get theirs
             if b < self.start:
                 if self.augment:
-                    _augmentation_draws(len(i), self.X.shape[1], g, self.motion_view,
-                                        self.content_swap)
+                    _augmentation_draws(len(i), self.X.shape[1], g, self.motion_view)
                 continue
             batch = self._make(idx_store[span], g if self.augment else None, self.D[i])
             batch.update({"A": self.A[i], "D": self.D[i], "index": i})

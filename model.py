@@ -208,19 +208,16 @@ class CDSVAE(nn.Module):
         return torch.stack(means, 1), torch.stack(zs, 1)
 
     # ---- generation ------------------------------------------------------------------------------
-    def forward(self, x, m_aug=None, c_aug_order=None, c_aug=None):
+    def forward(self, x, m_aug=None, c_aug_order=None):
         """Posterior, prior and reconstruction of x; the posteriors of the views, not decoded. The
         content view's frame features are x's in the order c_aug_order (the same BatchNorm
-        statistics, one encoder pass fewer), or those of c_aug, a content view of its own; the
-        motion view m_aug's f is not used."""
+        statistics, one encoder pass fewer); the motion view m_aug's f is not used."""
         g = self.encoder(x)
         g_mirror = self.encoder(x.flip(-1)) if self.f_mirror else None
         out = self.encode_features(g, g_mirror=g_mirror)
         out["z_prior_mean"], out["z_prior_logvar"] = self.prior(out["z"])
         out["recon"] = self.decode(out["z"], out["f"])
-        if c_aug is not None:
-            out["c_post"] = self.encode(c_aug)
-        elif c_aug_order is not None:
+        if c_aug_order is not None:
             rows = torch.arange(len(g), device=g.device)[:, None]
             out["c_post"] = self.encode_features(
                 g[rows, c_aug_order], g_mirror=None if g_mirror is None else g_mirror[rows, c_aug_order])

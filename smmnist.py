@@ -1,6 +1,6 @@
 """Stochastic Moving MNIST (Denton & Fergus, 2018): the frame geometry, a digit's position read
 from pixels (which scores motion without a judge), the checked loading of make_smmnist.py's file,
-and C-DSVAE's views on it.
+and the motion views of C-DSVAE on it.
 
 A digit's position, (row, col) in pixels with pixel i's centre at i, is the point of its 32x32 box
 where MNIST puts every digit's centre of mass (pixel 14, 14 of the 28x28 field, scaled): it does not
@@ -109,37 +109,6 @@ def box_corners(P):
     return torch.round(P - MASS_CENTRE).long()
 
 
-def draw_digits(x, P, digit_of, path_of):
-    """Videos whose digits k are those of videos digit_of (cut from their first frame) drawn at
-    the positions of videos path_of, overlaps clipped to 1: x (B, T, C, 64, 64) with digits at
-    positions P (B, T, K, 2), digit_of and path_of (B,) indices of the batch."""
-    B, T, C = x.shape[:3]
-    device = x.device
-    corners = box_corners(P).to(device)
-    digit_of, path_of = digit_of.to(device), path_of.to(device)
-    d = torch.arange(DIGIT, device=device)
-    b = torch.arange(B, device=device)
-    out = torch.zeros_like(x)
-    for k in range(corners.shape[2]):
-        first = corners[digit_of, 0, k]  # (B, 2): each digit's box in its video's first frame
-        rows, cols = first[:, 0, None] + d, first[:, 1, None] + d
-        digit = x[digit_of[:, None, None], 0, :, rows[:, :, None], cols[:, None, :]]  # B,32,32,C
-        at = corners[path_of, :, k]  # (B, T, 2): where the path puts digit k each frame
-        r = (at[..., 0, None] + d)[:, :, :, None, None]
-        c = (at[..., 1, None] + d)[:, :, None, :, None]
-        out.index_put_((b[:, None, None, None, None], torch.arange(T, device=device)[
-            None, :, None, None, None], torch.arange(C, device=device), r, c),
-            digit[:, None].expand(B, T, DIGIT, DIGIT, C), accumulate=True)
-    return out.clamp_(0, 1)
-
-
-def other_videos(B, generator):
-    """For each video of a batch of B another one, (i + shift) mod B with shift 1..B-1 (B = 1:
-    itself)."""
-    shift = torch.randint(1, max(B, 2), (B,), generator=generator)
-    return (torch.arange(B) + shift) % max(B, 1)
-
-
 class DigitSwap:
     """The motion view that keeps every digit's path and changes what moves along it: each video's
     digits are replaced by those of another video of the batch (a random one, never itself),
@@ -147,12 +116,30 @@ class DigitSwap:
     name = "digit"
 
     def draws(self, B, generator):
-        """The donor of each video (other_videos)."""
-        return other_videos(B, generator)
+        """The donor of each video, (i + shift) mod B with shift 1..B-1 (B = 1: itself)."""
+        shift = torch.randint(1, max(B, 2), (B,), generator=generator)
+        return (torch.arange(B) + shift) % max(B, 1)
 
     def apply(self, x, donor, P):
         """x (B, T, C, 64, 64) with digits at positions P (B, T, K, 2) -> the view."""
-        return draw_digits(x, P, donor, torch.arange(len(x)))
+        B, T, C = x.shape[:3]
+        device = x.device
+        corners = box_corners(P).to(device)
+        donor = donor.to(device)
+        d = torch.arange(DIGIT, device=device)
+        b = torch.arange(B, device=device)
+        out = torch.zeros_like(x)
+        for k in range(corners.shape[2]):
+            first = corners[donor, 0, k]  # (B, 2): each donor's box in its first frame
+            rows, cols = first[:, 0, None] + d, first[:, 1, None] + d
+            digit = x[donor[:, None, None], 0, :, rows[:, :, None], cols[:, None, :]]  # B,32,32,C
+            at = corners[:, :, k]  # (B, T, 2): where this video's digit k is each frame
+            r = (at[..., 0, None] + d)[:, :, :, None, None]
+            c = (at[..., 1, None] + d)[:, :, None, :, None]
+            out.index_put_((b[:, None, None, None, None], torch.arange(T, device=device)[
+                None, :, None, None, None], torch.arange(C, device=device), r, c),
+                digit[:, None].expand(B, T, DIGIT, DIGIT, C), accumulate=True)
+        return out.clamp_(0, 1)
 
 
 class Stroke:
@@ -179,25 +166,6 @@ class Stroke:
 
 
 MOTION_VIEWS = {"digit": DigitSwap(), "stroke": Stroke()}
-
-
-# ---- content views: the same digit, another motion -----------------------------------------------
-class PathSwap:
-    """The content view that keeps every digit and changes its whole motion: each video's digits,
-    cut from its first frame, drawn along the path of another video of the batch (a random one,
-    never itself). Shuffled frames keep the set of positions, which q(f|x) can then match by."""
-    name = "path"
-
-    def draws(self, B, generator):
-        """The video whose path each video's digits take (other_videos)."""
-        return other_videos(B, generator)
-
-    def apply(self, x, path_of, P):
-        """x (B, T, C, 64, 64) with digits at positions P (B, T, K, 2) -> the view."""
-        return draw_digits(x, P, torch.arange(len(x)), path_of)
-
-
-CONTENT_VIEWS = {"shuffle": None, "path": PathSwap()}
 
 
 # ---- the judges' augmentation --------------------------------------------------------------------

@@ -90,8 +90,6 @@ def get_args(argv=None):
     add_dataset_flag(arg)
     arg("--motion_view", default=None, help="C-DSVAE's motion view: colour on sprites (its only "
         "one); digit (the default: another digit on the same path) or stroke on smmnist")
-    arg("--content_view", default=None, help="C-DSVAE's content view: shuffle (the frames "
-        "shuffled; the default) or, on smmnist, path (the digit on another video's path)")
     arg("--subset", type=int, default=0, help="the first N train videos only (default 0: all)")
     arg("--val_chars", type=int, default=0, help="train characters held out, logged as val_* (0)")
     arg("--log_dir", default="runs/cdsvae", help="folder of logs and curves (default runs/cdsvae)")
@@ -130,7 +128,6 @@ def check_data_args(p, args):
     bench = benchmark_of(args)
     try:
         bench.motion_view(args.motion_view)
-        bench.content_view(args.content_view)
     except ValueError as e:
         p.error(str(e))
 
@@ -292,15 +289,14 @@ def load_data(run):
         sys.exit(f"error: {args.data_root}: the test split has {len(data['test'][0])} video(s); "
                  f"periodic scoring's swaps need 2: use --evl_interval 0, or other data")
     augment = args.model == "cdsvae"
-    # the model shuffles x's frame features for the content view, so that tensor is not made
-    views = {"motion_view": bench.motion_view(args.motion_view),
-             "content_swap": bench.content_view(args.content_view)}
+    # the model shuffles x's frame features for the content view, so its tensor is not made
+    view = bench.motion_view(args.motion_view)
     run.loader = SpriteBatches(X, A, D, args.batch_size // run.world, shuffle=True, augment=augment,
                                seed=args.seed, drop_last=True, rank=run.rank, world_size=run.world,
                                content_view=False, device=run.device, on_host=args.data_on_host,
-                               **views)
+                               motion_view=view)
     run.val_loader = (SpriteBatches(*val, args.batch_size, augment=augment, seed=args.seed,
-                                    content_view=False, device=run.device, **views)
+                                    content_view=False, device=run.device, motion_view=view)
                       if args.val_chars else None)
     run.n_train, run.frames, run.test = len(X), X.shape[1], data["test"]
     run.channels = X.shape[-1]
@@ -330,12 +326,11 @@ def build_networks(run):
 
 def resume_mismatch(ckpt, args, world):
     """What differs from the checkpoint's run (batches, schedule), as one phrase, or None."""
-    saved = {"model": "cdsvae", "dataset": "sprites", "motion_view": None, "content_view": None,
-             **ckpt.get("args", {})}
+    saved = {"model": "cdsvae", "dataset": "sprites", "motion_view": None, **ckpt.get("args", {})}
     changed = [f"--{k} {saved[k]} (removed after its experiment lost: resume with the code of "
                f"commit {REMOVED_AT})"
                for k, off in REMOVED_TRAIN_ARGS.items() if saved.get(k, off) != off]
-    for k in ("model", "dataset", "motion_view", "content_view", "batch_size", "sche"):
+    for k in ("model", "dataset", "motion_view", "batch_size", "sche"):
         if saved.get(k) != getattr(args, k):
             changed.append(f"--{k} {getattr(args, k)} (checkpoint: {saved.get(k)})")
     if args.sche != "const" and schedule_epochs(saved) != schedule_epochs(vars(args)):
@@ -522,8 +517,7 @@ def forward_and_loss(run, model, batch, step, gather=None):
     x = batch["x"]
     views = {}
     if run.args.model == "cdsvae":
-        views = {"m_aug": batch["m_aug"], "c_aug_order": batch["c_aug_order"],
-                 "c_aug": batch.get("c_aug")}
+        views = {"m_aug": batch["m_aug"], "c_aug_order": batch["c_aug_order"]}
     with autocast(run.device, run.args.amp):
         out = model(x, **views)
     loss, terms = cdsvae_loss(out, x, run.n_train, **loss_weights(run.args, step), gather=gather,

@@ -57,18 +57,6 @@ def test_content_view_from_shuffled_features_equals_encoding_it(model):
         torch.testing.assert_close(shortcut[k], direct[k], rtol=1e-4, atol=1e-5)
 
 
-def test_a_content_view_of_its_own_is_encoded_in_place_of_shuffled_features(model):
-    """c_aug (smmnist's path view) is encoded on its own; the frame order is then not used."""
-    x, view = torch.rand(4, 8, 3, 64, 64), torch.rand(4, 8, 3, 64, 64)
-    order = torch.argsort(torch.rand(4, 8), dim=1)
-    with_view = model(x, c_aug_order=order, c_aug=view)["c_post"]
-    direct = model.encode(view)
-    for k in ("f_mean", "f_logvar", "z_mean", "z_logvar"):
-        torch.testing.assert_close(with_view[k], direct[k], rtol=1e-4, atol=1e-5)
-    shuffled = model(x, c_aug_order=order)["c_post"]["f_mean"]
-    assert (with_view["f_mean"] - shuffled).abs().max() > 1e-3
-
-
 def test_frame_delta_posterior_ignores_what_is_constant_over_the_video():
     torch.manual_seed(0)
     model = CDSVAE(**SIZES, z_input="frame_delta")

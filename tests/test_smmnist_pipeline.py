@@ -20,8 +20,8 @@ from benchmarks import BENCHMARKS
 from dataloader import DataError, SpriteBatches
 from judges.networks import MassCrop, load_judge
 from probes import probe_r2
-from smmnist import (DIGIT, MASS_CENTRE, DigitSwap, PathSwap, Stroke, box_corners,
-                     centre_of_mass, load_smmnist, warp_digits)
+from smmnist import (DIGIT, MASS_CENTRE, DigitSwap, Stroke, box_corners, centre_of_mass,
+                     load_smmnist, warp_digits)
 from test_smmnist import write_mnist
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -113,24 +113,6 @@ def test_digit_swap_draws_the_donor_digit_on_the_video_path(tiny_smmnist):
     assert torch.equal(donor, view.draws(12, torch.Generator().manual_seed(0)))
 
 
-def test_path_swap_draws_the_video_digit_on_another_video_path(tiny_smmnist):
-    X, Y, P = load_smmnist(tiny_smmnist[0])["train"]
-    x = X[:12].permute(0, 1, 4, 2, 3).float() / 255
-    view = PathSwap()
-    path_of = view.draws(12, torch.Generator().manual_seed(0))
-    assert (path_of != torch.arange(12)).all()
-    out = view.apply(x, path_of, P[:12])
-    corners = box_corners(P[:12])
-    for i in range(12):
-        r0, c0 = corners[i, 0, 0].tolist()
-        digit = x[i, 0, 0, r0:r0 + DIGIT, c0:c0 + DIGIT]
-        for t in range(8):
-            want = torch.zeros(64, 64)
-            r, c = corners[path_of[i], t, 0].tolist()
-            want[r:r + DIGIT, c:c + DIGIT] = digit
-            assert torch.equal(out[i, t, 0], want), (i, t)
-
-
 def test_stroke_view_known_answer():
     x = torch.zeros(2, 3, 1, 64, 64)
     x[:, :, 0, 30, 30] = 1.0
@@ -186,24 +168,20 @@ def test_mass_crop_centres_and_enlarges_a_square_wherever_it_is_even_in_noise():
     assert torch.equal(MassCrop(40)(torch.zeros(1, 1, 1, 64, 64)), torch.zeros(1, 1, 1, 64, 64))  # black: no NaN
 
 
-@pytest.mark.parametrize("view, content", [("digit", "shuffle"), ("stroke", "shuffle"),
-                                           ("digit", "path")])
-def test_batches_with_smmnist_views_resume_where_they_stopped(tiny_smmnist, view, content):
+@pytest.mark.parametrize("view", ["digit", "stroke"])
+def test_batches_with_a_motion_view_resume_where_they_stopped(tiny_smmnist, view):
     X, Y, P = load_smmnist(tiny_smmnist[0])["train"]
 
     def batches(start):
         loader = SpriteBatches(X, Y, P, 8, shuffle=True, augment=True, seed=3,
-                               content_view=False, motion_view=SMMNIST.motion_view(view),
-                               content_swap=SMMNIST.content_view(content))
+                               content_view=False, motion_view=SMMNIST.motion_view(view))
         loader.set_epoch(1, start)
         return list(loader)
 
     whole, resumed = batches(0), batches(3)
     assert len(resumed) == len(whole) - 3
-    keys = ("x", "m_aug", "c_aug_order", "index") + (("c_aug",) if content == "path" else ())
     for a, b in zip(whole[3:], resumed):
-        assert all(torch.equal(a[k], b[k]) for k in keys)
-    assert ("c_aug" in whole[0]) == (content == "path")
+        assert all(torch.equal(a[k], b[k]) for k in ("x", "m_aug", "c_aug_order", "index"))
     x, m = whole[0]["x"], whole[0]["m_aug"]
     assert m.shape == x.shape == (8, 8, 1, 64, 64) and not torch.equal(m, x)
     if view == "digit":  # the path is kept: the view's centres of mass are the positions
@@ -223,8 +201,7 @@ def tiny_run(tiny_smmnist, tmp_path_factory):
     train = _run("train_cdsvae.py", "--dataset", "smmnist", "--data_root", tiny_smmnist[0],
                  "--nf", "4", "--g_dim", "8", "--rnn_size", "8", "--f_dim", "8", "--z_dim", "4",
                  "--batch_size", "16", "--nEpoch", "2", "--threads", "1", "--snapshot_every", "1",
-                 "--log_dir", str(folder / "run"), "--motion_view", "digit",
-                 "--content_view", "path")
+                 "--log_dir", str(folder / "run"), "--motion_view", "digit")
     judges = []
     for arch, extra in (("bilstm", ["--g_dim", "8", "--rnn_size", "8"]), ("conv3d", [])):
         out = folder / f"{arch}.pt"
@@ -257,7 +234,6 @@ def test_the_smmnist_recipes_train_on_the_data_set_they_name(tiny_smmnist, tmp_p
     args = torch.load(tmp_path / "model.pt", weights_only=True)["args"]
     assert (args["dataset"], args["model"], args["f_mirror"], args["amp"]) == ("smmnist", model, False, "auto")
     assert args["motion_view"] == ("digit" if model == "cdsvae" else None)
-    assert args["content_view"] == ("path" if model == "cdsvae" else None)
 
 
 def test_a_view_of_another_data_set_is_refused_in_one_line(tiny_smmnist):
@@ -267,10 +243,6 @@ def test_a_view_of_another_data_set_is_refused_in_one_line(tiny_smmnist):
     assert r.stderr.strip().splitlines() == [
         "error: --motion_view colour is not a view of Stochastic Moving MNIST: choose one of "
         "digit, stroke (see --help)"]
-    r = _run("train_cdsvae.py", "--content_view", "path")
-    assert r.returncode == 2
-    assert r.stderr.strip().splitlines() == [
-        "error: --content_view path is not a view of Sprites: choose one of shuffle (see --help)"]
 
 
 def test_judges_train_on_smmnist_and_load_only_with_its_heads(tiny_run):
