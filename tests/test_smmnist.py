@@ -14,6 +14,7 @@ import torch
 
 import make_smmnist as mm
 from dataloader import safe_load_pickle, to_float
+from judges.networks import load_judge
 from smmnist import DIGIT, MASS_CENTRE, SIZE, centre_of_mass
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.one_thread: tiny problems
@@ -263,7 +264,6 @@ def test_full_build_from_mnist_10k(tmp_path):
 def test_shipped_digit_judges_read_real_test_videos_and_are_carded(path):
     if not os.path.isdir(MNIST_10K):
         pytest.skip(f"needs the MNIST subset at {MNIST_10K}")
-    from judges.networks import load_judge
     ckpt = torch.load(os.path.join(ROOT, path), weights_only=True)
     assert ckpt["dataset"] == "smmnist" and ckpt["judge_args"]["crop"] == 40 and ckpt["n_test"] == 2664
     acc = ckpt["test_accuracy"]["digit"]
