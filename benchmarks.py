@@ -33,6 +33,9 @@ class Benchmark:
     judge_warp: Callable  # (x, D, generator, p) -> a judge's training videos reshaped, or None
     judge_p_warp: float  # the share of a judge's training videos it reshapes by default
     judge_crop: int  # the window about each frame's centre of mass a judge reads, px (0: none)
+    # (train digits, held-out mask, frames, batch size, seed, device) -> a judge's training
+    # batches made anew (None: the train split's stored videos, SpriteBatches)
+    judge_videos: Callable
     positions: bool  # D holds positions: motion is measured without a judge (trajectory errors)
     probe_factors: dict  # the probes' classifiers {factor: classes}
     probe_labels: Callable  # (A, D) -> {factor: labels (N,)}
@@ -59,7 +62,7 @@ BENCHMARKS = {
         motion_views={"colour": None}, data_root="data/Sprite/data.pkl",
         builder="make_sprites.py", judges=("judges/sprite_judge.pt", "judges/clip_judge.pt"),
         load=load_sprites, labels=factor_labels, groups=character_id, judge_val=20,
-        judge_warp=None, judge_p_warp=0.0, judge_crop=0,
+        judge_warp=None, judge_p_warp=0.0, judge_crop=0, judge_videos=None,
         positions=False, probe_factors=probes.PROBE_FACTORS, probe_labels=probes.probe_labels,
         probe_targets=lambda A, D: {}, probe_units=300,
         quality=("A_action_acc", "protocol A action accuracy")),
@@ -69,7 +72,8 @@ BENCHMARKS = {
         data_root="data/smmnist/data.pkl", builder="make_smmnist.py",
         judges=("judges/smmnist_lstm_judge.pt", "judges/smmnist_clip_judge.pt"),
         load=smmnist.load_smmnist, labels=smmnist.digit_labels, groups=_each_video,
-        judge_val=500, judge_warp=smmnist.warp_digits, judge_p_warp=0.8, judge_crop=40,
+        judge_val=250, judge_warp=smmnist.warp_digits, judge_p_warp=0.8, judge_crop=40,
+        judge_videos=smmnist.judge_videos,
         positions=True,
         probe_factors={"digit": smmnist.DIGITS},
         probe_labels=smmnist.digit_labels, probe_targets=lambda A, D: {"positions": D},

@@ -202,14 +202,19 @@ def validation_split(X, A, D, n_characters, seed=0, groups=character_id):
     to each video's unit (Sprites' character; a Moving MNIST video is its own)."""
     if n_characters <= 0:
         return (X, A, D), None
+    val = held_out_rows(A, n_characters, seed, groups)
+    return (X[~val], A[~val], D[~val]), (X[val], A[val], D[val])
+
+
+def held_out_rows(A, n_characters, seed=0, groups=character_id):
+    """The bool mask (N,) of the sequences validation_split holds out."""
     character = groups(A)
     ids = torch.unique(character)
     if n_characters >= len(ids):
         raise ValueError(f"cannot hold out {n_characters} of only {len(ids)} train characters")
     g = torch.Generator().manual_seed(seed)
     held = ids[torch.randperm(len(ids), generator=g)[:n_characters]]
-    val = torch.isin(character, held)
-    return (X[~val], A[~val], D[~val]), (X[val], A[val], D[val])
+    return torch.isin(character, held)
 
 
 # Batches are made `chunk` sequences at a time: on the CPU a few, so that every intermediate stays
@@ -439,6 +444,10 @@ class SpriteBatches:
         self.epoch, self.start = 0, 0
         self.device = torch.device(device if device is not None else "cpu")
         self.store, self.chunk = _store_on(X, self.device, on_host), None
+
+    @property
+    def videos(self):
+        return len(self.X)  # the sequences an epoch makes its batches of
 
     def set_epoch(self, epoch, start=0):
         self.epoch, self.start = epoch, start

@@ -13,7 +13,8 @@ frames), so the stochastic rule is in the data.
 each made from a random digit of its split by its own seeded stream (the test videos do not depend
 on the train set's size), stored as uint8 (N, T, 64, 64, 1) with Sprites' channel-last layout,
 with each video's digit labels, the digits' indices in their MNIST file and their positions per
-frame (where MNIST centres a digit's mass, in its 32x32 box: smmnist.py says why)."""
+frame (where MNIST centres a digit's mass, in its 32x32 box: smmnist.py says why); and every train
+digit at 32x32 with its label, from which the judges make new videos (smmnist.JudgeVideos)."""
 import argparse
 import gzip
 import hashlib
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from smmnist import DIGIT, MASS_CENTRE, SIZE, centre_of_mass
+from smmnist import DIGIT, SIZE, centre_of_mass, make_videos
 from utils import OneLineErrors, check_writable, run_main, write_atomic
 
 SEED = 2018
@@ -36,7 +37,6 @@ SPLITS = {"train": "train", "test": "t10k"}  # our split -> MNIST's file prefix
 IMAGES_MAGIC, LABELS_MAGIC = 2051, 2049  # IDX: unsigned bytes, 3 dims / 1 dim
 MNIST_NAMES = [f"{p}-{kind}" for p in SPLITS.values()
                for kind in ("images-idx3-ubyte", "labels-idx1-ubyte")]
-MAX_SPEED = 4  # px a frame on each axis
 _CHUNK = 4096  # digits resized / videos located at a time: full MNIST in float64 is 0.5 GB
 
 
@@ -131,47 +131,6 @@ def resize_digits(images):
     return out
 
 
-def trajectory(rng, frames):
-    """Top-left corners (frames, 2) of a digit's box and the velocities (frames, 2) that move it
-    on after each frame, (row, col), by SVG's stochastic rule and in its order of draws."""
-    limit = SIZE - DIGIT  # corners 0..limit-1 keep the box inside, as in SVG
-    sx, sy = rng.randint(limit), rng.randint(limit)
-    dx, dy = rng.randint(-MAX_SPEED, MAX_SPEED + 1), rng.randint(-MAX_SPEED, MAX_SPEED + 1)
-    corners, velocities = np.empty((frames, 2), np.int64), np.empty((frames, 2), np.int64)
-    for t in range(frames):
-        if sy < 0:
-            sy, dy, dx = 0, rng.randint(1, MAX_SPEED + 1), rng.randint(-MAX_SPEED, MAX_SPEED + 1)
-        elif sy >= limit:
-            sy, dy, dx = limit - 1, rng.randint(-MAX_SPEED, 0), rng.randint(-MAX_SPEED,
-                                                                             MAX_SPEED + 1)
-        if sx < 0:
-            sx, dx, dy = 0, rng.randint(1, MAX_SPEED + 1), rng.randint(-MAX_SPEED, MAX_SPEED + 1)
-        elif sx >= limit:
-            sx, dx, dy = limit - 1, rng.randint(-MAX_SPEED, 0), rng.randint(-MAX_SPEED,
-                                                                             MAX_SPEED + 1)
-        corners[t], velocities[t] = (sy, sx), (dy, dx)
-        sy, sx = sy + dy, sx + dx
-    return corners, velocities
-
-
-def make_videos(rng, digits, n, frames, k):
-    """n videos of k of `digits` (m, 32, 32) uint8 each: X (n, frames, 64, 64, 1) uint8, the
-    digits' indices I (n, k) and positions P (n, frames, k, 2) float32 (box centres)."""
-    X = np.empty((n, frames, SIZE, SIZE, 1), np.uint8)
-    I = np.empty((n, k), np.int64)
-    corners = np.empty((n, frames, k, 2), np.int64)
-    canvas = np.empty((frames, SIZE, SIZE), np.uint16)  # sums of up to 2 digits exceed 255
-    for v in range(n):
-        canvas[:] = 0
-        for j in range(k):
-            I[v, j] = rng.randint(len(digits))  # SVG draws the digit, then its motion
-            corners[v, :, j], _ = trajectory(rng, frames)
-            for t, (r, c) in enumerate(corners[v, :, j]):
-                canvas[t, r:r + DIGIT, c:c + DIGIT] += digits[I[v, j]]
-        X[v, ..., 0] = np.minimum(canvas, 255)
-    return X, I, (corners + MASS_CENTRE).astype(np.float32)
-
-
 def position_floor(X, P):
     """Mean and largest distance in px a frame between the centre of mass of one-digit frames
     X (n, T, H, W, 1) and their digits' positions P (n, T, 1, 2): what reading positions from
@@ -183,15 +142,18 @@ def position_floor(X, P):
 
 
 def build(mnist, train_videos=9000, test_videos=2664, frames=8, digits=1, seed=SEED):
-    """The data set dict: X_, Y_ (digit labels), I_ (digit indices), P_ of each split, and meta."""
+    """The data set dict: X_, Y_ (digit labels), I_ (digit indices), P_ of each split, the train
+    split's digits (32x32) and their labels, and meta."""
     data, sizes = {}, {}
     for i, (split, prefix) in enumerate(SPLITS.items()):
         images, labels = read_mnist(mnist, prefix)
         n = train_videos if split == "train" else test_videos
-        X, I, P = make_videos(np.random.RandomState(seed + i), resize_digits(images), n, frames,
-                              digits)
+        resized = resize_digits(images)
+        X, I, P = make_videos(np.random.RandomState(seed + i), resized, n, frames, digits)
         data.update({f"X_{split}": X, f"Y_{split}": labels[I], f"I_{split}": I,
                      f"P_{split}": P})
+        if split == "train":  # the judges make new videos of every one of them (smmnist.py)
+            data.update(digits_train=resized, digit_labels_train=labels)
         sizes[split] = len(images)
     floor = position_floor(data["X_test"], data["P_test"]) if digits == 1 else (None, None)
     sha256 = {os.path.basename(p): hashlib.sha256(Path(p).read_bytes()).hexdigest()

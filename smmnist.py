@@ -11,8 +11,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dataloader import (DataError, checked_images, first_index, gaussian_blur, rebuild_hint,
-                        safe_load_pickle)
+from dataloader import (DataError, SpriteBatches, checked_images, first_index, gaussian_blur,
+                        rebuild_hint, safe_load_pickle)
 
 SIZE = 64  # frames are SIZE x SIZE, one channel
 DIGIT = 32  # an MNIST digit (28 x 28) is scaled to DIGIT x DIGIT
@@ -32,6 +32,53 @@ def centre_of_mass(frames):
     centre = torch.stack([(x.sum(-1) * rows).sum(-1), (x.sum(-2) * cols).sum(-1)], -1)
     middle = torch.tensor([(H - 1) / 2, (W - 1) / 2], dtype=x.dtype, device=x.device)
     return torch.where(mass[..., None] > 0, centre / mass.clamp_min(1e-12)[..., None], middle)
+
+
+# ---- the generator (SVG's data/moving_mnist.py) -------------------------------------------------
+MAX_SPEED = 4  # px a frame on each axis
+
+
+def trajectory(rng, frames):
+    """Top-left corners (frames, 2) of a digit's box and the velocities (frames, 2) that move it
+    on after each frame, (row, col), by SVG's stochastic rule and in its order of draws."""
+    limit = SIZE - DIGIT  # corners 0..limit-1 keep the box inside, as in SVG
+    sx, sy = rng.randint(limit), rng.randint(limit)
+    dx, dy = rng.randint(-MAX_SPEED, MAX_SPEED + 1), rng.randint(-MAX_SPEED, MAX_SPEED + 1)
+    corners, velocities = np.empty((frames, 2), np.int64), np.empty((frames, 2), np.int64)
+    for t in range(frames):
+        if sy < 0:
+            sy, dy, dx = 0, rng.randint(1, MAX_SPEED + 1), rng.randint(-MAX_SPEED, MAX_SPEED + 1)
+        elif sy >= limit:
+            sy, dy, dx = limit - 1, rng.randint(-MAX_SPEED, 0), rng.randint(-MAX_SPEED,
+                                                                             MAX_SPEED + 1)
+        if sx < 0:
+            sx, dx, dy = 0, rng.randint(1, MAX_SPEED + 1), rng.randint(-MAX_SPEED, MAX_SPEED + 1)
+        elif sx >= limit:
+            sx, dx, dy = limit - 1, rng.randint(-MAX_SPEED, 0), rng.randint(-MAX_SPEED,
+                                                                             MAX_SPEED + 1)
+        corners[t], velocities[t] = (sy, sx), (dy, dx)
+        sy, sx = sy + dy, sx + dx
+    return corners, velocities
+
+
+def make_videos(rng, digits, n, frames, k, order=None):
+    """n videos of k of `digits` (m, 32, 32) uint8 each: X (n, frames, 64, 64, 1) uint8, the
+    digits' indices I (n, k) and positions P (n, frames, k, 2) float32 (box centres). The digits
+    are drawn at random, or taken in turn from `order` (n * k indices) where it is given."""
+    X = np.empty((n, frames, SIZE, SIZE, 1), np.uint8)
+    I = np.empty((n, k), np.int64)
+    corners = np.empty((n, frames, k, 2), np.int64)
+    canvas = np.empty((frames, SIZE, SIZE), np.uint16)  # sums of up to 2 digits exceed 255
+    for v in range(n):
+        canvas[:] = 0
+        for j in range(k):
+            # SVG draws the digit, then its motion
+            I[v, j] = rng.randint(len(digits)) if order is None else order[v * k + j]
+            corners[v, :, j], _ = trajectory(rng, frames)
+            for t, (r, c) in enumerate(corners[v, :, j]):
+                canvas[t, r:r + DIGIT, c:c + DIGIT] += digits[I[v, j]]
+        X[v, ..., 0] = np.minimum(canvas, 255)
+    return X, I, (corners + MASS_CENTRE).astype(np.float32)
 
 
 # ---- the data file -------------------------------------------------------------------------------
@@ -86,16 +133,46 @@ def _split(data, path, split, frames=None, k=None):
         P.astype(np.float32))
 
 
+def _train_digits(data, path, X, Y, P):
+    """(digits uint8 (m, 32, 32), their labels (m,), each train video's digits' indices I (N, K)),
+    checked against the train videos; None for a file made before they were stored."""
+    if "digits_train" not in data:
+        return None
+    digits = _array(data, "digits_train", path, "u", (None, DIGIT, DIGIT),
+                    f"the train split's digits (m, {DIGIT}, {DIGIT}) uint8")
+    m = len(digits)
+    labels = _array(data, "digit_labels_train", path, "iu", (m,), f"their labels ({m},)")
+    I = _array(data, "I_train", path, "iu", tuple(Y.shape), f"digit indices {tuple(Y.shape)}")
+    bad = (I < 0) | (I >= m)
+    if not bad.any():
+        bad = labels[I] != Y.numpy()
+    if bad.any():
+        raise DataError(f"{path}: I_train[{first_index(bad)}] is not the index of that video's "
+                        f"digit among the {m} of digits_train; {rebuild_hint(path, BUILDER)}")
+    if Y.shape[1] == 1:  # each checked video's first frame shows its digit where P says
+        for v in range(min(CHECK_VIDEOS, len(X))):
+            r, c = box_corners(P[v, 0, 0]).tolist()
+            if not torch.equal(X[v, 0, r:r + DIGIT, c:c + DIGIT, 0],
+                               torch.from_numpy(digits[I[v, 0]])):
+                raise DataError(f"{path}: train video {v} does not show digits_train[{I[v, 0]}] "
+                                f"where P_train puts it: the digits and the videos do not belong "
+                                f"together; {rebuild_hint(path, BUILDER)}")
+    return torch.from_numpy(digits), torch.from_numpy(labels.astype(np.int64)), \
+        torch.from_numpy(I.astype(np.int64))
+
+
 def load_smmnist(path):
     """{'train': (X, Y, P), 'test': (X, Y, P)} of make_smmnist.py's file, checked: X uint8 (N, T,
-    64, 64, 1), Y each video's digits (N, K), P their positions a frame (N, T, K, 2)."""
+    64, 64, 1), Y each video's digits (N, K), P their positions a frame (N, T, K, 2); and
+    'train_digits' (_train_digits) where the file stores them."""
     data = safe_load_pickle(path, BUILDER, "Stochastic Moving MNIST")
     if not isinstance(data, dict):
         raise DataError(f"{path} holds a {type(data).__name__}, expected the dict of "
                         f"{BUILDER} (X_train, Y_train, P_train, ...)")
     train = _split(data, path, "train")
     test = _split(data, path, "test", frames=train[0].shape[1], k=train[1].shape[1])
-    return {"train": train, "test": test}
+    digits = _train_digits(data, path, *train)
+    return {"train": train, "test": test, **({"train_digits": digits} if digits else {})}
 
 
 def digit_labels(Y, P=None):
@@ -166,6 +243,46 @@ class Stroke:
 
 
 MOTION_VIEWS = {"digit": DigitSwap(), "stroke": Stroke()}
+
+
+# ---- the judges' training videos -----------------------------------------------------------------
+class JudgeVideos:
+    """A judge's training batches on Moving MNIST: each epoch one new video of every digit of
+    `pool` (indices into `digits`, uint8 (m, 32, 32), labelled `labels`), made by the data set's
+    generator in a random order; videos and order depend only on (seed, epoch). The stored train
+    videos draw their digits with replacement and so hold only about 2 in 3 of them (5415 of
+    8000): a judge trained on them alone sees a third of the train digits never."""
+
+    def __init__(self, digits, labels, pool, frames, batch_size, seed=0, device=None):
+        self.digits, self.labels, self.pool = digits.numpy(), labels.numpy(), pool.numpy()
+        self.frames, self.batch_size, self.seed, self.device = frames, batch_size, seed, device
+        self.epoch = 0
+
+    @property
+    def videos(self):
+        return len(self.pool)  # the videos an epoch makes its batches of
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.pool) // self.batch_size
+
+    def __iter__(self):
+        rng = np.random.RandomState((self.seed * 100003 + self.epoch) % 2 ** 32)
+        order = rng.permutation(self.pool)
+        X, I, P = make_videos(rng, self.digits, len(order), self.frames, 1, order=order)
+        yield from SpriteBatches(torch.from_numpy(X), torch.from_numpy(self.labels[I]),
+                                 torch.from_numpy(P), self.batch_size, drop_last=True,
+                                 device=self.device)
+
+
+def judge_videos(train_digits, held_out, frames, batch_size, seed, device):
+    """JudgeVideos of every train digit but those of the held-out train videos (a bool mask)."""
+    digits, labels, I = train_digits
+    pool = torch.ones(len(digits), dtype=torch.bool)
+    pool[I[held_out].flatten()] = False
+    return JudgeVideos(digits, labels, pool.nonzero()[:, 0], frames, batch_size, seed, device)
 
 
 # ---- the judges' augmentation --------------------------------------------------------------------

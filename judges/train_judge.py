@@ -1,6 +1,7 @@
 """Train a judge of a benchmark's heads (Sprites: action, skin, pant, top, hair; Moving MNIST: the
 digit), fully supervised on the train split, on videos blurred and noised at random
-(dataloader.judge_corrupt) so that it reads the factors and not the sharpness of what it is shown.
+(dataloader.judge_corrupt) so that it reads the factors and not the sharpness of what it is shown;
+on Moving MNIST each epoch is a new video of every train digit (smmnist.JudgeVideos).
 The epoch is chosen on --val_chars held-out train characters (Moving MNIST: videos; the best worst
 head); the test split is scored once, at the end, sharp and corrupted (the robustness card). The
 judge file is written atomically in half precision with the network's name and arguments, its data
@@ -23,8 +24,8 @@ import torch.nn.functional as F
 # run as a script, this file sees judges/ first; the modules it imports live one folder up
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import BENCHMARKS, add_dataset_flag, benchmark_of  # noqa: E402
-from dataloader import (DataError, SpriteBatches, gaussian_blur, judge_corrupt,  # noqa: E402
-                        validation_split)
+from dataloader import (DataError, SpriteBatches, gaussian_blur, held_out_rows,  # noqa: E402
+                        judge_corrupt, rebuild_hint, validation_split)
 from judges.networks import JUDGES, load_judge  # noqa: E402
 from utils import (STATE_DICT, CheckpointError, add_amp_flag, autocast, check_fields,  # noqa: E402
                    check_writable, grad_scaler, half_precision, held_lock, load_adam_state,
@@ -110,7 +111,7 @@ def parse_args(argv):
     arg("--rnn_size", type=int, default=256, help="BiLSTM size, bilstm only")
     arg("--hidden", type=int, default=256, help="hidden units of each head")
     arg("--val_chars", type=int, default=None, help="train characters (Moving MNIST: videos) held "
-        "out to pick the epoch (default: 20 characters, 500 videos)")
+        "out to pick the epoch (default: 20 characters; 250 videos, whose digits no epoch shows)")
     arg("--seed", type=int, default=0, help="random seed")
     arg("--threads", type=int, default=0, help="CPU threads (0: torch's choice)")
     arg("--device", default="auto", choices=("auto", "cpu", "cuda"),
@@ -127,7 +128,7 @@ def parse_args(argv):
     return args
 
 
-def set_up(args, bench, train, device):
+def set_up(args, bench, data, device):
     """(the training batches, the held-out sequences, the judge's arguments, the run: the judge of
     --arch and its optimizer, schedule, gradient scaler and corruption generator)."""
     if not (0 <= args.p_blur <= 1 and 0 <= args.p_noise <= 1 and 0 <= args.p_warp <= 1):
@@ -140,10 +141,13 @@ def set_up(args, bench, train, device):
         sys.exit(f"error: --crop {args.crop} must be a window of 1..64 px, or 0 for none")
     torch.manual_seed(args.seed)
     try:
-        (X, A, D), held_out = validation_split(*train, args.val_chars, seed=args.seed,
+        (X, A, D), held_out = validation_split(*data["train"], args.val_chars, seed=args.seed,
                                                groups=bench.groups)
     except ValueError as e:
         sys.exit(f"error: --val_chars {args.val_chars}: {e}")
+    if bench.judge_videos is not None and "train_digits" not in data:
+        sys.exit(f"error: {args.data_root} does not store the train digits, from which the "
+                 f"judges make their videos; {rebuild_hint(args.data_root, bench.builder)}")
     judge_args = {"hidden": args.hidden, "nf": args.nf}
     if bench.channels != 3:  # Sprites' judge files name no channels: 3, the default
         judge_args["channels"] = bench.channels
@@ -156,11 +160,16 @@ def set_up(args, bench, train, device):
         judge = judge.to(memory_format=torch.channels_last_3d if args.arch == "conv3d"
                          else torch.channels_last)
     # on a GPU the split, the batches, their blur and noise stay there (judge_corrupt)
-    loader = SpriteBatches(X, A, D, args.batch_size, shuffle=True, seed=args.seed, drop_last=True,
-                           device=device)
+    if bench.judge_videos is None:
+        loader = SpriteBatches(X, A, D, args.batch_size, shuffle=True, seed=args.seed,
+                               drop_last=True, device=device)
+    else:  # Moving MNIST: every epoch a new video of each train digit not held out
+        held = held_out_rows(data["train"][1], args.val_chars, args.seed, bench.groups)
+        loader = bench.judge_videos(data["train_digits"], held, X.shape[1], args.batch_size,
+                                    args.seed, device)
     if len(loader) == 0:
-        sys.exit(f"error: --batch_size {args.batch_size} is more than the {len(X)} training "
-                 f"sequences; a smaller batch makes at least one step")
+        sys.exit(f"error: --batch_size {args.batch_size} is more than the {loader.videos} "
+                 f"training sequences; a smaller batch makes at least one step")
     optimizer = make_adam(judge.parameters(), device, lr=args.lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr,
                                                 total_steps=args.nEpoch * len(loader))
@@ -303,14 +312,14 @@ def train(args):
         sys.exit(f"error: {e}")
     if args.card_only:
         return card_only(args, bench, data["test"], device)
-    loader, held_out, judge_args, run = set_up(args, bench, data["train"], device)
+    loader, held_out, judge_args, run = set_up(args, bench, data, device)
     judge = run["judge"]
     best, best_state, start, spent = -1.0, None, 0, 0.0
     if args.resume and os.path.isfile(args.ckpt):
         best, best_state, start, spent = resume(args.ckpt, run)
         print(f"resumed from {args.ckpt} after epoch {start}", flush=True)
     unit = "characters" if args.dataset == "sprites" else "videos"  # what --val_chars counts
-    print(f"{len(loader.X)} train sequences, {len(held_out[0])} held out ({args.val_chars} "
+    print(f"{loader.videos} train sequences an epoch, {len(held_out[0])} held out ({args.val_chars} "
           f"{unit}), judge {judge_args}, "
           f"{sum(q.numel() for q in judge.parameters())} "
           f"parameters, {torch.get_num_threads()} thread(s), {precision_note(device, args.amp)}",

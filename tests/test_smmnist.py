@@ -15,7 +15,7 @@ import torch
 import make_smmnist as mm
 from dataloader import safe_load_pickle, to_float
 from judges.networks import load_judge
-from smmnist import DIGIT, MASS_CENTRE, SIZE, centre_of_mass
+from smmnist import DIGIT, MASS_CENTRE, SIZE, centre_of_mass, make_videos, trajectory
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.one_thread: tiny problems
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -87,7 +87,7 @@ def render(digits, I, P):
 def test_trajectory_is_svgs_draw_for_draw():
     ours, theirs = np.random.RandomState(3), np.random.RandomState(3)
     for _ in range(300):
-        corners, _ = mm.trajectory(ours, 20)
+        corners, _ = trajectory(ours, 20)
         assert (corners == svg_reference(theirs, 20)).all()
 
 
@@ -96,7 +96,7 @@ def test_bounce_rule():
     rng = np.random.RandomState(1)
     starts, first_velocities, walls = set(), set(), 0
     for _ in range(2000):
-        c, v = mm.trajectory(rng, 15)
+        c, v = trajectory(rng, 15)
         assert ((c >= 0) & (c < LIMIT)).all()
         starts.update(c[0].tolist())
         first_velocities.update(v[0].tolist())
@@ -117,7 +117,7 @@ def test_bounce_rule():
 
 def test_same_seed_same_bytes_and_overlaps_clipped():
     digits = np.random.RandomState(0).randint(0, 256, (20, DIGIT, DIGIT)).astype(np.uint8)
-    a, b, c = (mm.make_videos(np.random.RandomState(s), digits, 40, 8, 1) for s in (5, 5, 6))
+    a, b, c = (make_videos(np.random.RandomState(s), digits, 40, 8, 1) for s in (5, 5, 6))
     assert all(x.tobytes() == y.tobytes() for x, y in zip(a, b))
     assert a[0].tobytes() != c[0].tobytes()
     X, I, P = a
@@ -125,8 +125,13 @@ def test_same_seed_same_bytes_and_overlaps_clipped():
     assert I.shape == (40, 1) and P.shape == (40, 8, 1, 2) and P.dtype == np.float32
     for v in range(40):
         assert (render(digits, I[v], P[v]) == X[v, ..., 0]).all()
+    order = np.random.RandomState(1).permutation(20)  # the judges' videos: digits given in turn
+    Xo, Io, Po = make_videos(np.random.RandomState(5), digits, 20, 8, 1, order=order)
+    assert (Io[:, 0] == order).all()
+    for v in range(20):
+        assert (render(digits, Io[v], Po[v]) == Xo[v, ..., 0]).all()
     flat = np.full((1, DIGIT, DIGIT), 200, np.uint8)  # two of these overlap at 400 -> 255
-    X2, _, _ = mm.make_videos(np.random.RandomState(0), flat, 50, 8, 2)
+    X2, _, _ = make_videos(np.random.RandomState(0), flat, 50, 8, 2)
     assert set(np.unique(X2)) == {0, 200, 255}
 
 
@@ -250,6 +255,8 @@ def test_full_build_from_mnist_10k(tmp_path):
     train, test = (mm.read_mnist(MNIST_10K, prefix)[0] for prefix in ("train", "t10k"))
     assert not {d.tobytes() for d in train} & {d.tobytes() for d in test}
     assert (data["Y_test"] == mm.read_mnist(MNIST_10K, "t10k")[1][data["I_test"]]).all()
+    assert (data["digits_train"] == mm.resize_digits(train)).all()  # every train digit, for judges
+    assert (data["digit_labels_train"] == mm.read_mnist(MNIST_10K, "train")[1]).all()
     com = centre_of_mass(data["X_test"][:200, ..., 0]).numpy() - data["P_test"][:200, :, 0]
     assert np.abs(com.mean((0, 1))).max() < 0.1  # the position is MNIST's mass centre, unbiased
     assert 0 < data["meta"]["position_floor_px"] < 0.5
@@ -267,7 +274,9 @@ def test_shipped_digit_judges_read_real_test_videos_and_are_carded(path):
     ckpt = torch.load(os.path.join(ROOT, path), weights_only=True)
     assert ckpt["dataset"] == "smmnist" and ckpt["judge_args"]["crop"] == 40 and ckpt["n_test"] == 2664
     acc = ckpt["test_accuracy"]["digit"]
-    assert acc >= 0.985 and ckpt["test_wrong"]["digit"] == round((1 - acc) * 2664)
+    # the 3D-conv judge, trained on every train digit, meets issue 28's 99%; the BiLSTM one not yet
+    bar = 0.99 if "clip" in path else 0.985
+    assert acc >= bar and ckpt["test_wrong"]["digit"] == round((1 - acc) * 2664)
     assert ckpt["robustness"]["sharp"] == ckpt["test_accuracy"] and len(ckpt["robustness"]) == 6
     data = mm.build(MNIST_10K, train_videos=1, test_videos=64)  # the first 64 of the 2664 test videos
     x = to_float(torch.as_tensor(data["X_test"]))

@@ -17,11 +17,11 @@ import evaluation as ev
 import make_smmnist as mm
 import stubs
 from benchmarks import BENCHMARKS
-from dataloader import DataError, SpriteBatches
+from dataloader import DataError, SpriteBatches, held_out_rows
 from judges.networks import MassCrop, load_judge
 from probes import probe_r2
 from smmnist import (DIGIT, MASS_CENTRE, DigitSwap, Stroke, box_corners, centre_of_mass,
-                     load_smmnist, warp_digits)
+                     judge_videos, load_smmnist, warp_digits)
 from test_smmnist import write_mnist
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -50,6 +50,10 @@ def test_loads_what_make_smmnist_wrote(tiny_smmnist):
         assert torch.equal(X, torch.from_numpy(data[f"X_{split}"]))
         assert torch.equal(Y, torch.from_numpy(data[f"Y_{split}"]))
         assert torch.equal(P, torch.from_numpy(data[f"P_{split}"]))
+    digits, labels, I = loaded["train_digits"]
+    assert digits.shape == (40, DIGIT, DIGIT) and labels.shape == (40,) and I.shape == (48, 1)
+    assert torch.equal(digits, torch.from_numpy(data["digits_train"]))
+    assert torch.equal(labels[I], loaded["train"][1])
 
 
 def _spoiled(data, key, change):
@@ -66,6 +70,10 @@ BAD = [
     ("P_train", lambda a: a[::-1].copy(), "do not belong together"),
     ("X_test", lambda a: a[:, :, :32], "expected videos"),
     ("P_test", lambda a: a[:, :4], "expected positions"),
+    ("digits_train", lambda a: a[::-1].copy(), "do not belong together"),
+    ("digits_train", lambda a: a[:, :28], "expected the train split's digits"),
+    ("I_train", lambda a: a + 40, "I_train[0, 0] is not the index of that video's digit"),
+    ("digit_labels_train", lambda a: (a + 1) % 10, "is not the index of that video's digit"),
 ]
 
 
@@ -82,6 +90,54 @@ def test_refuses_spoiled_files_in_one_line(tiny_smmnist, tmp_path, key, change, 
         load_smmnist(str(path))
     assert message in str(e.value) and "\n" not in str(e.value)
     assert "make_smmnist.py" in str(e.value) or message.startswith("expected")
+
+
+def test_judge_videos_show_every_train_digit_not_held_out_once_an_epoch(tiny_smmnist):
+    """Each epoch one new video of each pooled digit, drawn where its positions say, labelled with
+    it; the held-out videos' digits never; the same videos for the same (seed, epoch) only."""
+    loaded = load_smmnist(tiny_smmnist[0])
+    digits, labels, I = loaded["train_digits"]
+    held = held_out_rows(loaded["train"][1], 8, 0, SMMNIST.groups)
+    pool = sorted(set(range(40)) - set(I[held].flatten().tolist()))
+
+    def epoch(e, seed=0):
+        loader = judge_videos(loaded["train_digits"], held, 8, 1, seed, torch.device("cpu"))
+        loader.set_epoch(e)
+        assert loader.videos == len(loader) == len(pool)
+        return list(loader)
+
+    shown = []
+    for batch in epoch(0):
+        x, P = (batch["x"][0, :, 0] * 255).round().to(torch.uint8), batch["D"][0, :, 0]
+        corners = box_corners(P).tolist()
+        r, c = corners[0]
+        # the fixture's digits are random pixels: one digit of all 40 matches
+        match = [j for j in range(40) if torch.equal(x[0, r:r + DIGIT, c:c + DIGIT], digits[j])]
+        assert len(match) == 1 and batch["A"][0, 0] == labels[match[0]]
+        expected = torch.zeros_like(x)
+        for t, (r, c) in enumerate(corners):
+            expected[t, r:r + DIGIT, c:c + DIGIT] = digits[match[0]]
+        assert torch.equal(x, expected)
+        shown += match
+    assert sorted(shown) == pool and len(pool) < 40
+    again, later, other = epoch(0), epoch(1), epoch(0, seed=1)
+    assert all(torch.equal(a["x"], b["x"]) for a, b in zip(epoch(0), again))
+    assert not all(torch.equal(a["x"], b["x"]) for a, b in zip(again, later))
+    assert not all(torch.equal(a["x"], b["x"]) for a, b in zip(again, other))
+
+
+def test_judges_refuse_a_file_without_the_train_digits_in_one_line(tiny_smmnist, tmp_path):
+    path = tmp_path / "old.pkl"
+    with open(path, "wb") as f:
+        pickle.dump({k: v for k, v in tiny_smmnist[1].items()
+                     if k not in ("digits_train", "digit_labels_train")}, f)
+    assert "train_digits" not in load_smmnist(str(path))  # the models train on it as before
+    r = _run("judges/train_judge.py", "--dataset", "smmnist", "--data_root", str(path),
+             "--val_chars", "8", "--out", str(tmp_path / "j.pt"), "--ckpt",
+             str(tmp_path / "last.pt"))
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        f"error: {path} does not store the train digits, from which the judges make their "
+        f"videos; rebuild the file with `python make_smmnist.py --out {path}`"]
 
 
 def test_refuses_a_missing_file_and_a_sprites_file_naming_the_builder(tmp_path):
