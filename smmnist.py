@@ -271,10 +271,13 @@ class JudgeVideos:
     def __iter__(self):
         rng = np.random.RandomState((self.seed * 100003 + self.epoch) % 2 ** 32)
         order = rng.permutation(self.pool)
-        X, I, P = make_videos(rng, self.digits, len(order), self.frames, 1, order=order)
-        yield from SpriteBatches(torch.from_numpy(X), torch.from_numpy(self.labels[I]),
-                                 torch.from_numpy(P), self.batch_size, drop_last=True,
-                                 device=self.device)
+        # a batch at a time: an epoch of full MNIST's 60000 train digits is 2 GB of frames
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            X, I, P = make_videos(rng, self.digits, self.batch_size, self.frames, 1,
+                                  order=order[start:start + self.batch_size])
+            yield next(iter(SpriteBatches(torch.from_numpy(X), torch.from_numpy(self.labels[I]),
+                                          torch.from_numpy(P), self.batch_size,
+                                          device=self.device)))
 
 
 def judge_videos(train_digits, held_out, frames, batch_size, seed, device):
