@@ -97,3 +97,6 @@ def test_shipped_checkpoints_load_fit_25_mb_and_name_the_file_scored(name, z_inp
     results = json.load(open(os.path.join(ROOT, "checkpoints", f"{name}.results.json")))
     assert results["model_args"] == ckpt["model_args"]
     assert results["niter"] == 5 and results["n_test"] == 2664 and set(results["judges"]) == judges
+    for judge, scored in results["judge_files"].items():  # scored by the judge shipped today
+        shipped = torch.load(os.path.join(ROOT, scored["path"]), weights_only=True)
+        assert (scored["path"], scored["test_accuracy"]) == (f"judges/{judge}.pt", shipped["test_accuracy"])

@@ -274,8 +274,8 @@ def test_shipped_digit_judges_read_real_test_videos_and_are_carded(path):
     ckpt = torch.load(os.path.join(ROOT, path), weights_only=True)
     assert ckpt["dataset"] == "smmnist" and ckpt["judge_args"]["crop"] == 40 and ckpt["n_test"] == 2664
     acc = ckpt["test_accuracy"]["digit"]
-    # the 3D-conv judge, trained on every train digit, meets issue 28's 99%; the BiLSTM one not yet
-    bar = 0.99 if "clip" in path else 0.985
+    # the 3D-conv judge meets issue 28's 99%; the BiLSTM one not yet (98.91%, judges/README.md)
+    bar = 0.99 if "clip" in path else 0.989
     assert acc >= bar and ckpt["test_wrong"]["digit"] == round((1 - acc) * 2664)
     assert ckpt["robustness"]["sharp"] == ckpt["test_accuracy"] and len(ckpt["robustness"]) == 6
     data = mm.build(MNIST_10K, train_videos=1, test_videos=64)  # the first 64 of the 2664 test videos

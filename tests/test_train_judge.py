@@ -62,6 +62,22 @@ def test_train_judge_writes_a_half_precision_judge_and_resumes_exactly(tiny_data
     assert resumed["test_accuracy"] == whole["test_accuracy"]
 
 
+def test_with_none_held_out_every_sequence_trains_and_the_last_epoch_is_the_judge(
+        tiny_data, tmp_path, capsys):
+    """--val_chars 0: no held-out characters, the judge file holds the last epoch's weights."""
+    out, ckpt = tmp_path / "j.pt", tmp_path / "last.pt"
+    train_judge.main(["--data_root", tiny_data, "--out", str(out), "--ckpt", str(ckpt),
+                      *TINY_ARGS, "--val_chars", "0"])  # the last --val_chars is the one read
+    said = capsys.readouterr().out
+    assert "54 train sequences an epoch, 0 held out (0 characters)" in said  # all 6 characters
+    assert said.count("none held out") == 2
+    last = torch.load(ckpt, weights_only=True)
+    assert last["epoch"] == 2
+    judge = torch.load(out, weights_only=True)
+    torch.testing.assert_close(judge["model"], train_judge.half_precision(last["model"]),
+                               rtol=0, atol=0)
+
+
 def tiny_run(device):
     """A run of train_judge (judge, optimizer, schedule, scaler, generator), judge on `device`."""
     torch.manual_seed(0)
@@ -112,7 +128,7 @@ def test_a_checkpoint_of_another_run_is_a_one_line_error(tiny_data, tmp_path):
 
 
 @pytest.mark.parametrize("bad, expected", [
-    (["--val_chars", "0"], "error: --val_chars 0 must be at least 1"),
+    (["--val_chars", "-1"], "error: --val_chars -1 must be 0 (the last epoch is the judge) or more"),
     (["--val_chars", "6"], "error: --val_chars 6: cannot hold out 6 of only 6 train characters"),
     (["--batch_size", "100"], "error: --batch_size 100 is more than the 36 training sequences"),
     (["--nEpoch", "0"], "error: --nEpoch 0 must be at least 1"),
