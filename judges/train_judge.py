@@ -332,13 +332,12 @@ def train(args):
     t0 = time.time() - spent
     for epoch in range(start, args.nEpoch):
         loss = train_one_epoch(run, bench, loader, epoch, args, device)
-        # none held out: every epoch ties at 1, and ties go to the later epoch, so the last wins
-        val = (dict.fromkeys(bench.heads, 1.0) if held_out is None
-               else accuracy(judge, bench, *held_out, device, args.amp)[0])
-        print(f"epoch {epoch + 1}: loss {loss:.4f}, "
-              + ("none held out" if held_out is None else f"held-out train {unit} "
-                 + ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
-              + f" ({time.time() - t0:.0f} s)", flush=True)
+        if held_out is None:  # every epoch ties at 1, and ties go to the later epoch: the last wins
+            val, said = dict.fromkeys(bench.heads, 1.0), "none held out"
+        else:
+            val = accuracy(judge, bench, *held_out, device, args.amp)[0]
+            said = f"held-out train {unit} " + ", ".join(f"{k} {v:.4f}" for k, v in val.items())
+        print(f"epoch {epoch + 1}: loss {loss:.4f}, {said} ({time.time() - t0:.0f} s)", flush=True)
         if min(val.values()) >= best:  # ties go to the later epoch
             # kept on the CPU, so that the checkpoint and the judge file load on any machine
             best, best_state = min(val.values()), {k: v.detach().to("cpu", copy=True)
